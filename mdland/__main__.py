@@ -1,0 +1,5 @@
+import sys
+
+from mdland.cli import main
+
+sys.exit(main())

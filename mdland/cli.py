@@ -1,0 +1,102 @@
+"""The one CLI: `mdland <stage> ...`."""
+
+import argparse
+import json
+import sys
+
+from mdland.log import setup_logging
+
+
+def _ingest(a: argparse.Namespace) -> None:
+    from mdland.data.ingest import ingest
+
+    m = ingest(a.format, a.src, a.dest, size=a.size, margin=a.margin, rows_per_shard=a.rows_per_shard,
+               skip_bad=a.skip_bad, overwrite=a.overwrite, ffhq_variant=a.ffhq_variant, image_dir=a.image_dir,
+               source=a.source)
+    print(json.dumps({"count": m["count"], "shards": len(m["shards"]), "skipped": len(m["skipped"])}))
+
+
+def _render(a: argparse.Namespace) -> None:
+    from mdland.data.preview import write_preview
+
+    n = write_preview(a.src, a.out, a.count, a.columns, a.format, a.condition)
+    print(f"drew {n} faces into {a.out}")
+
+
+def _evaluate_preds(a: argparse.Namespace) -> None:
+    from mdland.detector.evaluate import evaluate_predictions, metrics_table
+
+    result = evaluate_predictions(a.pred, a.gt, a.out, a.norm, a.threshold, a.name)
+    print(metrics_table([result]), end="")
+
+
+def _demo(a: argparse.Namespace) -> None:
+    from mdland.demo import run_demo
+
+    run_demo(a.out, a.storage, a.train, a.test, a.size, a.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mdland.data.ingest import FORMATS
+    from mdland.detector.metrics import NORMALISATIONS
+
+    parser = argparse.ArgumentParser(prog="mdland", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    p = sub.add_parser("ingest", help="turn an annotated image folder into shards")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("src", help="source folder (or the TSV / JSON file for star-tsv / ffhq)")
+    p.add_argument("dest", help="output dataset: local path or s3://bucket/prefix")
+    p.add_argument("--size", type=int, default=256, help="stored image size (square)")
+    p.add_argument("--margin", type=float, default=1.25, help="crop side / landmark box side")
+    p.add_argument("--rows-per-shard", type=int, default=1000)
+    p.add_argument("--skip-bad", action="store_true", help="log and skip bad faces instead of failing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at DEST")
+    p.add_argument("--ffhq-variant", default="image", choices=["image", "in_the_wild"])
+    p.add_argument("--image-dir", help="star-tsv: folder the TSV's image paths are relative to")
+    p.add_argument("--source", help="name stored in the `source` column (default: the format)")
+    p.set_defaults(run=_ingest)
+
+    p = sub.add_parser("render", help="draw landmarks over images into a PNG grid")
+    p.add_argument("src", help="shard dataset, one .parquet shard, or a raw folder with --format")
+    p.add_argument("out", help="output PNG")
+    p.add_argument("--format", choices=FORMATS, help="read SRC as a raw annotated folder of this format")
+    p.add_argument("--count", type=int, default=16)
+    p.add_argument("--columns", type=int, default=4)
+    p.add_argument("--condition", action="store_true", help="also show each face's condition image")
+    p.set_defaults(run=_render)
+
+    p = sub.add_parser("evaluate-preds", help="NME / FR / AUC and a CED plot from prediction and truth files")
+    p.add_argument("pred", help="folder of .pts/.txt, an (N,68,2) .npy, or a shard dataset")
+    p.add_argument("gt", help="same kinds as PRED; faces are paired by key (file stem, row index, `key` column)")
+    p.add_argument("--out", help="folder for metrics.json, metrics.md and ced.png")
+    p.add_argument("--norm", default="inter_ocular", choices=NORMALISATIONS)
+    p.add_argument("--threshold", type=float, default=0.10)
+    p.add_argument("--name", default="predictions")
+    p.set_defaults(run=_evaluate_preds)
+
+    p = sub.add_parser("demo", help="run the pipeline on the embedded default and write a report")
+    p.add_argument("--out", default="demo-report")
+    p.add_argument("--storage", default="demo-data", help="local folder or s3://bucket/prefix for the data")
+    p.add_argument("--train", type=int, default=96)
+    p.add_argument("--test", type=int, default=32)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        args.run(args)
+    except (ValueError, OSError) as e:
+        print(f"mdland {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

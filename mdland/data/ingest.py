@@ -1,0 +1,134 @@
+"""Turn annotated image folders into shards: `mdland ingest --format F SRC DEST`.
+
+Formats:
+- `artface`: images with `.pts` files of the same name stem anywhere under SRC (300W / ArtFace).
+- `cariface`: images with 68-line `.txt` files of the same stem (CariFace keeps them in a sibling folder).
+- `folder`: images with either kind of landmark file.
+- `ffhq`: SRC holds `ffhq-dataset-v2.json` and the images it names (`image` or `in_the_wild` variant).
+- `star-tsv`: SRC is a STAR annotation TSV; image paths are relative to its folder (or `image_dir`), and the
+  crop uses the TSV's own centre and scale.
+Each face is cropped to a square around its landmarks (or the TSV's box) and resized to `size`, the landmarks
+moved with it.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+from PIL import Image, UnidentifiedImageError
+
+from mdland.data import storage
+from mdland.data.shards import MANIFEST, Face, ShardWriter, encode_image
+from mdland.landmarks.align import crop_face, crop_from_landmarks
+from mdland.landmarks.io import read_ffhq_json, read_pts, read_star_tsv, read_txt
+from mdland.log import get_logger
+
+log = get_logger(__name__)
+
+FORMATS = ("artface", "cariface", "folder", "ffhq", "star-tsv")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+_SIDECAR_READERS = {"artface": {".pts": read_pts}, "cariface": {".txt": read_txt},
+                    "folder": {".pts": read_pts, ".txt": read_txt}}
+
+
+@dataclass
+class Sample:
+    key: str
+    image_path: Path
+    landmarks: np.ndarray
+    crop: tuple[tuple[float, float], float] | None = None  # (centre, scale); None: from the landmarks
+
+
+def _by_stem(root: Path, suffixes: set[str]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in suffixes and path.is_file():
+            if path.stem in found:
+                raise ValueError(f"{path}: name clashes with {found[path.stem]} (pairing is by file name stem)")
+            found[path.stem] = path
+    return found
+
+
+def iter_samples(fmt: str, src: str | Path, skip_bad: bool = False, ffhq_variant: str = "image",
+                 image_dir: str | Path | None = None) -> Iterator[Sample]:
+    """The (image, landmarks) pairs of SRC in format `fmt`; bad ones raise, or are logged and skipped."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown ingest format {fmt!r}; choose one of {FORMATS}")
+    src = Path(src)
+    if not src.exists():
+        raise ValueError(f"{src}: source not found")
+
+    def bad(message: str) -> None:
+        if not skip_bad:
+            raise ValueError(message)
+        log.warning("skipped: %s", message)
+
+    if fmt in _SIDECAR_READERS:
+        readers = _SIDECAR_READERS[fmt]
+        images = _by_stem(src, IMAGE_SUFFIXES)
+        marks = _by_stem(src, set(readers))
+        for stem in sorted(marks.keys() - images.keys()):
+            bad(f"{marks[stem]}: landmark file without an image")
+        for stem, image in images.items():
+            if stem not in marks:
+                bad(f"{image}: image without a landmark file ({' or '.join(readers)})")
+                continue
+            try:
+                yield Sample(stem, image, readers[marks[stem].suffix.lower()](marks[stem]))
+            except ValueError as e:
+                bad(str(e))
+    elif fmt == "ffhq":
+        meta = src / "ffhq-dataset-v2.json" if src.is_dir() else src
+        for entry in read_ffhq_json(meta, ffhq_variant):
+            yield Sample(f"ffhq-{entry.index}", meta.parent / entry.file_path, entry.landmarks)
+    else:
+        base = Path(image_dir) if image_dir else src.parent
+        for i, row in enumerate(read_star_tsv(src)):
+            yield Sample(f"{Path(row.image_path).stem}-{i}", base / row.image_path, row.landmarks,
+                         (row.center, row.scale))
+
+
+def load_image(path: Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB, or a ValueError naming the file."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{path}: unreadable image ({e})") from None
+
+
+def ingest(fmt: str, src: str | Path, dest: str, size: int = 256, margin: float = 1.25, rows_per_shard: int = 1000,
+           skip_bad: bool = False, overwrite: bool = False, ffhq_variant: str = "image",
+           image_dir: str | Path | None = None, source: str | None = None) -> dict:
+    """Crop, resize and write SRC's faces as shards under DEST; returns the manifest."""
+    if storage.exists(storage.join(dest, MANIFEST)) and not overwrite:
+        raise ValueError(f"{dest}: already holds a dataset (manifest.json); pass overwrite to replace it")
+    storage.check_writable(dest)
+    # Read every landmark file before writing anything, so bad annotations fail before any shard is written.
+    samples = list(iter_samples(fmt, src, skip_bad, ffhq_variant, image_dir))
+    if not samples:
+        raise ValueError(f"{src}: no usable (image, landmarks) pairs found for format {fmt!r}")
+    name = source or fmt
+    config = {"format": fmt, "src": str(src), "size": size, "margin": margin}
+    writer = ShardWriter(dest, rows_per_shard, config)
+    skipped = []
+    for sample in tqdm(samples, desc=f"ingest {fmt}", unit="face", mininterval=2):
+        try:
+            image = load_image(sample.image_path)
+        except ValueError as e:
+            if not skip_bad:
+                raise
+            log.warning("skipped: %s", e)
+            skipped.append(str(sample.image_path))
+            continue
+        centre, scale = sample.crop or crop_from_landmarks(sample.landmarks, margin)
+        crop, points, _ = crop_face(image, sample.landmarks, centre, scale, size)
+        writer.add(Face(image=encode_image(crop), landmarks=points, key=sample.key, source=name))
+    manifest = writer.close(skipped=skipped)
+    log.info("ingested %d faces from %s into %d shard(s) at %s", manifest["count"], src, len(manifest["shards"]), dest)
+    return manifest
+

@@ -1,0 +1,249 @@
+"""The shard format (DESIGN.md): parquet files of faces plus a `manifest.json`, readable without mdland.
+
+Columns: `key` (unique id), `image` (encoded PNG/JPEG bytes), `landmarks` (68 x [x, y] float32, 0-based pixel
+coordinates in the stored image), `prompt`, `style`, `source` (dataset name or "synthetic"), `edits` (edit names),
+`edit_params` (JSON list of the edits' parameters), `seed` (int64), `model` (checkpoint id), `alignment`
+(optional quality score: detector NME against the landmarks; null when not scored).
+"""
+
+import io
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from mdland.data import storage
+from mdland.landmarks.scheme import NUM_POINTS, check_shape
+
+FORMAT = "mdland-shards/1"
+MANIFEST = "manifest.json"
+
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("image", pa.binary()),
+        ("landmarks", pa.list_(pa.list_(pa.float32(), 2), NUM_POINTS)),
+        ("prompt", pa.string()),
+        ("style", pa.string()),
+        ("source", pa.string()),
+        ("edits", pa.list_(pa.string())),
+        ("edit_params", pa.string()),
+        ("seed", pa.int64()),
+        ("model", pa.string()),
+        ("alignment", pa.float32()),
+    ]
+)
+
+
+class ShardError(ValueError):
+    """A shard or one of its rows is invalid; the message names the shard and row."""
+
+
+def shard_name(index: int) -> str:
+    """The deterministic file name of shard `index`, so re-runs find and skip finished shards."""
+    return f"shard-{index:06d}.parquet"
+
+
+def encode_image(image: np.ndarray | Image.Image, fmt: str = "PNG", quality: int = 95) -> bytes:
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    buf = io.BytesIO()
+    pil.convert("RGB").save(buf, format=fmt, **({"quality": quality} if fmt.upper() == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def decode_image(data: bytes, where: str = "image") -> np.ndarray:
+    """Encoded bytes -> (H, W, 3) uint8 RGB, or a ShardError naming `where`."""
+    if not data:
+        raise ShardError(f"{where}: empty image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ShardError(f"{where}: image does not decode ({e})") from None
+
+
+@dataclass
+class Face:
+    """One row of a shard."""
+
+    image: bytes
+    landmarks: np.ndarray
+    key: str = ""
+    prompt: str = ""
+    style: str = ""
+    source: str = "synthetic"
+    edits: list[str] = field(default_factory=list)
+    edit_params: list[dict] = field(default_factory=list)
+    seed: int = 0
+    model: str = ""
+    alignment: float | None = None
+
+
+def faces_to_table(faces: list[Face]) -> pa.Table:
+    columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+    for i, f in enumerate(faces):
+        columns["landmarks"].append(check_shape(f.landmarks, f"row {i} ({f.key})").tolist())
+        columns["edit_params"].append(json.dumps(f.edit_params))
+        for name in ("key", "image", "prompt", "style", "source", "edits", "seed", "model", "alignment"):
+            columns[name].append(getattr(f, name))
+    return pa.table(columns, schema=SCHEMA)
+
+
+def table_to_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    # Images are already compressed; row groups of <= 256 faces keep readers' memory small.
+    pq.write_table(table, sink, row_group_size=256, compression="zstd", use_dictionary=["style", "source", "model"])
+    return sink.getvalue().to_pybytes()
+
+
+def write_shard(uri: str, faces: list[Face] | pa.Table) -> dict:
+    """Write one shard atomically; returns its summary (name, rows, per-style/source counts)."""
+    table = faces if isinstance(faces, pa.Table) else faces_to_table(faces)
+    validate_table(table, uri)
+    storage.write_bytes(uri, table_to_bytes(table))
+    return summarise_table(table, uri.rstrip("/").split("/")[-1])
+
+
+def summarise_table(table: pa.Table, name: str) -> dict:
+    return {
+        "name": name,
+        "rows": table.num_rows,
+        "styles": dict(Counter(table.column("style").to_pylist())),
+        "sources": dict(Counter(table.column("source").to_pylist())),
+        "models": sorted(set(table.column("model").to_pylist())),
+    }
+
+
+def validate_table(table: pa.Table, name: str, decode: bool = False) -> None:
+    """Check columns and every row; a ShardError names the shard, the row and the field."""
+    missing = [c for c in SCHEMA.names if c not in table.column_names]
+    if missing:
+        raise ShardError(f"{name}: missing column(s) {missing}")
+    for col in SCHEMA.names:
+        if not table.schema.field(col).type.equals(SCHEMA.field(col).type):
+            raise ShardError(f"{name}: column {col!r} has type {table.schema.field(col).type}, "
+                             f"expected {SCHEMA.field(col).type}")
+    landmarks = table.column("landmarks").combine_chunks()
+    if landmarks.null_count:
+        raise ShardError(f"{name}: row {_first_null(landmarks)}: landmarks are missing")
+    values = landmarks.flatten().flatten().to_numpy(zero_copy_only=False)
+    if values.size != table.num_rows * NUM_POINTS * 2 or np.isnan(values).any() or np.isinf(values).any():
+        bad = int(np.argmax(~np.isfinite(values))) // (NUM_POINTS * 2)
+        raise ShardError(f"{name}: row {bad}: landmarks are not finite")
+    for col in ("image", "seed", "key"):
+        arr = table.column(col).combine_chunks()
+        if arr.null_count:
+            raise ShardError(f"{name}: row {_first_null(arr)}: {col} is missing")
+    for row, data in enumerate(table.column("image").to_pylist() if decode else []):
+        decode_image(data, f"{name}: row {row}")
+    for row, text in enumerate(table.column("edit_params").to_pylist()):
+        try:
+            json.loads(text or "[]")
+        except json.JSONDecodeError:
+            raise ShardError(f"{name}: row {row}: edit_params is not JSON") from None
+
+
+def _first_null(arr: pa.Array) -> int:
+    return int(np.argmax(arr.is_null().to_numpy(zero_copy_only=False)))
+
+
+def read_shard(uri: str, validate: bool = True, decode: bool = False) -> pa.Table:
+    """Read a shard; with `validate`, check every row (and with `decode`, that every image decodes)."""
+    try:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    except pa.ArrowInvalid as e:
+        raise ShardError(f"{uri}: not a readable parquet shard ({e})") from None
+    if validate:
+        validate_table(table, uri, decode=decode)
+    return table
+
+
+def landmarks_array(table: pa.Table) -> np.ndarray:
+    """The `landmarks` column as an (N, 68, 2) float32 array."""
+    flat = table.column("landmarks").combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(-1, NUM_POINTS, 2).astype(np.float32)
+
+
+def write_manifest(root: str, shards: list[dict], config: dict | None = None, **extra) -> dict:
+    """Write `root/manifest.json` listing the shards, total and per-style/source counts, and the config."""
+    styles: Counter = Counter()
+    sources: Counter = Counter()
+    models: set = set()
+    for s in shards:
+        styles.update(s["styles"])
+        sources.update(s["sources"])
+        models.update(s["models"])
+    manifest = {
+        "format": FORMAT,
+        "count": sum(s["rows"] for s in shards),
+        "styles": dict(sorted(styles.items())),
+        "sources": dict(sorted(sources.items())),
+        "models": sorted(models),
+        "shards": sorted(shards, key=lambda s: s["name"]),
+        "config": config or {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
+    }
+    storage.write_bytes(storage.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def read_manifest(root: str) -> dict:
+    uri = storage.join(root, MANIFEST)
+    try:
+        manifest = json.loads(storage.read_bytes(uri))
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{uri}: invalid JSON ({e.msg})") from None
+    if manifest.get("format") != FORMAT:
+        raise ShardError(f"{uri}: not an mdland manifest (format {manifest.get('format')!r})")
+    return manifest
+
+
+def shard_uris(root: str) -> list[str]:
+    """The dataset's shards: from its manifest, or every `*.parquet` under `root` when there is none."""
+    if storage.exists(storage.join(root, MANIFEST)):
+        return [storage.join(root, s["name"]) for s in read_manifest(root)["shards"]]
+    uris = storage.list_files(root, ".parquet")
+    if not uris:
+        raise ShardError(f"{root}: no shards (no manifest.json and no .parquet files)")
+    return uris
+
+
+def read_dataset(root: str, validate: bool = True) -> pa.Table:
+    """All shards of a dataset as one table."""
+    return pa.concat_tables([read_shard(u, validate=validate) for u in shard_uris(root)])
+
+
+class ShardWriter:
+    """Collects faces and writes them as numbered shards of `rows_per_shard` rows under `root`.
+
+    `close()` writes the last partial shard and then the manifest. Shards are written atomically, one at a time, so
+    an interrupted writer leaves only whole shards behind and no manifest (the set is incomplete).
+    """
+
+    def __init__(self, root: str, rows_per_shard: int = 1000, config: dict | None = None):
+        if rows_per_shard <= 0:
+            raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}")
+        self.root, self.rows_per_shard, self.config = root, rows_per_shard, config
+        self.pending: list[Face] = []
+        self.written: list[dict] = []
+
+    def add(self, face: Face) -> None:
+        self.pending.append(face)
+        if len(self.pending) >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            uri = storage.join(self.root, shard_name(len(self.written)))
+            self.written.append(write_shard(uri, self.pending))
+            self.pending = []
+
+    def close(self, **extra) -> dict:
+        self.flush()
+        return write_manifest(self.root, self.written, self.config, **extra)

@@ -1,0 +1,162 @@
+"""The one storage layer: local paths and `s3://bucket/key` URIs through pyarrow filesystems.
+
+S3 settings come from the standard AWS environment: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+`AWS_SESSION_TOKEN`, `AWS_REGION` / `AWS_DEFAULT_REGION`, and `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` for
+S3-compatible servers (MinIO, Ceph, R2, moto). Writes are atomic: a reader sees the whole object or nothing.
+"""
+
+import os
+import posixpath
+import uuid
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+class StorageError(OSError):
+    """A storage operation failed; the message names the URI and the cause."""
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or an s3:// URI."""
+    if is_s3(base):
+        return posixpath.join(base, *parts)
+    return str(Path(base, *parts))
+
+
+def s3_settings() -> dict:
+    """S3 filesystem arguments from the AWS environment variables."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    settings: dict = {}
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+        settings["endpoint_override"] = parsed.netloc
+        settings["scheme"] = parsed.scheme
+        # A custom endpoint has no AWS region to discover; S3-compatible servers accept any.
+        region = region or "us-east-1"
+    if region:
+        settings["region"] = region
+    for arg, var in (("access_key", "AWS_ACCESS_KEY_ID"), ("secret_key", "AWS_SECRET_ACCESS_KEY"),
+                     ("session_token", "AWS_SESSION_TOKEN")):
+        if os.environ.get(var):
+            settings[arg] = os.environ[var]
+    return settings
+
+
+@lru_cache(maxsize=8)
+def _s3(settings: tuple) -> pafs.S3FileSystem:
+    # Delayed open: objects below the multipart threshold go up in one PUT (atomic, one request).
+    return pafs.S3FileSystem(allow_delayed_open=True, **dict(settings))
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a local path or an s3:// URI; usable by Ray Data and pyarrow."""
+    if is_s3(uri):
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise StorageError(f"{uri}: no bucket in S3 URI")
+        return _s3(tuple(sorted(s3_settings().items()))), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(uri).absolute())
+
+
+def _fail(uri: str, action: str, error: Exception) -> StorageError:
+    text = str(error)
+    code = text.upper().replace("_", "")
+    hint = ""
+    if "NOSUCHBUCKET" in code or "BUCKET DOES NOT EXIST" in code:
+        hint = " (the bucket does not exist)"
+    elif any(k in code for k in ("INVALIDACCESSKEYID", "SIGNATUREDOESNOTMATCH", "ACCESSDENIED", "FORBIDDEN")):
+        hint = " (access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    elif "COULDN'T CONNECT" in code or "CURLCODE: 7" in code:
+        hint = " (cannot reach the S3 endpoint: check AWS_ENDPOINT_URL)"
+    return StorageError(f"cannot {action} {uri}{hint}: {text.splitlines()[0] if text else type(error).__name__}")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write `data` to `uri` atomically (local: temp file + rename; S3: one object PUT completes or nothing)."""
+    fs, path = filesystem(uri)
+    try:
+        if is_s3(uri):
+            with fs.open_output_stream(path) as out:
+                out.write(data)
+            return
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except StorageError:
+        raise
+    except (OSError, ValueError) as e:
+        raise _fail(uri, "write", e) from e
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise StorageError(f"{uri}: not found") from e
+    except OSError as e:
+        raise _fail(uri, "read", e) from e
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    try:
+        return fs.get_file_info(path).type == pafs.FileType.File
+    except OSError as e:
+        raise _fail(uri, "look up", e) from e
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Sorted URIs of the files directly under `uri` (a folder or prefix) ending in `suffix`.
+
+    Hidden files (temp files of unfinished local writes) are not listed. A missing folder lists as empty.
+    """
+    fs, path = filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        if not infos and is_s3(uri) and fs.get_file_info(path.split("/")[0]).type == pafs.FileType.NotFound:
+            raise StorageError(f"cannot list {uri} (the bucket does not exist)")
+    except StorageError:
+        raise
+    except OSError as e:
+        raise _fail(uri, "list", e) from e
+    names = sorted(
+        posixpath.basename(i.path) for i in infos
+        if i.type == pafs.FileType.File and i.path.endswith(suffix) and not posixpath.basename(i.path).startswith(".")
+    )
+    return [join(uri, n) for n in names]
+
+
+def delete(uri: str) -> None:
+    fs, path = filesystem(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise _fail(uri, "delete", e) from e
+
+
+def check_writable(uri: str) -> None:
+    """Fail early, before any work, when `uri` (a folder) cannot be written: missing bucket, bad keys."""
+    probe = join(uri, f".mdland-probe-{uuid.uuid4().hex}")
+    write_bytes(probe, b"")
+    delete(probe)

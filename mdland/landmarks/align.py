@@ -1,0 +1,69 @@
+"""Square face crops, as STAR takes them: a centre and a scale (face size / 200 px) give a similarity transform
+onto the `size` x `size` input, corner pixel centres aligned (0 -> 0, size - 1 -> size - 1)."""
+
+import numpy as np
+from PIL import Image
+
+from mdland.landmarks.scheme import check_shape
+
+# STAR's scale unit: a face of `scale` is 200 * scale pixels across.
+SCALE_UNIT = 200.0
+
+
+def crop_from_landmarks(points: np.ndarray, margin: float = 1.25) -> tuple[tuple[float, float], float]:
+    """(centre, scale) of the landmarks' bounding box, its longer side widened by `margin`."""
+    pts = check_shape(points, "crop_from_landmarks")
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    return crop_from_box((*lo, *hi), margin)
+
+
+def crop_from_box(box: tuple[float, float, float, float], margin: float = 1.0) -> tuple[tuple[float, float], float]:
+    """(centre, scale) of a face box (x0, y0, x1, y1), its longer side widened by `margin`."""
+    x0, y0, x1, y1 = map(float, box)
+    if not (x1 > x0 and y1 > y0):
+        raise ValueError(f"degenerate face box {box}")
+    return ((x0 + x1) / 2, (y0 + y1) / 2), max(x1 - x0, y1 - y0) * margin / SCALE_UNIT
+
+
+def crop_matrix(centre: tuple[float, float], scale: float, size: int = 256) -> np.ndarray:
+    """3x3 matrix from source pixels to crop pixels: `centre` lands on the crop's centre, `scale` fills it."""
+    if scale <= 0:
+        raise ValueError(f"crop scale must be positive, got {scale}")
+    s = size / (scale * SCALE_UNIT)
+    half = (size - 1) / 2.0
+    return np.array(
+        [[s, 0.0, half - s * centre[0]], [0.0, s, half - s * centre[1]], [0.0, 0.0, 1.0]], dtype=np.float64
+    )
+
+
+def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Apply a 3x3 affine matrix to (N, 2) points."""
+    pts = np.asarray(points, dtype=np.float64)
+    return (pts @ matrix[:2, :2].T + matrix[:2, 2]).astype(np.float32)
+
+
+def warp_image(image: np.ndarray | Image.Image, matrix: np.ndarray, size: int) -> np.ndarray:
+    """Resample `image` through `matrix` (source -> output pixels) into a size x size RGB array, black outside."""
+    src = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    inv = np.linalg.inv(matrix)
+    # PIL samples output pixel (x, y) at its centre (x + 0.5, y + 0.5) in source coordinates shifted the same way,
+    # so move the mapping from pixel-centre to PIL's pixel-corner convention.
+    shift = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    pil = shift @ inv @ np.linalg.inv(shift)
+    out = src.convert("RGB").transform(
+        (size, size), Image.Transform.AFFINE, data=tuple(pil[:2].ravel()), resample=Image.Resampling.BILINEAR
+    )
+    return np.asarray(out)
+
+
+def crop_face(
+    image: np.ndarray | Image.Image, points: np.ndarray, centre: tuple[float, float], scale: float, size: int = 256
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Crop a face: (size x size RGB image, landmarks in crop pixels, the 3x3 source->crop matrix)."""
+    matrix = crop_matrix(centre, scale, size)
+    return warp_image(image, matrix, size), transform_points(points, matrix), matrix
+
+
+def uncrop_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Map points predicted on a crop back to the source image's pixels."""
+    return transform_points(points, np.linalg.inv(matrix))

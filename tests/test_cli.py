@@ -1,0 +1,89 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mdland.cli import main
+from mdland.data.procedural import procedural_faces
+from mdland.data.shards import ShardWriter
+from mdland.landmarks.io import write_pts, write_txt
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "mdland", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_the_stages():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for stage in ("ingest", "render", "evaluate-preds", "demo"):
+        assert stage in out.stdout
+
+
+def test_ingest_and_render_from_the_command_line(tmp_path):
+    src = tmp_path / "art"
+    src.mkdir()
+    for f in procedural_faces(3, seed=2, size=160):
+        (src / f"{f.key}.png").write_bytes(f.image)
+        write_pts(src / f"{f.key}.pts", f.landmarks)
+    out = run_cli("ingest", "--format", "artface", str(src), str(tmp_path / "ds"), "--size", "96")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"count": 3, "shards": 1, "skipped": 0}
+    assert main(["render", str(tmp_path / "ds"), str(tmp_path / "grid.png"), "--columns", "3", "--condition"]) == 0
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.size == (6 * 98 + 2, 98 + 2)
+    assert main(["render", str(src), str(tmp_path / "raw.png"), "--format", "artface", "--count", "2"]) == 0
+    with Image.open(tmp_path / "raw.png") as im:
+        assert im.size == (2 * 162 + 2, 162 + 2)
+
+
+def test_evaluate_preds_hand_computed(tmp_path, capsys):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    faces = list(procedural_faces(4, seed=9, size=256))
+    offsets = [0.0, 1.0, 2.0, 40.0]  # pixels, along x, for every point
+    for f, dx in zip(faces, offsets):
+        write_pts(gt_dir / f"{f.key}.pts", f.landmarks)
+        write_txt(pred_dir / f"{f.key}.txt", f.landmarks + [dx, 0])
+    assert main(["evaluate-preds", str(pred_dir), str(gt_dir), "--out", str(tmp_path / "ev")]) == 0
+    result = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    iod = np.array([np.linalg.norm(f.landmarks[36] - f.landmarks[45]) for f in faces])
+    expected = np.array(offsets) / iod
+    assert result["count"] == 4
+    assert result["nme"] == pytest.approx(expected.mean(), rel=1e-4)
+    assert result["fr"] == pytest.approx(np.mean(expected > 0.10))
+    assert (tmp_path / "ev" / "ced.png").stat().st_size > 1000
+    assert "| predictions | 4 |" in capsys.readouterr().out
+    # Predictions as an (N, 68, 2) .npy against a shard dataset keyed by row index is refused clearly...
+    np.save(tmp_path / "p.npy", np.zeros((3, 68, 2)))
+    assert main(["evaluate-preds", str(tmp_path / "p.npy"), str(gt_dir)]) == 2
+    # ...and shard datasets pair by their key column.
+    writer = ShardWriter(str(tmp_path / "ds"))
+    for f in faces:
+        writer.add(f)
+    writer.close()
+    assert main(["evaluate-preds", str(pred_dir), str(tmp_path / "ds"), "--out", str(tmp_path / "ev2")]) == 0
+    assert json.loads((tmp_path / "ev2" / "metrics.json").read_text())["nme"] == pytest.approx(result["nme"])
+
+
+def test_bad_input_exits_2_with_a_message(tmp_path):
+    out = run_cli("ingest", "--format", "artface", str(tmp_path / "missing"), str(tmp_path / "ds"))
+    assert out.returncode == 2
+    assert "mdland ingest: error:" in out.stderr and "missing: source not found" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_demo_smallest_setting(tmp_path):
+    out = run_cli("demo", "--out", str(tmp_path / "report"), "--storage", str(tmp_path / "data"),
+                  "--train", "6", "--test", "4", "--size", "128")
+    assert out.returncode == 0, out.stderr
+    report = tmp_path / "report"
+    for name in ("index.html", "samples.png", "edits.png", "ced.png", "metrics.json"):
+        assert (report / name).stat().st_size > 0, name
+    metrics = json.loads((report / "metrics.json").read_text())[0]
+    assert metrics["count"] == 4 and 0 < metrics["nme"] < 1
+    assert "[4/4]" in out.stderr

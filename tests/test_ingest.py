@@ -1,0 +1,119 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mdland.data import storage
+from mdland.data.ingest import ingest
+from mdland.data.procedural import draw_face, random_landmarks
+from mdland.data.shards import decode_image, landmarks_array, read_dataset
+from mdland.landmarks.align import crop_from_landmarks
+from mdland.landmarks.io import FFHQEntry, StarRow, write_ffhq_json, write_pts, write_star_tsv, write_txt
+
+MARK = 30  # the nose tip carries a pure-red marker, to check that points and pixels move together
+
+
+def make_faces(n=3):
+    """Faces drawn at 200 px, pasted at an offset into 320x260 canvases, a red marker on the nose tip."""
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        points = random_landmarks(rng, 200)
+        canvas = np.full((260, 320, 3), 90, np.uint8)
+        canvas[40:240, 70:270] = draw_face(points, "flat_cartoon", 200, rng)
+        points = points + [70, 40]
+        x, y = np.round(points[MARK]).astype(int)
+        canvas[y - 1 : y + 2, x - 1 : x + 2] = [255, 0, 0]
+        points[MARK] = [x, y]
+        out.append((f"face{i}", canvas, points.astype(np.float32)))
+    return out
+
+
+def check_marker(manifest, dest, size, count):
+    assert manifest["count"] == count
+    table = read_dataset(dest)
+    for data, pts in zip(table.column("image").to_pylist(), landmarks_array(table)):
+        image = decode_image(data).astype(float)
+        assert image.shape == (size, size, 3)
+        red = np.clip(image[..., 0] - image[..., 1:].max(-1), 0, None)
+        red[red < 150] = 0
+        ys, xs = np.mgrid[:size, :size]
+        centre = np.array([(red * xs).sum() / red.sum(), (red * ys).sum() / red.sum()])
+        np.testing.assert_allclose(centre, pts[MARK], atol=0.6)
+        assert (pts > 0).all() and (pts < size - 1).all()
+
+
+@pytest.mark.parametrize("fmt", ["artface", "cariface", "folder"])
+def test_sidecar_formats(tmp_path, storage_root, fmt):
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "landmarks").mkdir()
+    for i, (name, image, points) in enumerate(make_faces()):
+        Image.fromarray(image).save(src / "images" / f"{name}.{'jpg' if i == 2 else 'png'}", quality=98)
+        if fmt == "artface" or (fmt == "folder" and i == 0):
+            write_pts(src / "landmarks" / f"{name}.pts", points)
+        else:
+            write_txt(src / "landmarks" / f"{name}.txt", points)
+    dest = storage.join(storage_root, fmt)
+    manifest = ingest(fmt, src, dest, size=128, rows_per_shard=2)
+    assert len(manifest["shards"]) == 2 and manifest["sources"] == {fmt: 3}
+    check_marker(manifest, dest, 128, 3)
+
+
+def test_ffhq(tmp_path):
+    src = tmp_path / "ffhq"
+    entries = []
+    for i, (name, image, points) in enumerate(make_faces(2)):
+        rel = f"images1024x1024/00000/{i:05d}.png"
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(src / rel)
+        entries.append(FFHQEntry(str(i), rel, points))
+    write_ffhq_json(src / "ffhq-dataset-v2.json", entries)
+    dest = str(tmp_path / "out")
+    check_marker(ingest("ffhq", src, dest, size=256), dest, 256, 2)
+
+
+def test_star_tsv_uses_its_own_crop(tmp_path):
+    rows = []
+    for name, image, points in make_faces(2):
+        Image.fromarray(image).save(tmp_path / f"{name}.png")
+        centre, scale = crop_from_landmarks(points, margin=1.6)
+        rows.append(StarRow(f"{name}.png", points, scale, centre))
+    write_star_tsv(tmp_path / "test.tsv", rows)
+    dest = str(tmp_path / "out")
+    manifest = ingest("star-tsv", tmp_path / "test.tsv", dest, size=128)
+    check_marker(manifest, dest, 128, 2)
+    pts = landmarks_array(read_dataset(dest))
+    # margin 1.6 around the landmarks: the face spans 128 / 1.6 = 80 px along its longer side.
+    assert np.ptp(pts[0], axis=0).max() == pytest.approx(80, abs=0.5)
+
+
+def test_bad_inputs_fail_by_name_or_are_skipped(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    faces = make_faces(3)
+    for name, image, points in faces:
+        Image.fromarray(image).save(src / f"{name}.png")
+    write_pts(src / "face0.pts", faces[0][2])
+    (src / "face1.pts").write_text("version: 1\nn_points: 68\n{\n" + "1 2\n" * 60 + "}\n")
+    dest = str(tmp_path / "out")
+    with pytest.raises(ValueError, match="face1.pts: n_points says 68 but the file has 60"):
+        ingest("artface", src, dest)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.parquet"))
+    write_pts(src / "face1.pts", faces[1][2])
+    with pytest.raises(ValueError, match="face2.png: image without a landmark file"):
+        ingest("artface", src, dest)
+    write_pts(src / "face2.pts", faces[2][2])
+    (src / "face2.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    with pytest.raises(ValueError, match="face2.png: unreadable image"):
+        ingest("artface", src, dest)
+    manifest = ingest("artface", src, dest, skip_bad=True, overwrite=True)
+    assert manifest["count"] == 2 and manifest["skipped"] == [str(src / "face2.png")]
+    with pytest.raises(ValueError, match="already holds a dataset"):
+        ingest("artface", src, dest)
+    with pytest.raises(ValueError, match="unknown ingest format"):
+        ingest("wflw", src, dest, overwrite=True)
+    with pytest.raises(ValueError, match="source not found"):
+        ingest("artface", tmp_path / "nowhere", dest, overwrite=True)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["count"] == 2

@@ -1,0 +1,89 @@
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mdland.data import storage
+from mdland.data.procedural import procedural_faces
+from mdland.data.shards import (
+    Face, ShardError, ShardWriter, decode_image, faces_to_table, landmarks_array, read_dataset, read_manifest,
+    read_shard, shard_name, write_shard,
+)
+
+
+def some_faces(n, start=0):
+    return list(procedural_faces(n, seed=3, size=64, start=start))
+
+
+def test_shard_round_trip_readable_without_mdland(storage_root):
+    faces = some_faces(5)
+    faces[1].edits, faces[1].edit_params = ["chubby", "open_eyes"], [{"amount": 0.1}, {"amount": 0.2}]
+    faces[2].alignment = 0.031
+    uri = storage.join(storage_root, shard_name(0))
+    summary = write_shard(uri, faces)
+    assert summary["rows"] == 5 and sum(summary["styles"].values()) == 5
+    table = read_shard(uri, decode=True)
+    np.testing.assert_array_equal(landmarks_array(table), np.stack([f.landmarks for f in faces]))
+    # Plain pyarrow and pandas read it: nested 68x2 landmarks, bytes images.
+    plain = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    df = plain.to_pandas()
+    assert list(df.columns)[:3] == ["key", "image", "landmarks"]
+    assert np.stack(df.landmarks[0]).shape == (68, 2)
+    assert df.edits[1].tolist() == ["chubby", "open_eyes"] and json.loads(df.edit_params[1])[1] == {"amount": 0.2}
+    assert pd.isna(df.alignment[0]) and df.alignment[2] == pytest.approx(0.031)
+    assert decode_image(df.image[0]).shape == (64, 64, 3) and df.seed.dtype == np.int64
+
+
+def test_bad_rows_are_named(tmp_path):
+    faces = some_faces(3)
+    table = faces_to_table(faces)
+    lm = landmarks_array(table)
+    lm[2, 10, 1] = np.nan
+    bad = table.set_column(2, "landmarks", pa.array(lm.tolist(), type=table.schema.field("landmarks").type))
+    with pytest.raises(ShardError, match=r"bad.parquet: row 2: landmarks are not finite"):
+        write_shard(str(tmp_path / "bad.parquet"), bad)
+    assert not (tmp_path / "bad.parquet").exists()
+    faces[1].image = b"not an image"
+    uri = str(tmp_path / "s.parquet")
+    write_shard(uri, faces)
+    with pytest.raises(ShardError, match=r"s.parquet: row 1: image does not decode"):
+        read_shard(uri, decode=True)
+    pq.write_table(table.drop_columns(["seed"]), tmp_path / "old.parquet")
+    with pytest.raises(ShardError, match=r"missing column\(s\) \['seed'\]"):
+        read_shard(str(tmp_path / "old.parquet"))
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1junk")
+    with pytest.raises(ShardError, match="junk.parquet: not a readable parquet shard"):
+        read_shard(str(tmp_path / "junk.parquet"))
+    with pytest.raises(ValueError, match=r"row 0 \(k\): expected 68x2"):
+        faces_to_table([Face(image=b"x", landmarks=np.zeros((5, 2)), key="k")])
+
+
+def test_shard_writer_and_manifest(storage_root):
+    writer = ShardWriter(storage_root, rows_per_shard=4, config={"why": "test"})
+    for f in some_faces(10):
+        writer.add(f)
+    manifest = writer.close()
+    assert [s["name"] for s in manifest["shards"]] == [shard_name(i) for i in range(3)]
+    assert [s["rows"] for s in manifest["shards"]] == [4, 4, 2]
+    assert manifest["count"] == 10 and sum(manifest["styles"].values()) == 10
+    assert manifest["sources"] == {"procedural": 10} and manifest["config"] == {"why": "test"}
+    assert read_manifest(storage_root)["count"] == 10
+    table = read_dataset(storage_root)
+    assert table.column("key").to_pylist() == [f.key for f in some_faces(10)]
+
+
+def test_interrupted_writer_leaves_whole_shards_and_no_manifest(tmp_path):
+    root = str(tmp_path / "ds")
+    writer = ShardWriter(root, rows_per_shard=3)
+    with pytest.raises(ValueError):
+        for i, f in enumerate(some_faces(8)):
+            if i == 7:
+                f.landmarks = np.zeros((3, 2))  # a bad face arrives mid-way
+            writer.add(f)
+        writer.close()
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [shard_name(0), shard_name(1)]
+    assert read_dataset(root).num_rows == 6  # the finished shards are whole and readable

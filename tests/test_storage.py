@@ -1,0 +1,66 @@
+import os
+
+import pytest
+
+from mdland.data import storage
+from mdland.data.storage import StorageError
+
+
+def test_write_list_read_overwrite(storage_root):
+    a, b = storage.join(storage_root, "x", "a.bin"), storage.join(storage_root, "x", "b.bin")
+    storage.write_bytes(b, b"bee")
+    storage.write_bytes(a, b"one")
+    assert storage.read_bytes(a) == b"one" and storage.exists(a)
+    assert storage.list_files(storage.join(storage_root, "x")) == [a, b]
+    assert storage.list_files(storage.join(storage_root, "x"), ".txt") == []
+    storage.write_bytes(a, b"two" * 1000)
+    assert storage.read_bytes(a) == b"two" * 1000
+    storage.delete(a)
+    assert not storage.exists(a) and storage.list_files(storage.join(storage_root, "x")) == [b]
+    assert storage.list_files(storage.join(storage_root, "empty")) == []
+    with pytest.raises(StorageError, match="not found"):
+        storage.read_bytes(a)
+    storage.check_writable(storage.join(storage_root, "y"))
+
+
+def test_local_write_is_atomic_when_it_fails(tmp_path, monkeypatch):
+    target = str(tmp_path / "shard.parquet")
+    storage.write_bytes(target, b"old complete shard")
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(StorageError, match="cannot write .*shard.parquet.*disk full"):
+        storage.write_bytes(target, b"new half")
+    assert open(target, "rb").read() == b"old complete shard"
+    assert os.listdir(tmp_path) == ["shard.parquet"]  # no temp file left behind
+
+
+def test_s3_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "https://minio.example:9000")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    s = storage.s3_settings()
+    assert s["endpoint_override"] == "minio.example:9000" and s["scheme"] == "https" and s["region"] == "us-east-1"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9999")
+    assert storage.s3_settings()["endpoint_override"] == "127.0.0.1:9999"
+    assert storage.filesystem("s3://bucket/a/b/")[1] == "bucket/a/b"
+
+
+def test_missing_bucket_is_a_clear_error(s3_bucket):
+    with pytest.raises(StorageError, match="the bucket does not exist"):
+        storage.write_bytes("s3://mdland-no-such-bucket/a.bin", b"x")
+    with pytest.raises(StorageError, match="the bucket does not exist"):
+        storage.list_files("s3://mdland-no-such-bucket/prefix")
+
+
+def test_bad_credentials_are_a_clear_error(s3_auth_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_auth_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(StorageError, match="access denied"):
+        storage.write_bytes("s3://mdland-auth/a.bin", b"x")
+    with pytest.raises(StorageError, match="access denied"):
+        storage.check_writable("s3://mdland-auth/data")
