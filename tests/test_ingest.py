@@ -108,8 +108,11 @@ def test_bad_inputs_fail_by_name_or_are_skipped(tmp_path):
     (src / "face2.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
     with pytest.raises(ValueError, match="face2.png: unreadable image"):
         ingest("artface", src, dest)
+    ingest("artface", src, dest, skip_bad=True, overwrite=True, rows_per_shard=1)
+    assert len(list((tmp_path / "out").glob("*.parquet"))) == 2
     manifest = ingest("artface", src, dest, skip_bad=True, overwrite=True)
     assert manifest["count"] == 2 and manifest["skipped"] == [str(src / "face2.png")]
+    assert len(list((tmp_path / "out").glob("*.parquet"))) == 1  # the replaced dataset's extra shard is gone
     with pytest.raises(ValueError, match="already holds a dataset"):
         ingest("artface", src, dest)
     with pytest.raises(ValueError, match="unknown ingest format"):

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from PIL import Image, UnidentifiedImageError
 
 from mdland.data import storage
-from mdland.data.shards import MANIFEST, Face, ShardWriter, encode_image
+from mdland.data.shards import MANIFEST, Face, ShardWriter, encode_image, read_manifest
 from mdland.landmarks.align import crop_face, crop_from_landmarks
 from mdland.landmarks.io import read_ffhq_json, read_pts, read_star_tsv, read_txt
 from mdland.log import get_logger
@@ -105,8 +105,11 @@ def ingest(fmt: str, src: str | Path, dest: str, size: int = 256, margin: float 
            skip_bad: bool = False, overwrite: bool = False, ffhq_variant: str = "image",
            image_dir: str | Path | None = None, source: str | None = None) -> dict:
     """Crop, resize and write SRC's faces as shards under DEST; returns the manifest."""
-    if storage.exists(storage.join(dest, MANIFEST)) and not overwrite:
-        raise ValueError(f"{dest}: already holds a dataset (manifest.json); pass overwrite to replace it")
+    old_shards: list[str] = []
+    if storage.exists(storage.join(dest, MANIFEST)):
+        if not overwrite:
+            raise ValueError(f"{dest}: already holds a dataset (manifest.json); pass overwrite to replace it")
+        old_shards = [s["name"] for s in read_manifest(dest)["shards"]]
     storage.check_writable(dest)
     # Read every landmark file before writing anything, so bad annotations fail before any shard is written.
     samples = list(iter_samples(fmt, src, skip_bad, ffhq_variant, image_dir))
@@ -129,6 +132,9 @@ def ingest(fmt: str, src: str | Path, dest: str, size: int = 256, margin: float 
         crop, points, _ = crop_face(image, sample.landmarks, centre, scale, size)
         writer.add(Face(image=encode_image(crop), landmarks=points, key=sample.key, source=name))
     manifest = writer.close(skipped=skipped)
+    # Shards of the replaced dataset that the new one did not overwrite would otherwise linger beside it.
+    for name in set(old_shards) - {s["name"] for s in manifest["shards"]}:
+        storage.delete(storage.join(dest, name))
     log.info("ingested %d faces from %s into %d shard(s) at %s", manifest["count"], src, len(manifest["shards"]), dest)
     return manifest
 
