@@ -30,6 +30,25 @@ def _evaluate_preds(a: argparse.Namespace) -> None:
     print(metrics_table([result]), end="")
 
 
+def _train_controlnet(a: argparse.Namespace) -> None:
+    from mdland.config import load_config
+    from mdland.diffusion.train import ControlNetTrainConfig, run_training
+
+    config = load_config(ControlNetTrainConfig, _named_config(a.config), a.set)
+    result = run_training(config, local=a.local)
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (list, dict))}, default=str))
+
+
+def _named_config(name: str | None) -> str | None:
+    """A config file path, or the name of one shipped in mdland/diffusion/configs (e.g. `stage1`, `tiny-stage2`)."""
+    from pathlib import Path
+
+    if name is None or Path(name).exists():
+        return name
+    shipped = Path(__file__).parent / "diffusion" / "configs" / f"{name}.yaml"
+    return str(shipped) if shipped.exists() else name
+
+
 def _demo(a: argparse.Namespace) -> None:
     from mdland.demo import run_demo
 
@@ -75,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.10)
     p.add_argument("--name", default="predictions")
     p.set_defaults(run=_evaluate_preds)
+
+    p = sub.add_parser("train-controlnet", help="stage 1 / stage 2: train the landmark ControlNet (Ray Train)")
+    p.add_argument("--config", help="YAML file, or a shipped one: stage1, stage2, tiny-stage1, tiny-stage2")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--local", action="store_true", help="run train_func in this process, without Ray (debugging)")
+    p.set_defaults(run=_train_controlnet)
 
     p = sub.add_parser("demo", help="run the pipeline on the embedded default and write a report")
     p.add_argument("--out", default="demo-report")

@@ -11,6 +11,7 @@ def setup_logging(level: int | str = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
     root.setLevel(level)
+    root.propagate = False  # Ray workers add their own root handler; print each line once
 
 
 def get_logger(name: str) -> logging.Logger:

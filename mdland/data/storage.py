@@ -155,6 +155,27 @@ def delete(uri: str) -> None:
         raise _fail(uri, "delete", e) from e
 
 
+def copy_to_local(uri: str, local_dir: str | os.PathLike) -> None:
+    """Copy everything under `uri` (a folder or prefix) into `local_dir`."""
+    fs, path = filesystem(uri)
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound and not list_files(uri):
+            raise StorageError(f"{uri}: not found")
+        pafs.copy_files(path, str(Path(local_dir).absolute()), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+    except StorageError:
+        raise
+    except OSError as e:
+        raise _fail(uri, "copy", e) from e
+
+
+def copy_from_local(local_dir: str | os.PathLike, uri: str) -> None:
+    """Copy a local folder's contents to `uri` (a folder or prefix), file by file, each write atomic."""
+    root = Path(local_dir)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        write_bytes(join(uri, *path.relative_to(root).parts), path.read_bytes())
+
+
 def check_writable(uri: str) -> None:
     """Fail early, before any work, when `uri` (a folder) cannot be written: missing bucket, bad keys."""
     probe = join(uri, f".mdland-probe-{uuid.uuid4().hex}")

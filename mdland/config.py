@@ -1,0 +1,69 @@
+"""The one config loader: YAML files into dataclasses, with `key=value` overrides from the command line."""
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [k for k in typing.get_args(kind) if k is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, options[0], where)
+    if kind is bool and isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{where}: expected true/false, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    if kind in (int, float) and not isinstance(value, bool):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+    if kind is str:
+        return str(value)
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        return list(value) if origin is list else tuple(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
+    """Build dataclass `cls` from `data`; unknown keys and ill-typed values fail naming the key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(v, hints[k], f"{where}: {k}") for k, v in data.items()})
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """`cls` from a YAML file (optional) with `key=value` overrides (values parsed as YAML scalars)."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML ({e})") from None
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected key=value")
+        data[key.strip()] = yaml.safe_load(value)
+    return from_dict(cls, data, str(path or "config"))
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)

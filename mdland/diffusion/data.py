@@ -1,0 +1,71 @@
+"""Training batches for the ControlNet: target image in [-1, 1], condition image in [0, 1], prompt.
+
+`prepare_batch` is the one preprocessing function; Ray Data maps it over shards for Ray Train workers, and the
+plain-process mode applies it to shards read directly.
+"""
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from mdland.data import storage
+from mdland.data.shards import MANIFEST, decode_image, read_manifest, read_shard, shard_uris
+from mdland.landmarks.render import render_landmarks
+
+COLUMNS = ["key", "image", "landmarks", "prompt"]
+
+
+def _landmarks(column) -> np.ndarray:
+    """Ray and pyarrow hand the nested landmarks column over as nested object arrays; make it (B, 68, 2)."""
+    return np.asarray([np.asarray([np.asarray(p, dtype=np.float32) for p in face]) for face in column],
+                      dtype=np.float32)
+
+
+def prepare_batch(batch: dict, resolution: int) -> dict:
+    """Decode, resize to `resolution`, render each face's condition from its (rescaled) landmarks."""
+    pixels, conditions = [], []
+    for key, data, points in zip(batch["key"], batch["image"], _landmarks(batch["landmarks"])):
+        image = decode_image(data, str(key))
+        h, w = image.shape[:2]
+        if (h, w) != (resolution, resolution):
+            image = np.asarray(Image.fromarray(image).resize((resolution, resolution), Image.Resampling.BICUBIC))
+            # pixel-centre coordinates scale about -0.5
+            points = (points + 0.5) * [resolution / w, resolution / h] - 0.5
+        pixels.append(image.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)
+        conditions.append(render_landmarks(points, resolution).transpose(2, 0, 1).astype(np.float32) / 255.0)
+    return {"pixel_values": np.stack(pixels), "conditioning": np.stack(conditions),
+            "prompt": np.asarray([str(p) for p in batch["prompt"]], dtype=object)}
+
+
+def count_rows(data: str) -> int:
+    """Faces in a shard dataset (from the manifest, or the parquet footers)."""
+    if storage.exists(storage.join(data, MANIFEST)):
+        return int(read_manifest(data)["count"])
+    uris = shard_uris(data)
+    fs, _ = storage.filesystem(uris[0])
+    return sum(pq.ParquetFile(fs.open_input_file(storage.filesystem(u)[1])).metadata.num_rows for u in uris)
+
+
+def ray_dataset(data: str, resolution: int):
+    """A Ray Dataset of prepared training batches over the shards of `data`."""
+    import ray.data
+
+    uris = shard_uris(data)
+    fs, _ = storage.filesystem(uris[0])
+    ds = ray.data.read_parquet([storage.filesystem(u)[1] for u in uris], filesystem=fs).select_columns(COLUMNS)
+    return ds.map_batches(prepare_batch, fn_kwargs={"resolution": resolution}, batch_format="numpy", batch_size=32)
+
+
+def local_batches(data: str, resolution: int, batch_size: int, seed: int) -> Iterator[dict]:
+    """Endless shuffled batches without Ray, for the plain-process mode."""
+    tables = [read_shard(u).select(COLUMNS) for u in shard_uris(data)]
+    rows = [(t, i) for t in tables for i in range(t.num_rows)]
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(rows))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            picked = [rows[j] for j in order[start : start + batch_size]]
+            batch = {c: [t.column(c)[i].as_py() for t, i in picked] for c in COLUMNS}
+            yield prepare_batch(batch, resolution)

@@ -1,0 +1,179 @@
+"""Stable Diffusion 1.x components and the landmark ControlNet.
+
+Real runs load a diffusers-format directory (local, or `s3://` copied once per node into a local cache). Two presets
+build random-initialised components from configs in code, so nothing is ever fetched from a model hub:
+- `tiny`: a few hundred thousand parameters per part, for tests and the demo on a CPU;
+- `sd15`: the real SD 1.5 architecture (UNet ~860M, ControlNet ~361M, CLIP ViT-L/14 text encoder), for GPU benchmarks.
+Both use a CLIP BPE tokenizer that mdland writes from a small character-level vocabulary.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from mdland.data import storage
+
+PRESETS = ("tiny", "sd15")
+SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+MAX_PROMPT_TOKENS = 77
+
+# SD 1.x's training noise schedule.
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+_ARCH = {
+    "tiny": dict(
+        unet=dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+                  norm_num_groups=8, sample_size=32),
+        vae=dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=256,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        text=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2),
+    ),
+    "sd15": dict(
+        unet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+                  attention_head_dim=8, sample_size=64,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                  vocab_size=49408, hidden_act="quick_gelu", projection_dim=768),
+    ),
+}
+
+
+@dataclass
+class SDComponents:
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler
+    model_id: str
+
+    def frozen_to(self, device: torch.device | str, dtype: torch.dtype) -> "SDComponents":
+        """Move the frozen parts to `device`/`dtype`, in eval mode with no gradients."""
+        for module in (self.vae, self.unet, self.text_encoder):
+            module.requires_grad_(False).eval().to(device, dtype=dtype)
+        return self
+
+
+def write_tokenizer(directory: str | Path) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over single characters (no merges): any prompt tokenises, nothing is downloaded."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # CLIP's byte-to-unicode table: printable bytes map to themselves, the rest to code points from 256 on.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    extra = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
+                              model_max_length=MAX_PROMPT_TOKENS, pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def build_preset(name: str, cache_dir: str | Path | None = None, seed: int = 0) -> SDComponents:
+    """Random-initialised components of preset `name`; the same seed gives the same weights on every worker."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {PRESETS} or give a model directory")
+    arch = _ARCH[name]
+    tokenizer = write_tokenizer(Path(cache_dir or _cache_root()) / "tokenizer-chars")
+    torch.manual_seed(seed)
+    text_cfg = dict(vocab_size=len(tokenizer), max_position_embeddings=MAX_PROMPT_TOKENS,
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+    text_cfg.update(arch["text"])
+    return SDComponents(
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **arch["vae"]),
+        unet=UNet2DConditionModel(in_channels=4, out_channels=4, **arch["unet"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)),
+        tokenizer=tokenizer,
+        noise_scheduler=DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"}),
+        model_id=f"preset:{name}",
+    )
+
+
+def save_components(components: SDComponents, directory: str | Path) -> None:
+    """Write components as a diffusers-format directory (what `load_components` and diffusers pipelines read)."""
+    directory = Path(directory)
+    for sub, part in (("vae", components.vae), ("unet", components.unet), ("text_encoder", components.text_encoder),
+                      ("tokenizer", components.tokenizer), ("scheduler", components.noise_scheduler)):
+        part.save_pretrained(directory / sub)
+    (directory / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": __import__("diffusers").__version__,
+        "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False,
+    }, indent=1))
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("MDLAND_CACHE", Path.home() / ".cache" / "mdland"))
+
+
+def local_copy(uri: str) -> Path:
+    """A local directory holding `uri`: the path itself, or for `s3://` a copy made once per node (file-locked)."""
+    if not storage.is_s3(uri):
+        return Path(uri)
+    target = _cache_root() / "models" / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{target}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / ".complete").exists():
+            storage.copy_to_local(uri, target)
+            (target / ".complete").write_text(uri)
+    return target
+
+
+def check_model_dir(uri: str) -> None:
+    """Fail fast, before any worker starts, when `uri` is not a diffusers-format SD directory."""
+    if uri in PRESETS:
+        return
+    missing = [sub for sub in ("unet", "vae", "text_encoder") if not storage.exists(storage.join(uri, sub, "config.json"))]
+    if missing:
+        raise ValueError(f"{uri}: not a diffusers-format Stable Diffusion directory (no {', '.join(missing)}/config.json)")
+
+
+def load_components(model: str, seed: int = 0) -> SDComponents:
+    """SD components from a preset name or a diffusers-format directory (local or s3://)."""
+    if model in PRESETS:
+        return build_preset(model, seed=seed)
+    check_model_dir(model)
+    path = local_copy(model)
+    return SDComponents(
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+        model_id=model,
+    )
+
+
+def build_controlnet(components: SDComponents, init: str | None = None) -> ControlNetModel:
+    """The trainable ControlNet: loaded from `init` (a `save_pretrained` export, e.g. stage 1's) or copied from the
+    UNet's encoder (`ControlNetModel.from_unet`), as the method's stage 1 does."""
+    if init:
+        if not storage.exists(storage.join(init, "config.json")):
+            raise ValueError(f"{init}: not a ControlNet export (no config.json)")
+        return ControlNetModel.from_pretrained(local_copy(init))
+    return ControlNetModel.from_unet(components.unet)
+
+
+def ddim_scheduler(components: SDComponents) -> DDIMScheduler:
+    return DDIMScheduler.from_config(components.noise_scheduler.config)

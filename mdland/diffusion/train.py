@@ -1,0 +1,358 @@
+"""Stages 1 and 2 of the method: train the landmark ControlNet with Ray Train + DeepSpeed.
+
+One `train_func` runs on every Ray Train worker (or alone, in one plain process, for debugging): frozen VAE, UNet and
+text encoder (bf16 on GPU), a trainable ControlNet wrapped by DeepSpeed (ZeRO stage 2; bf16 with fp32 master weights
+on GPU, fp32 on CPU), DDPM noise and an MSE loss on the noise. Stage 1 trains with empty prompts; stage 2 starts from
+stage 1's export and trains with style prompts, a share of them blanked so classifier-free guidance works.
+Checkpoints (DeepSpeed state, a diffusers `save_pretrained` export, a validation grid and the loss curve) go to
+`storage_path/name/checkpoint_NNNNNN`; a re-run with the same name resumes from the latest one.
+"""
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mdland.config import from_dict
+from mdland.data import storage
+from mdland.data.shards import decode_image, landmarks_array, read_shard, shard_uris
+from mdland.diffusion.data import count_rows, local_batches, ray_dataset
+from mdland.diffusion.models import PRESETS, build_controlnet, check_model_dir, ddim_scheduler, load_components
+from mdland.landmarks.edits import fit_in_frame, sample_edits
+from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
+from mdland.log import get_logger, setup_logging
+from mdland.plots import plot_curves
+
+log = get_logger(__name__)
+STAGES = ("stage1", "stage2")
+
+
+@dataclass
+class ControlNetTrainConfig:
+    data: str = ""  # shard dataset (local path or s3://)
+    stage: str = "stage1"  # stage1: empty prompts; stage2: style prompts
+    model: str = "tiny"  # a preset (tiny, sd15) or a diffusers-format SD 1.x directory (local or s3://)
+    controlnet: str | None = None  # a ControlNet export to start from (stage 2: stage 1's); None: copy the UNet
+    resolution: int = 256
+    batch_size: int = 4  # per worker
+    gradient_accumulation: int = 1
+    learning_rate: float = 1e-5
+    max_steps: int = 200_000  # optimizer steps
+    empty_prompt_share: float = 0.1  # stage 2: share of prompts replaced by "" for classifier-free guidance
+    checkpoint_every: int = 5000
+    log_every: int = 50
+    num_validation: int = 4
+    validation_steps: int = 20  # DDIM steps for the validation grid
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    zero_stage: int = 2
+    gradient_checkpointing: bool = False
+    storage_path: str = "runs"  # local folder or s3://bucket/prefix
+    name: str = "controlnet"
+    keep_checkpoints: int = 3
+    max_failures: int = 1
+    seed: int = 0
+
+
+def check_config(cfg: ControlNetTrainConfig) -> int:
+    """Fail fast, before any worker starts, on a config that cannot train; returns the dataset's row count."""
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage: unknown stage {cfg.stage!r}; choose one of {STAGES}")
+    if cfg.model not in PRESETS and "/" not in cfg.model and not Path(cfg.model).exists():
+        raise ValueError(f"model: unknown preset {cfg.model!r}; choose one of {PRESETS} or give a model directory")
+    check_model_dir(cfg.model)
+    if cfg.controlnet and not storage.exists(storage.join(cfg.controlnet, "config.json")):
+        raise ValueError(f"controlnet: {cfg.controlnet} is not a ControlNet export (no config.json)")
+    if cfg.resolution % 64:
+        raise ValueError(f"resolution: must be a multiple of 64, got {cfg.resolution}")
+    for name in ("batch_size", "gradient_accumulation", "max_steps", "checkpoint_every", "log_every", "num_workers"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}: must be at least 1, got {getattr(cfg, name)}")
+    if not cfg.data:
+        raise ValueError("data: no training dataset given")
+    rows = count_rows(cfg.data)
+    if rows == 0:
+        raise ValueError(f"data: {cfg.data} is an empty dataset")
+    if cfg.batch_size * cfg.num_workers > rows:
+        raise ValueError(f"batch_size: {cfg.batch_size} x {cfg.num_workers} worker(s) is larger than the dataset "
+                         f"({rows} faces at {cfg.data})")
+    storage.check_writable(storage.join(cfg.storage_path, cfg.name))
+    return rows
+
+
+def deepspeed_config(cfg: ControlNetTrainConfig, on_gpu: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": on_gpu, "contiguous_gradients": True},
+        "bf16": {"enabled": on_gpu},
+        # torch_adam: PyTorch's AdamW, so no fused-Adam extension has to compile on the node.
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.learning_rate, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                  "weight_decay": 1e-2, "torch_adam": True}},
+        "steps_per_print": 10**9,
+    }
+
+
+class RaySession:
+    """Checkpoints and metrics through Ray Train (storage, resume and failure handling are Ray's)."""
+
+    def __init__(self, cfg: ControlNetTrainConfig):
+        import ray.train
+
+        self.train = ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        ckpt = self.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+        else:
+            with ckpt.as_directory() as d:
+                yield d
+
+    def batches(self, cfg: ControlNetTrainConfig, epoch_seed: int) -> Iterator[dict]:
+        shard = self.train.get_dataset_shard("train")
+        while True:
+            yield from shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
+                                          local_shuffle_buffer_size=4 * cfg.batch_size,
+                                          local_shuffle_seed=epoch_seed + self.rank)
+            epoch_seed += 1000
+
+    def report(self, metrics: dict, checkpoint_dir: str, step: int) -> None:
+        self.train.report(metrics, checkpoint=self.train.Checkpoint.from_directory(checkpoint_dir),
+                          checkpoint_dir_name=f"checkpoint_{step:06d}")
+
+
+class LocalSession:
+    """The same duties in one plain process: checkpoints copied to storage, `latest.json` points at the newest."""
+
+    def __init__(self, cfg: ControlNetTrainConfig):
+        self.cfg, self.rank, self.world = cfg, 0, 1
+        self.root = storage.join(cfg.storage_path, cfg.name)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        pointer = storage.join(self.root, "latest.json")
+        if not storage.exists(pointer):
+            yield None
+            return
+        with tempfile.TemporaryDirectory() as d:
+            storage.copy_to_local(json.loads(storage.read_bytes(pointer))["checkpoint"], d)
+            yield d
+
+    def batches(self, cfg: ControlNetTrainConfig, epoch_seed: int) -> Iterator[dict]:
+        return local_batches(cfg.data, cfg.resolution, cfg.batch_size, epoch_seed)
+
+    def report(self, metrics: dict, checkpoint_dir: str, step: int) -> None:
+        uri = storage.join(self.root, f"checkpoint_{step:06d}")
+        storage.copy_from_local(checkpoint_dir, uri)
+        storage.write_bytes(storage.join(self.root, "latest.json"), json.dumps({"checkpoint": uri, **metrics}).encode())
+
+
+def validation_conditions(cfg: ControlNetTrainConfig) -> tuple[np.ndarray, list[str]]:
+    """Held-out conditions: landmark sets from the data, each changed by two random edits, at `resolution`."""
+    table = read_shard(shard_uris(cfg.data)[0])
+    n = min(cfg.num_validation, table.num_rows)
+    points = landmarks_array(table)[:n]
+    size = decode_image(table.column("image")[0].as_py(), cfg.data).shape[1]
+    edited = []
+    for i, p in enumerate(points):
+        p = (p + 0.5) * (cfg.resolution / size) - 0.5
+        e, _ = sample_edits(p, np.random.default_rng([cfg.seed, 1_000_003, i]), k=2)
+        edited.append(fit_in_frame(e, cfg.resolution))
+    prompts = [str(s) for s in table.column("prompt").to_pylist()[:n]] if cfg.stage == "stage2" else [""] * n
+    return np.stack(edited), prompts
+
+
+@torch.no_grad()
+def validation_grid(components, controlnet, points: np.ndarray, prompts: list[str], cfg: ControlNetTrainConfig,
+                    device: torch.device) -> np.ndarray:
+    """Condition images over the faces the ControlNet draws for them, landmarks dotted on top."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    pipe = StableDiffusionControlNetPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+        unet=components.unet, controlnet=controlnet, scheduler=ddim_scheduler(components), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    conditions = [render_landmarks(p, cfg.resolution) for p in points]
+    images = pipe(prompts, image=[Image.fromarray(c) for c in conditions], height=cfg.resolution,
+                  width=cfg.resolution, num_inference_steps=cfg.validation_steps, output_type="np",
+                  generator=torch.Generator(device="cpu").manual_seed(cfg.seed)).images
+    faces = [draw_landmarks((np.clip(im, 0, 1) * 255).astype(np.uint8), p) for im, p in zip(images, points)]
+    return image_grid(conditions + faces, columns=len(points))
+
+
+def train_func(config: dict) -> None:
+    """The training loop of one worker. `config`: {"train": ControlNetTrainConfig fields, "local": bool}."""
+    setup_logging()
+    cfg = from_dict(ControlNetTrainConfig, config["train"])
+    session = LocalSession(cfg) if config.get("local") else RaySession(cfg)
+    on_gpu = cfg.use_gpu and torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
+    import deepspeed
+
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
+    frozen_dtype = torch.bfloat16 if on_gpu else torch.float32
+    components = load_components(cfg.model, seed=cfg.seed).frozen_to(device, frozen_dtype)
+    torch.manual_seed(cfg.seed)
+    controlnet = build_controlnet(components, cfg.controlnet).to(device).train()
+    if cfg.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+    engine, _, _, _ = deepspeed.initialize(model=controlnet, model_parameters=controlnet.parameters(),
+                                           config=deepspeed_config(cfg, on_gpu))
+    history: list[dict] = []
+    with session.latest_checkpoint() as restored:
+        if restored:
+            _, client = engine.load_checkpoint(restored)
+            history = client["history"]
+            log.info("resumed from step %d", engine.global_steps)
+    step = engine.global_steps
+    scheduler = components.noise_scheduler
+    text_cache: dict[str, torch.Tensor] = {}
+
+    def encode_prompts(prompts: list[str]) -> torch.Tensor:
+        for p in set(prompts) - text_cache.keys():
+            ids = components.tokenizer(p, padding="max_length", max_length=components.tokenizer.model_max_length,
+                                       truncation=True, return_tensors="pt").input_ids.to(device)
+            text_cache[p] = components.text_encoder(ids)[0][0]
+        return torch.stack([text_cache[p] for p in prompts])
+
+    def diffusion_loss(batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        pixels = torch.as_tensor(batch["pixel_values"], device=device, dtype=frozen_dtype)
+        cond = torch.as_tensor(batch["conditioning"], device=device, dtype=frozen_dtype)
+        with torch.no_grad():
+            latents = components.vae.encode(pixels).latent_dist.sample(generator) * components.vae.config.scaling_factor
+            hidden = encode_prompts(list(batch["prompt"]))
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                          device=device)
+        noisy = scheduler.add_noise(latents, noise, t)
+        down, mid = engine(noisy, t, encoder_hidden_states=hidden, controlnet_cond=cond, return_dict=False)
+        pred = components.unet(noisy, t, encoder_hidden_states=hidden,
+                               down_block_additional_residuals=[d.to(frozen_dtype) for d in down],
+                               mid_block_additional_residual=mid.to(frozen_dtype), return_dict=False)[0]
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+        return F.mse_loss(pred.float(), target.float())
+
+    batches = session.batches(cfg, cfg.seed + step)
+    probe = _with_prompts(next(batches), cfg, np.random.default_rng(cfg.seed))
+
+    @torch.no_grad()
+    def probe_loss() -> float:
+        """Loss on one fixed batch with fixed noise: a steady measure of fitting, unlike the noisy training loss."""
+        return float(diffusion_loss(probe, torch.Generator(device=device).manual_seed(cfg.seed)))
+
+    points, prompts = validation_conditions(cfg) if session.rank == 0 else (None, None)
+    if not history:
+        history.append({"step": step, "probe_loss": probe_loss()})
+    log.info("stage %s from step %d to %d: %d worker(s) x batch %d x accumulation %d, lr %g", cfg.stage, step,
+             cfg.max_steps, session.world, cfg.batch_size, cfg.gradient_accumulation, cfg.learning_rate)
+    rng = np.random.default_rng([cfg.seed, session.rank, step])
+    losses, seen, t0 = [], 0, time.time()
+    while step < cfg.max_steps:
+        batch = _with_prompts(next(batches), cfg, rng)
+        loss = diffusion_loss(batch)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+        seen += len(batch["prompt"]) * session.world
+        if engine.global_steps == step:
+            continue  # inside a gradient-accumulation cycle
+        step = engine.global_steps
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            rate = seen / (time.time() - t0)
+            history.append({"step": step, "loss": float(np.mean(losses)), "samples_per_s": rate})
+            if session.rank == 0:
+                log.info("step %d/%d loss %.4f %.1f samples/s", step, cfg.max_steps, np.mean(losses), rate)
+            losses, seen, t0 = [], 0, time.time()
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            history.append({"step": step, "probe_loss": probe_loss()})
+            _checkpoint(engine, session, components, cfg, history, points, prompts, device)
+            seen, t0 = 0, time.time()  # keep checkpoint time out of the throughput figure
+    if session.rank == 0:
+        with tempfile.TemporaryDirectory() as d:
+            engine.module.save_pretrained(d)
+            storage.copy_from_local(d, storage.join(cfg.storage_path, cfg.name, "controlnet"))
+        log.info("ControlNet exported to %s", storage.join(cfg.storage_path, cfg.name, "controlnet"))
+
+
+def _with_prompts(batch: dict, cfg: ControlNetTrainConfig, rng: np.random.Generator) -> dict:
+    """Stage 1 trains without prompts; stage 2 blanks a share of them for classifier-free guidance."""
+    if cfg.stage == "stage1":
+        prompts = [""] * len(batch["prompt"])
+    else:
+        prompts = ["" if rng.random() < cfg.empty_prompt_share else str(p) for p in batch["prompt"]]
+    return {**batch, "prompt": prompts}
+
+
+def _checkpoint(engine, session, components, cfg, history, points, prompts, device) -> None:
+    step = engine.global_steps
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=f"step{step}", client_state={"history": history})
+        metrics = {"step": step, **{k: v for r in history for k, v in r.items()}}
+        if session.rank == 0:
+            engine.module.save_pretrained(Path(d) / "controlnet")
+            (Path(d) / "history.json").write_text(json.dumps(history, indent=1))
+            plot_curves(history, Path(d) / "loss.png", ("loss", "probe_loss"), f"ControlNet {cfg.stage}")
+            engine.module.eval()
+            grid = validation_grid(components, engine.module, points, prompts, cfg, device)
+            engine.module.train()
+            Image.fromarray(grid).save(Path(d) / "validation.png")
+            log.info("checkpoint at step %d (probe loss %.4f)", step, metrics["probe_loss"])
+        session.report(metrics, d, step)
+
+
+def run_training(cfg: ControlNetTrainConfig, local: bool = False) -> dict:
+    """Train on Ray Train (or in this process with `local`); returns the last metrics and the export's URI."""
+    rows = check_config(cfg)
+    export = storage.join(cfg.storage_path, cfg.name, "controlnet")
+    log.info("training %s on %d faces from %s", cfg.stage, rows, cfg.data)
+    if local:
+        for var, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+                           ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            os.environ.setdefault(var, value)
+        train_func({"train": asdict(cfg), "local": True})
+        latest = json.loads(storage.read_bytes(storage.join(cfg.storage_path, cfg.name, "latest.json")))
+        return {**latest, "export": export}
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init()
+    fs, path = storage.filesystem(cfg.storage_path)
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"train": asdict(cfg)},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+        run_config=RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        datasets={"train": ray_dataset(cfg.data, cfg.resolution)},
+    )
+    result = trainer.fit()
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    return {**(result.metrics or {}), "checkpoint": checkpoint, "export": export}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,148 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mdland.config import load_config
+from mdland.data import storage
+from mdland.data.shards import ShardWriter
+from mdland.demo import write_faces
+from mdland.diffusion.models import build_controlnet, build_preset, save_components
+from mdland.diffusion.train import ControlNetTrainConfig, _with_prompts, check_config, run_training
+
+TINY = dict(model="tiny", resolution=64, batch_size=2, learning_rate=1e-3, log_every=2, num_validation=2,
+            validation_steps=2)
+
+
+@pytest.fixture(scope="module")
+def faces_dir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("faces") / "train")
+    write_faces(root, 8, seed=0, size=64)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MDLAND_CACHE", str(tmp_path_factory.getbasetemp() / "mdland-cache"))
+
+
+def history(uri: str) -> list[dict]:
+    return json.loads(storage.read_bytes(storage.join(uri, "history.json")))
+
+
+def probe_losses(hist: list[dict]) -> list[float]:
+    return [r["probe_loss"] for r in hist if "probe_loss" in r]
+
+
+def test_bad_configs_fail_fast(tmp_path, faces_dir):
+    def check(**kw):
+        return check_config(ControlNetTrainConfig(**{**TINY, "data": faces_dir, "storage_path": str(tmp_path), **kw}))
+
+    assert check() == 8
+    with pytest.raises(ValueError, match="not a diffusers-format Stable Diffusion directory"):
+        check(model=str(tmp_path / "no-model"))
+    with pytest.raises(ValueError, match="unknown preset 'sd2'"):
+        check(model="sd2")
+    with pytest.raises(ValueError, match="unknown stage"):
+        check(stage="stage3")
+    with pytest.raises(ValueError, match=r"batch_size: 5 x 2 worker\(s\) is larger than the dataset \(8 faces"):
+        check(batch_size=5, num_workers=2)
+    ShardWriter(str(tmp_path / "empty")).close()
+    with pytest.raises(ValueError, match="is an empty dataset"):
+        check(data=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="no shards"):
+        check(data=str(tmp_path / "nothing-here"))
+    with pytest.raises(ValueError, match="not a ControlNet export"):
+        check(controlnet=str(tmp_path))
+    with pytest.raises(ValueError, match="resolution: must be a multiple of 64"):
+        check(resolution=100)
+    (tmp_path / "c.yaml").write_text("stage: stage1\nbatch_sise: 4\n")
+    with pytest.raises(ValueError, match=r"c.yaml: unknown key\(s\) \['batch_sise'\]"):
+        load_config(ControlNetTrainConfig, tmp_path / "c.yaml")
+    with pytest.raises(ValueError, match="max_steps: expected int"):
+        load_config(ControlNetTrainConfig, None, ["max_steps=many"])
+
+
+def test_prompts_by_stage():
+    batch = {"prompt": np.array(["a portrait of cartoon style"] * 200, dtype=object)}
+    rng = np.random.default_rng(0)
+    assert set(_with_prompts(batch, ControlNetTrainConfig(stage="stage1"), rng)["prompt"]) == {""}
+    out = _with_prompts(batch, ControlNetTrainConfig(stage="stage2", empty_prompt_share=0.25), rng)["prompt"]
+    blank = sum(p == "" for p in out)
+    assert 25 < blank < 75 and set(out) == {"", "a portrait of cartoon style"}
+
+
+def test_plain_process_overfits_resumes_exports_and_feeds_stage2(tmp_path, faces_dir):
+    runs = str(tmp_path / "runs")
+    cfg = ControlNetTrainConfig(**TINY, data=faces_dir, max_steps=16, checkpoint_every=8, storage_path=runs, name="s1")
+    first = run_training(cfg, local=True)
+    assert first["step"] == 16 and first["checkpoint"].endswith("checkpoint_000016")
+    # Raising the budget resumes at the saved step rather than starting again or stopping as finished.
+    cfg.max_steps = 30
+    cfg.checkpoint_every = 15
+    second = run_training(cfg, local=True)
+    hist = history(second["checkpoint"])
+    steps = [r["step"] for r in hist if "loss" in r]
+    assert steps == list(range(2, 31, 2))  # one unbroken run of steps: 2..16 from the first, 18..30 resumed
+    probes = probe_losses(hist)
+    assert probes[-1] < probes[0] * 0.9, probes  # the fixed batch is being fitted
+    for name in ("controlnet/config.json", "validation.png", "loss.png"):
+        assert storage.exists(storage.join(second["checkpoint"], name)), name
+
+    # The export loads into diffusers' own pipeline with the tiny SD parts and generates.
+    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    sd_dir = tmp_path / "tiny-sd"
+    save_components(build_preset("tiny"), sd_dir)
+    controlnet = ControlNetModel.from_pretrained(second["export"])
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(sd_dir, controlnet=controlnet, safety_checker=None,
+                                                             requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    image = pipe("", image=Image.new("RGB", (64, 64)), height=64, width=64, num_inference_steps=2,
+                 output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+    # Stage 2 starts from stage 1's export (same weights at step 0) and trains with prompts, from a model dir.
+    components = build_preset("tiny")
+    start = build_controlnet(components, second["export"])
+    for (name, a), b in zip(controlnet.state_dict().items(), start.state_dict().values()):
+        assert torch.equal(a, b), name
+    stage2 = ControlNetTrainConfig(**{**TINY, "model": str(sd_dir)}, stage="stage2", controlnet=second["export"],
+                                   data=faces_dir, max_steps=4, checkpoint_every=4, storage_path=runs, name="s2")
+    result = run_training(stage2, local=True)
+    moved = ControlNetModel.from_pretrained(result["export"]).state_dict()
+    assert any(not torch.equal(moved[k], v) for k, v in controlnet.state_dict().items())
+
+
+def test_ray_train_two_workers_checkpoints_to_s3_and_resumes(tmp_path, s3_bucket):
+    import ray
+
+    data = f"{s3_bucket}/faces"
+    write_faces(data, 8, seed=1, size=64)
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
+                                      "MDLAND_CACHE")}
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
+    try:
+        cfg = ControlNetTrainConfig(**TINY, data=data, max_steps=8, checkpoint_every=4, num_workers=2,
+                                    cpus_per_worker=1, storage_path=f"{s3_bucket}/runs", name="ray-s1")
+        first = run_training(cfg)
+        assert first["step"] == 8
+        ckpt = f"{s3_bucket}/runs/ray-s1/checkpoint_000008"
+        names = storage.list_files(ckpt) + storage.list_files(f"{ckpt}/step8")
+        # DeepSpeed ZeRO-2 state from both ranks, merged into one checkpoint, plus rank 0's export and pictures.
+        assert any(n.endswith("zero_pp_rank_0_mp_rank_00_optim_states.pt") for n in names)
+        assert any(n.endswith("zero_pp_rank_1_mp_rank_00_optim_states.pt") for n in names)
+        assert storage.exists(f"{ckpt}/controlnet/config.json") and storage.exists(f"{ckpt}/validation.png")
+        cfg.max_steps = 12
+        second = run_training(cfg)
+        assert second["step"] == 12
+        hist = history(f"{s3_bucket}/runs/ray-s1/checkpoint_000012")
+        assert [r["step"] for r in hist if "loss" in r] == list(range(2, 13, 2))
+        probes = probe_losses(hist)
+        assert probes[-1] < probes[0], probes
+        assert storage.exists(f"{s3_bucket}/runs/ray-s1/controlnet/diffusion_pytorch_model.safetensors")
+    finally:
+        ray.shutdown()
