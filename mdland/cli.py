@@ -39,6 +39,14 @@ def _train_controlnet(a: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (list, dict))}, default=str))
 
 
+def _bench(a: argparse.Namespace) -> None:
+    from mdland import bench
+
+    if a.what == "train":
+        result = bench.bench_train(a.preset, a.batch_size, a.resolution, a.steps, a.warmup)
+    bench.write_result(result, a.out)
+
+
 def _named_config(name: str | None) -> str | None:
     """A config file path, or the name of one shipped in mdland/diffusion/configs (e.g. `stage1`, `tiny-stage2`)."""
     from pathlib import Path
@@ -100,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     p.add_argument("--local", action="store_true", help="run train_func in this process, without Ray (debugging)")
     p.set_defaults(run=_train_controlnet)
+
+    p = sub.add_parser("bench", help="speed against a named baseline, in the same process")
+    p.add_argument("what", choices=["train"])
+    p.add_argument("--preset", default="sd15", help="model size: sd15 (GPU) or tiny (a CPU smoke run)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", help="also write the result JSON here")
+    p.set_defaults(run=_bench)
 
     p = sub.add_parser("demo", help="run the pipeline on the embedded default and write a report")
     p.add_argument("--out", default="demo-report")

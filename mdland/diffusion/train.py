@@ -105,6 +105,24 @@ def deepspeed_config(cfg: ControlNetTrainConfig, on_gpu: bool) -> dict:
     }
 
 
+def controlnet_engine(components, controlnet, cfg: ControlNetTrainConfig, device: torch.device):
+    """The ControlNet under DeepSpeed, channels-last on GPU (the UNet too: its convolutions run faster so)."""
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
+    import deepspeed
+
+    controlnet.to(device).train()
+    if on_gpu:
+        controlnet.to(memory_format=torch.channels_last)
+        components.unet.to(memory_format=torch.channels_last)
+    if cfg.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+    engine, _, _, _ = deepspeed.initialize(model=controlnet, model_parameters=controlnet.parameters(),
+                                           config=deepspeed_config(cfg, on_gpu))
+    return engine
+
+
 class RaySession:
     """Checkpoints and metrics through Ray Train (storage, resume and failure handling are Ray's)."""
 
@@ -163,6 +181,43 @@ class LocalSession:
         storage.write_bytes(storage.join(self.root, "latest.json"), json.dumps({"checkpoint": uri, **metrics}).encode())
 
 
+class PromptEmbeddings:
+    """Text-encoder outputs per prompt, computed once: stage 1 has one prompt, stage 2 a few dozen."""
+
+    def __init__(self, components, device: torch.device):
+        self.components, self.device, self.cache = components, device, {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.components.tokenizer
+        for p in set(prompts) - self.cache.keys():
+            ids = tok(p, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(self.device)
+            self.cache[p] = self.components.text_encoder(ids)[0][0]
+        return torch.stack([self.cache[p] for p in prompts])
+
+
+def diffusion_loss(components, controlnet, text: PromptEmbeddings, batch: dict, dtype: torch.dtype,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """The ControlNet training loss of one batch: noise a VAE latent, predict the noise with UNet + ControlNet."""
+    device = text.device
+    pixels = torch.as_tensor(batch["pixel_values"], device=device, dtype=dtype)
+    cond = torch.as_tensor(batch["conditioning"], device=device, dtype=dtype)
+    scheduler = components.noise_scheduler
+    with torch.no_grad():
+        latents = components.vae.encode(pixels).latent_dist.sample(generator) * components.vae.config.scaling_factor
+        hidden = text(list(batch["prompt"]))
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    down, mid = controlnet(noisy, t, encoder_hidden_states=hidden, controlnet_cond=cond, return_dict=False)
+    pred = components.unet(noisy, t, encoder_hidden_states=hidden,
+                           down_block_additional_residuals=[d.to(dtype) for d in down],
+                           mid_block_additional_residual=mid.to(dtype), return_dict=False)[0]
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+    return F.mse_loss(pred.float(), target.float())
+
+
 def validation_conditions(cfg: ControlNetTrainConfig) -> tuple[np.ndarray, list[str]]:
     """Held-out conditions: landmark sets from the data, each changed by two random edits, at `resolution`."""
     table = read_shard(shard_uris(cfg.data)[0])
@@ -203,19 +258,11 @@ def train_func(config: dict) -> None:
     cfg = from_dict(ControlNetTrainConfig, config["train"])
     session = LocalSession(cfg) if config.get("local") else RaySession(cfg)
     on_gpu = cfg.use_gpu and torch.cuda.is_available()
-    if not on_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
-    import deepspeed
-
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
     frozen_dtype = torch.bfloat16 if on_gpu else torch.float32
     components = load_components(cfg.model, seed=cfg.seed).frozen_to(device, frozen_dtype)
     torch.manual_seed(cfg.seed)
-    controlnet = build_controlnet(components, cfg.controlnet).to(device).train()
-    if cfg.gradient_checkpointing:
-        controlnet.enable_gradient_checkpointing()
-    engine, _, _, _ = deepspeed.initialize(model=controlnet, model_parameters=controlnet.parameters(),
-                                           config=deepspeed_config(cfg, on_gpu))
+    engine = controlnet_engine(components, build_controlnet(components, cfg.controlnet), cfg, device)
     history: list[dict] = []
     with session.latest_checkpoint() as restored:
         if restored:
@@ -223,32 +270,10 @@ def train_func(config: dict) -> None:
             history = client["history"]
             log.info("resumed from step %d", engine.global_steps)
     step = engine.global_steps
-    scheduler = components.noise_scheduler
-    text_cache: dict[str, torch.Tensor] = {}
+    text = PromptEmbeddings(components, device)
 
-    def encode_prompts(prompts: list[str]) -> torch.Tensor:
-        for p in set(prompts) - text_cache.keys():
-            ids = components.tokenizer(p, padding="max_length", max_length=components.tokenizer.model_max_length,
-                                       truncation=True, return_tensors="pt").input_ids.to(device)
-            text_cache[p] = components.text_encoder(ids)[0][0]
-        return torch.stack([text_cache[p] for p in prompts])
-
-    def diffusion_loss(batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        pixels = torch.as_tensor(batch["pixel_values"], device=device, dtype=frozen_dtype)
-        cond = torch.as_tensor(batch["conditioning"], device=device, dtype=frozen_dtype)
-        with torch.no_grad():
-            latents = components.vae.encode(pixels).latent_dist.sample(generator) * components.vae.config.scaling_factor
-            hidden = encode_prompts(list(batch["prompt"]))
-        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
-                          device=device)
-        noisy = scheduler.add_noise(latents, noise, t)
-        down, mid = engine(noisy, t, encoder_hidden_states=hidden, controlnet_cond=cond, return_dict=False)
-        pred = components.unet(noisy, t, encoder_hidden_states=hidden,
-                               down_block_additional_residuals=[d.to(frozen_dtype) for d in down],
-                               mid_block_additional_residual=mid.to(frozen_dtype), return_dict=False)[0]
-        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
-        return F.mse_loss(pred.float(), target.float())
+    def loss_of(batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        return diffusion_loss(components, engine, text, batch, frozen_dtype, generator)
 
     batches = session.batches(cfg, cfg.seed + step)
     probe = _with_prompts(next(batches), cfg, np.random.default_rng(cfg.seed))
@@ -256,7 +281,7 @@ def train_func(config: dict) -> None:
     @torch.no_grad()
     def probe_loss() -> float:
         """Loss on one fixed batch with fixed noise: a steady measure of fitting, unlike the noisy training loss."""
-        return float(diffusion_loss(probe, torch.Generator(device=device).manual_seed(cfg.seed)))
+        return float(loss_of(probe, torch.Generator(device=device).manual_seed(cfg.seed)))
 
     points, prompts = validation_conditions(cfg) if session.rank == 0 else (None, None)
     if not history:
@@ -267,7 +292,7 @@ def train_func(config: dict) -> None:
     losses, seen, t0 = [], 0, time.time()
     while step < cfg.max_steps:
         batch = _with_prompts(next(batches), cfg, rng)
-        loss = diffusion_loss(batch)
+        loss = loss_of(batch)
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
