@@ -39,6 +39,14 @@ def _train_controlnet(a: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (list, dict))}, default=str))
 
 
+def _generate(a: argparse.Namespace) -> None:
+    from mdland.config import load_config
+    from mdland.generation.pipeline import run_generation
+    from mdland.generation.plan import GenerateConfig
+
+    print(json.dumps(run_generation(load_config(GenerateConfig, a.config, a.set))))
+
+
 def _bench(a: argparse.Namespace) -> None:
     from mdland import bench
 
@@ -108,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     p.add_argument("--local", action="store_true", help="run train_func in this process, without Ray (debugging)")
     p.set_defaults(run=_train_controlnet)
+
+    p = sub.add_parser("generate", help="the synthetic set: edited landmarks x style prompts -> shards (Ray Data)")
+    p.add_argument("--config", help="YAML file of GenerateConfig fields")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.set_defaults(run=_generate)
 
     p = sub.add_parser("bench", help="speed against a named baseline, in the same process")
     p.add_argument("what", choices=["train"])

@@ -1,0 +1,183 @@
+"""`mdland generate`: the synthetic set as a resumable Ray Data pipeline.
+
+pending shard indices -> plan + edit + render (CPU tasks) -> generation actors (one model each, loaded once;
+one GPU each with `use_gpu`) -> one shard assembler (writes each shard atomically once all its rows are in)
+-> manifest.json. Shards that exist are complete (writes are atomic), so a re-run writes only the missing ones.
+"""
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from mdland.config import from_dict
+from mdland.data import storage
+from mdland.data.shards import Face, encode_image, shard_name, summarise_table, write_manifest, write_shard
+from mdland.generation.plan import GenerateConfig, load_styles, shard_rows, source_landmarks
+from mdland.log import get_logger, setup_logging
+
+log = get_logger(__name__)
+PLAN = "plan.json"
+
+
+def _torch_dtype(cfg: GenerateConfig, on_gpu: bool):
+    import torch
+
+    if not on_gpu:
+        return torch.float32
+    if cfg.dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"dtype: expected float16 or bfloat16, got {cfg.dtype!r}")
+    return getattr(torch, cfg.dtype)
+
+
+def build_sampler(cfg: GenerateConfig):
+    """The sampler a generation actor holds: SD parts + the ControlNet export, on this worker's device."""
+    import torch
+
+    from mdland.diffusion.models import build_controlnet, load_components
+    from mdland.generation.sampler import LandmarkSampler
+
+    on_gpu = cfg.use_gpu and torch.cuda.is_available()
+    components = load_components(cfg.model, seed=cfg.seed)
+    controlnet = build_controlnet(components, cfg.controlnet)
+    return LandmarkSampler(components, controlnet, "cuda" if on_gpu else "cpu", _torch_dtype(cfg, on_gpu),
+                           cfg.num_inference_steps, cfg.guidance_scale, cfg.eta, channels_last=cfg.channels_last and on_gpu,
+                           compile=cfg.compile and on_gpu, vae_batch_size=cfg.vae_batch_size)
+
+
+class GenerationActor:
+    """Holds one sampler for its lifetime; turns batches of conditions into encoded images."""
+
+    def __init__(self, config: dict):
+        setup_logging()
+        self.cfg = from_dict(GenerateConfig, config)
+        self.sampler = build_sampler(self.cfg)
+        self.done, self.t0 = 0, time.time()
+
+    def __call__(self, batch: dict) -> dict:
+        from mdland.generation.sampler import to_uint8
+
+        images = to_uint8(self.sampler(batch["condition"], [str(p) for p in batch["prompt"]],
+                                       [int(s) for s in batch["seed"]]))
+        self.done += len(images)
+        log.info("actor: %d images, %.2f images/s", self.done, self.done / (time.time() - self.t0))
+        out = {k: v for k, v in batch.items() if k != "condition"}
+        out["image"] = np.array([encode_image(im) for im in images], dtype=object)
+        return out
+
+
+class ShardAssembler:
+    """Collects generated rows by shard and writes each shard, atomically, as soon as all its rows are in."""
+
+    def __init__(self, config: dict):
+        setup_logging()
+        self.cfg = from_dict(GenerateConfig, config)
+        self.rows: dict[int, list[Face]] = defaultdict(list)
+        self.model = self.cfg.controlnet
+
+    def expected(self, shard: int) -> int:
+        return min(self.cfg.rows_per_shard, self.cfg.total - shard * self.cfg.rows_per_shard)
+
+    def __call__(self, batch: dict) -> dict:
+        for i in range(len(batch["index"])):
+            shard = int(batch["shard"][i])
+            self.rows[shard].append(Face(
+                image=batch["image"][i], landmarks=np.asarray(batch["landmarks"][i], dtype=np.float32),
+                key=str(batch["key"][i]), prompt=str(batch["prompt"][i]), style=str(batch["style"][i]),
+                source="synthetic", edits=str(batch["edits"][i]).split(","),
+                edit_params=json.loads(batch["edit_params"][i]), seed=int(batch["seed"][i]), model=self.model))
+        written = []
+        for shard in [s for s, rows in self.rows.items() if len(rows) == self.expected(s)]:
+            faces = sorted(self.rows.pop(shard), key=lambda f: f.key)
+            summary = write_shard(storage.join(self.cfg.output, shard_name(shard)), faces)
+            written.append((shard, json.dumps(summary)))
+        return {"shard": np.array([w[0] for w in written], dtype=np.int64),
+                "summary": np.array([w[1] for w in written], dtype=object)}
+
+
+def _plan_rows(row: dict, config: dict, landmarks) -> list[dict]:
+    import ray
+
+    cfg = from_dict(GenerateConfig, config)
+    points = ray.get(landmarks) if isinstance(landmarks, ray.ObjectRef) else landmarks
+    return shard_rows(cfg, int(row["shard"]), load_styles(cfg.styles_file, cfg.styles), points)
+
+
+def _check_plan(cfg: GenerateConfig) -> None:
+    """An output folder belongs to one plan: refuse to mix samples of another into it."""
+    uri = storage.join(cfg.output, PLAN)
+    ident = cfg.plan_identity()
+    if storage.exists(uri):
+        existing = json.loads(storage.read_bytes(uri))
+        if existing != ident:
+            changed = sorted(k for k in ident if existing.get(k) != ident[k])
+            raise ValueError(f"output: {cfg.output} holds a different plan (differs in {changed}); "
+                             "use a new output folder")
+    else:
+        storage.write_bytes(uri, json.dumps(ident, indent=1).encode())
+
+
+def pending_shards(cfg: GenerateConfig) -> list[int]:
+    done = set(storage.list_files(cfg.output, ".parquet"))
+    return [k for k in range(cfg.num_shards) if storage.join(cfg.output, shard_name(k)) not in done]
+
+
+def _shard_summary(uri: str) -> dict:
+    fs, path = storage.filesystem(uri)
+    table = pq.read_table(path, filesystem=fs, columns=["style", "source", "model"])
+    return summarise_table(table, uri.rstrip("/").split("/")[-1])
+
+
+def run_generation(cfg: GenerateConfig) -> dict:
+    """Generate the planned set's missing shards, then write the manifest (when the set is complete)."""
+    if not cfg.output:
+        raise ValueError("output: no output location given")
+    if not cfg.controlnet or not storage.exists(storage.join(cfg.controlnet, "config.json")):
+        raise ValueError(f"controlnet: {cfg.controlnet!r} is not a ControlNet export (no config.json)")
+    styles = load_styles(cfg.styles_file, cfg.styles)
+    if cfg.images_per_style < 1 or cfg.rows_per_shard < 1 or cfg.batch_size < 1:
+        raise ValueError("images_per_style, rows_per_shard and batch_size must be at least 1")
+    landmarks = source_landmarks(cfg)
+    storage.check_writable(cfg.output)
+    _check_plan(cfg)
+    pending = pending_shards(cfg)
+    if cfg.max_shards is not None:
+        pending = pending[: cfg.max_shards]
+    log.info("plan: %d styles x %d = %d samples in %d shards; %d to generate", len(styles), cfg.images_per_style,
+             cfg.total, cfg.num_shards, len(pending))
+    if pending:
+        _run_pipeline(cfg, pending, landmarks)
+    remaining = pending_shards(cfg)
+    if remaining:
+        log.info("%d shard(s) still missing; the manifest is written once the set is complete", len(remaining))
+        return {"complete": False, "missing": len(remaining), "total": cfg.total}
+    shards = [_shard_summary(u) for u in storage.list_files(cfg.output, ".parquet")]
+    manifest = write_manifest(cfg.output, shards, asdict(cfg), complete=True, model=cfg.model,
+                              controlnet=cfg.controlnet)
+    log.info("complete: %d images, %s", manifest["count"], manifest["styles"])
+    return {"complete": True, "count": manifest["count"], "total": cfg.total}
+
+
+def _run_pipeline(cfg: GenerateConfig, pending: list[int], landmarks: np.ndarray) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    config = asdict(cfg)
+    ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))
+    ds = ds.flat_map(_plan_rows, fn_kwargs={"config": config, "landmarks": ray.put(landmarks)}, num_cpus=0.5)
+    ds = ds.map_batches(GenerationActor, fn_constructor_kwargs={"config": config}, batch_size=cfg.batch_size,
+                        concurrency=cfg.num_actors, num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor)
+    # One assembler sees every row, so each shard is written exactly once, whichever actor drew its rows.
+    ds = ds.map_batches(ShardAssembler, fn_constructor_kwargs={"config": config}, batch_size=None, concurrency=1,
+                        num_cpus=0.25)
+    t0, images = time.time(), 0
+    expected = sum(min(cfg.rows_per_shard, cfg.total - k * cfg.rows_per_shard) for k in pending)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for summary in batch["summary"]:
+            images += json.loads(summary)["rows"]
+            log.info("wrote %s: %d/%d images of this run, %.2f images/s overall", json.loads(summary)["name"],
+                     images, expected, images / (time.time() - t0))

@@ -1,0 +1,126 @@
+"""The generation plan and its CPU stage.
+
+The plan is a pure function of the config: sample `i` gets style `i mod S` (so any prefix is balanced across
+styles), a source landmark row and a seed drawn from `(seed, i)` alone. Shard `k` holds samples
+`[k * rows_per_shard, (k + 1) * rows_per_shard)`, so a shard's name says which samples it holds and a re-run can
+skip the shards already written.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from mdland.data import storage
+from mdland.data.shards import MANIFEST, decode_image, landmarks_array, read_dataset, read_manifest
+from mdland.landmarks.edits import fit_in_frame, sample_edits
+from mdland.landmarks.render import render_landmarks
+
+DEFAULT_STYLES = str(Path(__file__).with_name("styles.yaml"))
+
+
+@dataclass
+class GenerateConfig:
+    source: str = ""  # shard dataset whose landmark sets are edited (local or s3://)
+    output: str = ""  # where shards + manifest.json go (local or s3://)
+    model: str = "tiny"  # SD 1.x: a preset or a diffusers-format directory
+    controlnet: str = ""  # the stage-2 ControlNet export
+    styles_file: str = DEFAULT_STYLES
+    styles: list[str] = field(default_factory=list)  # a subset of the file's style names; empty: all
+    images_per_style: int = 400
+    seed: int = 0
+    resolution: int = 256
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    eta: float = 0.0
+    edits_per_sample: int = 2
+    edit_strength: float = 1.0
+    rows_per_shard: int = 1000
+    batch_size: int = 64  # images per sampler call
+    num_actors: int = 1  # generation actors (one model each; one GPU each with use_gpu)
+    use_gpu: bool = False
+    cpus_per_actor: float = 0.5
+    dtype: str = "float16"  # on GPU: float16 or bfloat16 (always float32 on CPU)
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the UNet and ControlNet (GPU)
+    vae_batch_size: int = 16
+    max_shards: int | None = None  # stop after this many new shards (for trial runs)
+
+    @property
+    def total(self) -> int:
+        return len(load_styles(self.styles_file, self.styles)) * self.images_per_style
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.total // self.rows_per_shard)
+
+    def plan_identity(self) -> dict:
+        """What fixes the planned set: two runs agreeing on these write the same samples."""
+        keys = ("source", "model", "controlnet", "styles_file", "styles", "images_per_style", "seed", "resolution",
+                "num_inference_steps", "guidance_scale", "eta", "edits_per_sample", "edit_strength", "rows_per_shard")
+        ident = {k: getattr(self, k) for k in keys}
+        ident["styles_file"] = load_styles(self.styles_file, self.styles)
+        return ident
+
+
+def load_styles(path: str, subset: list[str] | None = None) -> list[dict]:
+    """[{"name", "prompt"}, ...] from a styles YAML, optionally only the named ones (in the file's order)."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: styles file not found")
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML ({e})") from None
+    styles = data.get("styles") if isinstance(data, dict) else None
+    if not isinstance(styles, list) or not styles:
+        raise ValueError(f"{path}: expected a non-empty `styles:` list")
+    for i, s in enumerate(styles):
+        if not isinstance(s, dict) or not s.get("name") or not s.get("prompt"):
+            raise ValueError(f"{path}: style {i} needs a name and a prompt")
+    if subset:
+        names = {s["name"] for s in styles}
+        unknown = [n for n in subset if n not in names]
+        if unknown:
+            raise ValueError(f"{path}: unknown style(s) {unknown}")
+        styles = [s for s in styles if s["name"] in subset]
+    return styles
+
+
+def source_landmarks(cfg: GenerateConfig) -> np.ndarray:
+    """The source's landmark sets, in output pixels: (N, 68, 2)."""
+    if storage.exists(storage.join(cfg.source, MANIFEST)) and read_manifest(cfg.source)["count"] == 0:
+        raise ValueError(f"source: {cfg.source} is an empty dataset")
+    table = read_dataset(cfg.source)
+    if table.num_rows == 0:
+        raise ValueError(f"source: {cfg.source} is an empty dataset")
+    size = decode_image(table.column("image")[0].as_py(), cfg.source).shape[1]
+    # pixel-centre coordinates scale about -0.5
+    return (landmarks_array(table) + 0.5) * (cfg.resolution / size) - 0.5
+
+
+def plan_sample(seed: int, index: int, num_styles: int, num_source: int) -> tuple[int, int, int]:
+    """(style index, source row, sample seed) of sample `index`."""
+    rng = np.random.default_rng([seed, index])
+    return index % num_styles, int(rng.integers(num_source)), int(rng.integers(2**63 - 1))
+
+
+def shard_rows(cfg: GenerateConfig, shard: int, styles: list[dict], landmarks: np.ndarray) -> list[dict]:
+    """The CPU stage for one shard: plan its samples, edit their landmarks, render their conditions."""
+    start = shard * cfg.rows_per_shard
+    stop = min(start + cfg.rows_per_shard, cfg.total)
+    rows = []
+    for index in range(start, stop):
+        style, source_row, seed = plan_sample(cfg.seed, index, len(styles), len(landmarks))
+        points, records = sample_edits(landmarks[source_row], np.random.default_rng(seed), cfg.edits_per_sample,
+                                       cfg.edit_strength)
+        points = fit_in_frame(points, cfg.resolution)
+        rows.append({
+            "index": index, "shard": shard, "key": f"synthetic-{cfg.seed}-{index:09d}", "source_row": source_row,
+            "style": styles[style]["name"], "prompt": styles[style]["prompt"], "seed": seed,
+            # comma-joined so Ray Data keeps the column as plain strings
+            "edits": ",".join(r["name"] for r in records), "edit_params": json.dumps(records),
+            "landmarks": points.astype(np.float32), "condition": render_landmarks(points, cfg.resolution),
+        })
+    return rows

@@ -1,0 +1,97 @@
+"""mdland's sampler: DDIM + classifier-free guidance over diffusers modules, without the stock pipeline.
+
+With the fast options off it computes what `StableDiffusionControlNetPipeline` computes for the same seeds (one CPU
+generator per sample, DDIM, both guidance halves in one batch); the fast options are half precision, channels-last
+memory, `torch.compile`, one text encoding per prompt for the whole run, and VAE decoding in chunks.
+Each sample's initial noise comes from its own seed, so a sample comes out the same in any batch.
+"""
+
+import numpy as np
+import torch
+
+from mdland.diffusion.models import SDComponents, ddim_scheduler
+
+
+class LandmarkSampler:
+    def __init__(self, components: SDComponents, controlnet, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 eta: float = 0.0, channels_last: bool = False, compile: bool = False, vae_batch_size: int = 16):
+        self.device, self.dtype = torch.device(device), dtype
+        self.components = components.frozen_to(self.device, dtype)
+        self.controlnet = controlnet.requires_grad_(False).eval().to(self.device, dtype=dtype)
+        self.unet, self.vae = self.components.unet, self.components.vae
+        if channels_last:
+            for m in (self.unet, self.controlnet, self.vae):
+                m.to(memory_format=torch.channels_last)
+        if compile:
+            self.unet = torch.compile(self.unet)
+            self.controlnet = torch.compile(self.controlnet)
+        self.scheduler = ddim_scheduler(components)
+        self.steps, self.guidance, self.eta, self.vae_batch = num_inference_steps, guidance_scale, eta, vae_batch_size
+        self.prompt_cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance > 1.0
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.components.tokenizer
+        missing = sorted(set(prompts) - self.prompt_cache.keys())
+        if missing:
+            ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(self.device)
+            for p, h in zip(missing, self.components.text_encoder(ids)[0]):
+                self.prompt_cache[p] = h
+        return torch.stack([self.prompt_cache[p] for p in prompts])
+
+    def initial_noise(self, seeds: list[int], height: int, width: int) -> torch.Tensor:
+        shape = (1, self.unet.config.in_channels, height // 8, width // 8)
+        noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=self.dtype)
+                 for s in seeds]
+        return torch.cat(noise).to(self.device) * self.scheduler.init_noise_sigma
+
+    @torch.no_grad()
+    def __call__(self, conditions: np.ndarray, prompts: list[str], seeds: list[int]) -> np.ndarray:
+        """(B, H, W, 3) uint8 condition images -> (B, H, W, 3) float images in [0, 1]."""
+        conditions = np.array(conditions, dtype=np.uint8)  # a writable copy: Ray hands batches over read-only
+        b, h, w, _ = conditions.shape
+        if not (len(prompts) == len(seeds) == b):
+            raise ValueError(f"got {b} conditions, {len(prompts)} prompts and {len(seeds)} seeds")
+        image = torch.from_numpy(conditions).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 255.0
+        hidden = self.encode(list(prompts))
+        if self.guided:
+            hidden = torch.cat([self.encode([""] * b), hidden])
+            image = torch.cat([image, image])
+        latents = self.initial_noise(seeds, h, w)
+        step_noise = [torch.Generator("cpu").manual_seed(int(s) + 1) for s in seeds]
+        self.scheduler.set_timesteps(self.steps, device=self.device)
+        for t in self.scheduler.timesteps:
+            model_in = torch.cat([latents, latents]) if self.guided else latents
+            model_in = self.scheduler.scale_model_input(model_in, t)
+            down, mid = self.controlnet(model_in, t, encoder_hidden_states=hidden, controlnet_cond=image,
+                                        conditioning_scale=1.0, return_dict=False)
+            pred = self.unet(model_in, t, encoder_hidden_states=hidden, down_block_additional_residuals=down,
+                             mid_block_additional_residual=mid, return_dict=False)[0]
+            if self.guided:
+                uncond, cond = pred.chunk(2)
+                pred = uncond + self.guidance * (cond - uncond)
+            noise = None
+            if self.eta > 0:  # per-sample step noise keeps a sample independent of its batch
+                noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g, dtype=self.dtype)
+                                   for g in step_noise]).to(self.device)
+            latents = self.scheduler.step(pred, t, latents, eta=self.eta, variance_noise=noise, return_dict=False)[0]
+        return self.decode(latents)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        out = []
+        for chunk in latents.split(self.vae_batch):
+            images = self.vae.decode(chunk / self.vae.config.scaling_factor, return_dict=False)[0]
+            out.append((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy())
+        return np.concatenate(out)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] -> uint8, rounded as diffusers' `numpy_to_pil` does."""
+    return (images * 255).round().astype(np.uint8)

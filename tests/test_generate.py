@@ -1,0 +1,183 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from mdland.data import storage
+from mdland.data.shards import decode_image, landmarks_array, read_dataset, read_manifest, shard_name
+from mdland.data.storage import StorageError
+from mdland.demo import write_faces
+from mdland.diffusion.models import build_controlnet, build_preset, ddim_scheduler
+from mdland.generation.pipeline import run_generation
+from mdland.generation.plan import DEFAULT_STYLES, GenerateConfig, load_styles, plan_sample, shard_rows
+from mdland.generation.sampler import LandmarkSampler, to_uint8
+from mdland.landmarks.edits import EDITS
+from mdland.landmarks.render import render_landmarks
+
+STYLES = ["cartoon", "anime", "clay"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Source faces and a tiny ControlNet export whose zero convolutions are not zero, so it adds to the UNet."""
+    root = tmp_path_factory.mktemp("gen")
+    write_faces(str(root / "src"), 6, seed=0, size=64)
+    torch.manual_seed(1)
+    controlnet = build_controlnet(build_preset("tiny"))
+    for p in controlnet.parameters():
+        p.data += 0.01 * torch.randn_like(p)
+    controlnet.save_pretrained(root / "controlnet")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MDLAND_CACHE", str(tmp_path_factory.getbasetemp() / "mdland-cache"))
+
+
+def config(inputs, output, **kw) -> GenerateConfig:
+    base = dict(source=str(inputs / "src"), output=output, controlnet=str(inputs / "controlnet"), styles=STYLES,
+                images_per_style=8, resolution=64, num_inference_steps=4, rows_per_shard=10, batch_size=4)
+    return GenerateConfig(**{**base, **kw})
+
+
+def test_plan_is_a_pure_balanced_function_of_the_config(inputs):
+    assert len(load_styles(DEFAULT_STYLES)) == 25
+    cfg = config(inputs, "unused")
+    styles = load_styles(cfg.styles_file, cfg.styles)
+    landmarks = landmarks_array(read_dataset(cfg.source)).astype(np.float32)
+    a, b = shard_rows(cfg, 1, styles, landmarks), shard_rows(cfg, 1, styles, landmarks)
+    assert [r["index"] for r in a] == list(range(10, 20))
+    for x, y in zip(a, b):
+        assert x["seed"] == y["seed"] and np.array_equal(x["condition"], y["condition"])
+        names = x["edits"].split(",")
+        assert len(names) == 2 and len(set(names)) == 2 and set(names) <= set(EDITS)
+        assert (x["landmarks"] >= 0).all() and (x["landmarks"] <= 63).all()
+        assert np.array_equal(render_landmarks(x["landmarks"], 64), x["condition"])
+    firsts = [plan_sample(0, i, 3, 6)[0] for i in range(6)]
+    assert sorted(firsts) == [0, 0, 1, 1, 2, 2]  # any prefix is balanced across styles
+    assert len({plan_sample(0, i, 3, 6)[2] for i in range(1000)}) == 1000
+    assert plan_sample(1, 5, 3, 6) != plan_sample(0, 5, 3, 6)
+
+
+def test_sampler_matches_the_stock_pipeline_and_samples_stand_alone(inputs):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    c = build_preset("tiny")
+    controlnet = ControlNetModel.from_pretrained(inputs / "controlnet")
+    cfg = config(inputs, "unused")
+    rows = shard_rows(cfg, 0, load_styles(cfg.styles_file, cfg.styles),
+                      landmarks_array(read_dataset(cfg.source)))[:3]
+    conditions = np.stack([r["condition"] for r in rows])
+    prompts, seeds = [r["prompt"] for r in rows], [r["seed"] for r in rows]
+    pipe = StableDiffusionControlNetPipeline(
+        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, controlnet=controlnet,
+        scheduler=ddim_scheduler(c), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    stock = pipe(prompts, image=[Image.fromarray(x) for x in conditions], height=64, width=64,
+                 num_inference_steps=5, guidance_scale=7.5, output_type="np",
+                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
+    sampler = LandmarkSampler(c, controlnet, num_inference_steps=5, guidance_scale=7.5, vae_batch_size=2)
+    ours = sampler(conditions, prompts, seeds)
+    assert np.abs(ours - stock).max() < 1e-4
+    alone = sampler(conditions[2:], prompts[2:], seeds[2:])
+    assert np.abs(alone[0] - ours[2]).max() < 1e-4
+
+
+def test_generate_into_s3(inputs, s3_bucket):
+    import ray
+
+    out = f"{s3_bucket}/synthetic"
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
+                                      "MDLAND_CACHE")}
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
+    try:
+        cfg = config(inputs, out)
+        assert run_generation(cfg) == {"complete": True, "count": 24, "total": 24}
+    finally:
+        ray.shutdown()
+    assert storage.list_files(out, ".parquet") == [f"{out}/{shard_name(k)}" for k in range(3)]
+    manifest = read_manifest(out)
+    assert manifest["count"] == 24 and manifest["styles"] == {s: 8 for s in STYLES} and manifest["complete"]
+    table = read_dataset(out)
+    keys = table.column("key").to_pylist()
+    assert keys == [f"synthetic-0-{i:09d}" for i in range(24)]
+    assert len(set(table.column("seed").to_pylist())) == 24
+    assert set(table.column("source").to_pylist()) == {"synthetic"}
+    assert all(len(e) == 2 for e in table.column("edits").to_pylist())
+    points = landmarks_array(table)
+    assert (points >= 0).all() and (points <= 63).all()
+    # Regenerate one sample alone, from what its row says: the same pixels as the stored image.
+    from diffusers import ControlNetModel
+
+    row = 13
+    sampler = LandmarkSampler(build_preset("tiny"), ControlNetModel.from_pretrained(inputs / "controlnet"),
+                              num_inference_steps=4, guidance_scale=7.5)
+    again = to_uint8(sampler(render_landmarks(points[row], 64)[None], [table.column("prompt")[row].as_py()],
+                             [table.column("seed")[row].as_py()]))[0]
+    stored = decode_image(table.column("image")[row].as_py())
+    assert stored.shape == (64, 64, 3)
+    diff = np.abs(again.astype(int) - stored.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01
+
+
+def test_killed_run_then_rerun_gives_exactly_the_plan(inputs, tmp_path):
+    out = str(tmp_path / "out")
+    cfg = config(inputs, out, images_per_style=12, rows_per_shard=3, num_inference_steps=30, batch_size=3,
+                 styles=STYLES)  # 36 samples in 12 shards
+    overrides = [f"{k}={json.dumps(v)}" for k, v in cfg.__dict__.items() if v is not None]
+    proc = subprocess.Popen([sys.executable, "-m", "mdland", "generate", "--set", *overrides],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.isdir(out) and any(f.endswith(".parquet") for f in os.listdir(out))):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out) if f.endswith(".parquet")}
+    assert 0 < len(before) < 12, f"kill landed at {len(before)} shards"
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        assert run_generation(cfg)["complete"]
+    finally:
+        ray.shutdown()
+    for name, data in before.items():  # shards finished before the kill are left as they were
+        assert open(os.path.join(out, name), "rb").read() == data
+    keys = read_dataset(out).column("key").to_pylist()
+    assert sorted(keys) == [f"synthetic-0-{i:09d}" for i in range(36)]  # no duplicates, no gaps
+    assert read_manifest(out)["count"] == 36
+
+
+def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket):
+    with pytest.raises(ValueError, match="nope.yaml: styles file not found"):
+        run_generation(config(inputs, str(tmp_path / "o"), styles_file=str(tmp_path / "nope.yaml")))
+    with pytest.raises(ValueError, match=r"unknown style\(s\) \['sculpture'\]"):
+        run_generation(config(inputs, str(tmp_path / "o"), styles=["sculpture"]))
+    from mdland.data.shards import ShardWriter
+
+    ShardWriter(str(tmp_path / "empty")).close()
+    with pytest.raises(ValueError, match="is an empty dataset"):
+        run_generation(config(inputs, str(tmp_path / "o"), source=str(tmp_path / "empty")))
+    with pytest.raises(StorageError, match="the bucket does not exist"):
+        run_generation(config(inputs, "s3://mdland-missing-bucket/out"))
+    with pytest.raises(ValueError, match="not a ControlNet export"):
+        run_generation(config(inputs, str(tmp_path / "o"), controlnet=str(tmp_path)))
+    # An output folder that holds another plan is refused before anything is written to it.
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "plan.json").write_text(json.dumps({"seed": 99}))
+    (out / "shard-000000.parquet").write_bytes(b"earlier work")
+    with pytest.raises(ValueError, match="holds a different plan"):
+        run_generation(config(inputs, str(out)))
+    assert (out / "shard-000000.parquet").read_bytes() == b"earlier work"
+    assert sorted(os.listdir(out)) == ["plan.json", "shard-000000.parquet"]
