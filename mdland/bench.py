@@ -3,6 +3,9 @@
 - `train`: mdland's ControlNet training step (frozen parts in bf16, DeepSpeed ZeRO-2 bf16 ControlNet, cached prompt
   embeddings, channels-last) against a plain PyTorch loop (fp32 weights, bf16 autocast, AdamW, prompt encoded every
   step), same batch; samples/s, ratio and peak memory.
+- `generate`: mdland's sampler (half precision, channels-last, batched guidance, optional torch.compile) against
+  diffusers' `StableDiffusionControlNetPipeline` on the same modules, seeds and settings; images/s and ratio. With
+  `--pipeline`, also the Ray Data pipeline's steady images/s against the bare sampler, and the time for 10k images.
 """
 
 import json
@@ -112,6 +115,86 @@ def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 25
     result["speedup"] = round(plain / ours, 3)
     log.info("mdland step: %.2f samples/s (%.2fx the plain loop)", batch_size / ours, plain / ours)
     return result
+
+
+def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int = 256, steps: int = 50,
+                   guidance: float = 7.5, repeats: int = 2, compile: bool = False, pipeline: bool = False,
+                   pipeline_images: int = 512) -> dict:
+    import numpy as np
+    from diffusers import StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    from mdland.data.procedural import random_landmarks
+    from mdland.diffusion.models import build_controlnet, build_preset, ddim_scheduler
+    from mdland.generation.plan import DEFAULT_STYLES, load_styles
+    from mdland.generation.sampler import LandmarkSampler
+    from mdland.landmarks.render import render_landmarks
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    c = build_preset(preset).frozen_to(device, dtype)
+    controlnet = build_controlnet(c).requires_grad_(False).to(device, dtype)
+    styles = load_styles(DEFAULT_STYLES)
+    conditions = np.stack([render_landmarks(random_landmarks(np.random.default_rng(i), resolution), resolution)
+                           for i in range(batch_size)])
+    prompts = [styles[i % len(styles)]["prompt"] for i in range(batch_size)]
+    seeds = list(range(batch_size))
+    result = {"benchmark": "generate", "preset": preset, "device": _device_name(device), "batch_size": batch_size,
+              "resolution": resolution, "steps": steps, "guidance": guidance, "dtype": str(dtype).split(".")[-1],
+              "baseline": "diffusers StableDiffusionControlNetPipeline, same modules, seeds and settings"}
+
+    pipe = StableDiffusionControlNetPipeline(
+        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, controlnet=controlnet,
+        scheduler=ddim_scheduler(c), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    images = [Image.fromarray(x) for x in conditions]
+
+    def stock():
+        pipe(prompts, image=images, height=resolution, width=resolution, num_inference_steps=steps,
+             guidance_scale=guidance, output_type="np",
+             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
+
+    t_stock = _timed(stock, repeats, 1, device)
+    result["stock_images_per_s"] = round(batch_size / t_stock, 3)
+    log.info("stock pipeline: %.3f images/s", batch_size / t_stock)
+    sampler = LandmarkSampler(c, controlnet, device, dtype, steps, guidance, channels_last=device.type == "cuda",
+                              compile=compile, vae_batch_size=16)
+    t_ours = _timed(lambda: sampler(conditions, prompts, seeds), repeats, 1, device)
+    result["mdland_images_per_s"] = round(batch_size / t_ours, 3)
+    result["speedup"] = round(t_stock / t_ours, 3)
+    result["peak_gib"] = _peak_and_reset(device)
+    log.info("mdland sampler: %.3f images/s (%.2fx the stock pipeline)", batch_size / t_ours, t_stock / t_ours)
+    if pipeline:
+        result.update(_bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance, compile,
+                                      pipeline_images, batch_size / t_ours))
+    return result
+
+
+def _bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance, compile, images, bare) -> dict:
+    """The Ray Data pipeline on this machine's devices, against the bare sampler's rate."""
+    import tempfile
+
+    import ray
+
+    from mdland.demo import write_faces
+    from mdland.generation.pipeline import run_generation
+    from mdland.generation.plan import GenerateConfig
+
+    with tempfile.TemporaryDirectory() as d:
+        write_faces(f"{d}/src", 32, seed=0, size=resolution)
+        controlnet.save_pretrained(f"{d}/controlnet")
+        use_gpu = torch.cuda.is_available()
+        cfg = GenerateConfig(source=f"{d}/src", output=f"{d}/out", model=preset, controlnet=f"{d}/controlnet",
+                             images_per_style=-(-images // 25), resolution=resolution, num_inference_steps=steps,
+                             guidance_scale=guidance, rows_per_shard=batch_size, batch_size=batch_size,
+                             use_gpu=use_gpu, num_actors=max(1, torch.cuda.device_count()), compile=compile)
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False)
+        out = run_generation(cfg)
+    rate = out["images_per_s"]
+    return {"pipeline_images_per_s": round(rate, 3) if rate else None,
+            "pipeline_vs_bare_sampler": round(rate / bare, 3) if rate else None,
+            "projected_10k_images_min": round(10_000 / rate / 60, 1) if rate else None}
 
 
 def _free_port() -> int:

@@ -52,6 +52,9 @@ def _bench(a: argparse.Namespace) -> None:
 
     if a.what == "train":
         result = bench.bench_train(a.preset, a.batch_size, a.resolution, a.steps, a.warmup)
+    else:
+        result = bench.bench_generate(a.preset, a.batch_size, a.resolution, a.steps, a.guidance, a.repeats,
+                                      a.compile, a.pipeline, a.pipeline_images)
     bench.write_result(result, a.out)
 
 
@@ -123,12 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_generate)
 
     p = sub.add_parser("bench", help="speed against a named baseline, in the same process")
-    p.add_argument("what", choices=["train"])
+    p.add_argument("what", choices=["train", "generate"])
     p.add_argument("--preset", default="sd15", help="model size: sd15 (GPU) or tiny (a CPU smoke run)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10, help="train: timed steps; generate: DDIM steps")
+    p.add_argument("--warmup", type=int, default=3, help="train: untimed steps first")
+    p.add_argument("--guidance", type=float, default=7.5, help="generate: guidance scale")
+    p.add_argument("--repeats", type=int, default=2, help="generate: timed batches")
+    p.add_argument("--compile", action="store_true", help="generate: torch.compile UNet and ControlNet")
+    p.add_argument("--pipeline", action="store_true", help="generate: also time the Ray Data pipeline")
+    p.add_argument("--pipeline-images", type=int, default=512)
     p.add_argument("--out", help="also write the result JSON here")
     p.set_defaults(run=_bench)
 

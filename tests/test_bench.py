@@ -12,3 +12,20 @@ def test_bench_train_runs_both_loops_on_the_same_batch(tmp_path, monkeypatch):
     assert result["plain_samples_per_s"] > 0 and result["mdland_samples_per_s"] > 0
     assert abs(result["speedup"] - result["mdland_samples_per_s"] / result["plain_samples_per_s"]) < 0.05
     assert result["device"].startswith("cpu") and result["baseline"].startswith("plain PyTorch loop")
+
+
+def test_bench_generate_compares_sampler_stock_and_pipeline(tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setenv("MDLAND_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "gen.json"
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        assert main(["bench", "generate", "--preset", "tiny", "--batch-size", "4", "--resolution", "64", "--steps",
+                     "3", "--repeats", "1", "--pipeline", "--pipeline-images", "50", "--out", str(out)]) == 0
+    finally:
+        ray.shutdown()
+    r = json.loads(out.read_text())
+    assert r["stock_images_per_s"] > 0 and r["mdland_images_per_s"] > 0 and r["pipeline_images_per_s"] > 0
+    assert abs(r["speedup"] - r["mdland_images_per_s"] / r["stock_images_per_s"]) < 0.05
+    assert r["projected_10k_images_min"] == round(10_000 / r["pipeline_images_per_s"] / 60, 1)

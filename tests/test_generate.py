@@ -101,7 +101,8 @@ def test_generate_into_s3(inputs, s3_bucket):
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
     try:
         cfg = config(inputs, out)
-        assert run_generation(cfg) == {"complete": True, "count": 24, "total": 24}
+        result = run_generation(cfg)
+        assert (result["complete"], result["count"], result["total"]) == (True, 24, 24)
     finally:
         ray.shutdown()
     assert storage.list_files(out, ".parquet") == [f"{out}/{shard_name(k)}" for k in range(3)]

@@ -148,20 +148,20 @@ def run_generation(cfg: GenerateConfig) -> dict:
         pending = pending[: cfg.max_shards]
     log.info("plan: %d styles x %d = %d samples in %d shards; %d to generate", len(styles), cfg.images_per_style,
              cfg.total, cfg.num_shards, len(pending))
-    if pending:
-        _run_pipeline(cfg, pending, landmarks)
+    steady = _run_pipeline(cfg, pending, landmarks) if pending else None
     remaining = pending_shards(cfg)
     if remaining:
         log.info("%d shard(s) still missing; the manifest is written once the set is complete", len(remaining))
-        return {"complete": False, "missing": len(remaining), "total": cfg.total}
+        return {"complete": False, "missing": len(remaining), "total": cfg.total, "images_per_s": steady}
     shards = [_shard_summary(u) for u in storage.list_files(cfg.output, ".parquet")]
     manifest = write_manifest(cfg.output, shards, asdict(cfg), complete=True, model=cfg.model,
                               controlnet=cfg.controlnet)
     log.info("complete: %d images, %s", manifest["count"], manifest["styles"])
-    return {"complete": True, "count": manifest["count"], "total": cfg.total}
+    return {"complete": True, "count": manifest["count"], "total": cfg.total, "images_per_s": steady}
 
 
-def _run_pipeline(cfg: GenerateConfig, pending: list[int], landmarks: np.ndarray) -> None:
+def _run_pipeline(cfg: GenerateConfig, pending: list[int], landmarks: np.ndarray) -> float | None:
+    """Run the pipeline over `pending` shards; returns the steady images/s (first to last shard written)."""
     import ray
 
     if not ray.is_initialized():
@@ -174,10 +174,14 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], landmarks: np.ndarray
     # One assembler sees every row, so each shard is written exactly once, whichever actor drew its rows.
     ds = ds.map_batches(ShardAssembler, fn_constructor_kwargs={"config": config}, batch_size=None, concurrency=1,
                         num_cpus=0.25)
-    t0, images = time.time(), 0
+    t0, images, marks = time.time(), 0, []
     expected = sum(min(cfg.rows_per_shard, cfg.total - k * cfg.rows_per_shard) for k in pending)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for summary in batch["summary"]:
             images += json.loads(summary)["rows"]
+            marks.append((time.time(), images))
             log.info("wrote %s: %d/%d images of this run, %.2f images/s overall", json.loads(summary)["name"],
                      images, expected, images / (time.time() - t0))
+    if len(marks) < 2:
+        return None
+    return (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
