@@ -30,6 +30,11 @@ def join(base: str, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
+def absolute(uri: str) -> str:
+    """An s3:// URI as is; a local path made absolute, so Ray workers (with another working directory) find it."""
+    return uri if not uri or is_s3(uri) else str(Path(uri).absolute())
+
+
 def s3_settings() -> dict:
     """S3 filesystem arguments from the AWS environment variables."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

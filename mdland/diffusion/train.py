@@ -15,7 +15,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -345,6 +345,10 @@ def _checkpoint(engine, session, components, cfg, history, points, prompts, devi
 
 def run_training(cfg: ControlNetTrainConfig, local: bool = False) -> dict:
     """Train on Ray Train (or in this process with `local`); returns the last metrics and the export's URI."""
+    local_model = cfg.model not in PRESETS
+    cfg = replace(cfg, data=storage.absolute(cfg.data), storage_path=storage.absolute(cfg.storage_path),
+                  controlnet=cfg.controlnet and storage.absolute(cfg.controlnet),
+                  model=storage.absolute(cfg.model) if local_model else cfg.model)
     rows = check_config(cfg)
     export = storage.join(cfg.storage_path, cfg.name, "controlnet")
     log.info("training %s on %d faces from %s", cfg.stage, rows, cfg.data)

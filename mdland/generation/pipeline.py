@@ -8,7 +8,7 @@ one GPU each with `use_gpu`) -> one shard assembler (writes each shard atomicall
 import json
 import time
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from mdland.config import from_dict
 from mdland.data import storage
 from mdland.data.shards import Face, encode_image, shard_name, summarise_table, write_manifest, write_shard
+from mdland.diffusion.models import PRESETS
 from mdland.generation.plan import GenerateConfig, load_styles, shard_rows, source_landmarks
 from mdland.log import get_logger, setup_logging
 
@@ -133,6 +134,9 @@ def _shard_summary(uri: str) -> dict:
 
 def run_generation(cfg: GenerateConfig) -> dict:
     """Generate the planned set's missing shards, then write the manifest (when the set is complete)."""
+    cfg = replace(cfg, source=storage.absolute(cfg.source), output=storage.absolute(cfg.output),
+                  controlnet=storage.absolute(cfg.controlnet), styles_file=storage.absolute(cfg.styles_file),
+                  model=cfg.model if cfg.model in PRESETS else storage.absolute(cfg.model))
     if not cfg.output:
         raise ValueError("output: no output location given")
     if not cfg.controlnet or not storage.exists(storage.join(cfg.controlnet, "config.json")):
