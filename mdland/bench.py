@@ -10,7 +10,6 @@
 
 import json
 import os
-import socket
 import time
 from dataclasses import replace
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mdland.log import get_logger
+from mdland.session import set_single_process_env
 
 log = get_logger(__name__)
 
@@ -95,9 +95,7 @@ def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 25
     log.info("plain loop: %.2f samples/s", batch_size / plain)
 
     # mdland: the step train_func runs.
-    for var, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
-                       ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-        os.environ.setdefault(var, value)
+    set_single_process_env()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     c = build_preset(preset).frozen_to(device, dtype)
     cfg = replace(ControlNetTrainConfig(), batch_size=batch_size, learning_rate=1e-5)
@@ -195,12 +193,6 @@ def _bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance,
     return {"pipeline_images_per_s": round(rate, 3) if rate else None,
             "pipeline_vs_bare_sampler": round(rate / bare, 3) if rate else None,
             "projected_10k_images_min": round(10_000 / rate / 60, 1) if rate else None}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_result(result: dict, path: str | None) -> None:

@@ -58,14 +58,38 @@ def _bench(a: argparse.Namespace) -> None:
     bench.write_result(result, a.out)
 
 
-def _named_config(name: str | None) -> str | None:
-    """A config file path, or the name of one shipped in mdland/diffusion/configs (e.g. `stage1`, `tiny-stage2`)."""
+def _named_config(name: str | None, stage: str = "diffusion") -> str | None:
+    """A config file path, or the name of one shipped in mdland/<stage>/configs (e.g. `stage1`, `tiny`)."""
     from pathlib import Path
 
     if name is None or Path(name).exists():
         return name
-    shipped = Path(__file__).parent / "diffusion" / "configs" / f"{name}.yaml"
+    shipped = Path(__file__).parent / stage / "configs" / f"{name}.yaml"
     return str(shipped) if shipped.exists() else name
+
+
+def _train_detector(a: argparse.Namespace) -> None:
+    from mdland.config import load_config
+    from mdland.detector.train import DetectorTrainConfig, run_training
+
+    result = run_training(load_config(DetectorTrainConfig, _named_config(a.config, "detector"), a.set), local=a.local)
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (list, dict))}, default=str))
+
+
+def _evaluate(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from mdland.detector.evaluate import evaluate_detector, metrics_table
+
+    formats = a.format or [None]
+    if len(formats) not in (1, len(a.data)):
+        raise ValueError("give one --format for all sets or one per --data")
+    sets = []
+    for i, spec in enumerate(a.data):
+        name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec.rstrip("/")).name, "", spec)
+        sets.append((name, path, formats[i if len(formats) > 1 else 0]))
+    rows = evaluate_detector(a.detector, sets, a.out, a.skip_bad, a.batch_size)
+    print(metrics_table(rows), end="")
 
 
 def _demo(a: argparse.Namespace) -> None:
@@ -119,6 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     p.add_argument("--local", action="store_true", help="run train_func in this process, without Ray (debugging)")
     p.set_defaults(run=_train_controlnet)
+
+    p = sub.add_parser("train-detector", help="fine-tune the STAR detector on shards (Ray Train + DeepSpeed)")
+    p.add_argument("--config", help="YAML file, or a shipped one: finetune, tiny")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--local", action="store_true", help="run train_func in this process, without Ray (debugging)")
+    p.set_defaults(run=_train_detector)
+
+    p = sub.add_parser("evaluate", help="NME / FR@10%% / AUC@10%%, CED plot and overlays of a detector on eval sets")
+    p.add_argument("--detector", required=True, help="detector checkpoint (.pkl: STAR's or mdland's), local or s3://")
+    p.add_argument("--data", required=True, action="append", metavar="[NAME=]PATH",
+                   help="an evaluation set: shard dataset, or a raw folder with --format (repeatable)")
+    p.add_argument("--format", action="append", choices=FORMATS, help="raw folder format, one for all or per set")
+    p.add_argument("--out", default="eval-report")
+    p.add_argument("--skip-bad", action="store_true", help="log and skip bad faces instead of failing")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("generate", help="the synthetic set: edited landmarks x style prompts -> shards (Ray Data)")
     p.add_argument("--config", help="YAML file of GenerateConfig fields")

@@ -6,7 +6,6 @@ import sys
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -130,8 +129,9 @@ def test_generate_into_s3(inputs, s3_bucket):
     assert diff.max() <= 1 and diff.mean() < 0.01
 
 
-def test_killed_run_then_rerun_gives_exactly_the_plan(inputs, tmp_path):
-    out = str(tmp_path / "out")
+def test_killed_run_then_rerun_gives_exactly_the_plan(inputs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative output path: Ray's workers run elsewhere and must still find it
+    out = "out"
     cfg = config(inputs, out, images_per_style=12, rows_per_shard=3, num_inference_steps=30, batch_size=3,
                  styles=STYLES)  # 36 samples in 12 shards
     overrides = [f"{k}={json.dumps(v)}" for k, v in cfg.__dict__.items() if v is not None]

@@ -1,12 +1,21 @@
 """Scoring landmark predictions against ground truth: tables (JSON + markdown) and CED plots."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
+from mdland.data.ingest import iter_samples, load_image
+from mdland.data.shards import decode_image, landmarks_array, read_dataset
 from mdland.detector.metrics import nme, plot_ced, summarise
 from mdland.landmarks.io import LANDMARK_SUFFIXES, read_landmark_file
+from mdland.landmarks.render import draw_landmarks, image_grid
+from mdland.log import get_logger
+
+log = get_logger(__name__)
 
 
 def read_landmark_set(path: str) -> dict[str, np.ndarray]:
@@ -21,8 +30,6 @@ def read_landmark_set(path: str) -> dict[str, np.ndarray]:
     if p.is_dir() and any(f.suffix.lower() in LANDMARK_SUFFIXES for f in p.iterdir()):
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in LANDMARK_SUFFIXES)
         return {f.stem: read_landmark_file(f) for f in files}
-    from mdland.data.shards import landmarks_array, read_dataset
-
     table = read_dataset(path)
     return dict(zip(table.column("key").to_pylist(), landmarks_array(table)))
 
@@ -55,3 +62,71 @@ def metrics_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['name']} | {r['count']} | {r['nme'] * 100:.2f} | {r['fr'] * 100:.2f} | {r['auc']:.4f} |")
     return "\n".join(lines) + "\n"
+
+
+@dataclass
+class EvalFace:
+    key: str
+    image: np.ndarray
+    landmarks: np.ndarray
+
+
+def eval_faces(src: str, fmt: str | None = None, skip_bad: bool = False) -> list[EvalFace]:
+    """Faces of an evaluation set: a shard dataset, or a raw folder in an ingest format (artface, cariface, ...).
+    Bad faces (no landmarks, wrong point count, unreadable image) fail naming the file, or are logged and skipped."""
+    if fmt is None:
+        table = read_dataset(src)
+        return [EvalFace(k, decode_image(im, f"{src}: {k}"), p) for k, im, p in
+                zip(table.column("key").to_pylist(), table.column("image").to_pylist(), landmarks_array(table))]
+    faces = []
+    for sample in iter_samples(fmt, src, skip_bad=skip_bad):
+        try:
+            faces.append(EvalFace(sample.key, load_image(sample.image_path), sample.landmarks))
+        except ValueError as e:
+            if not skip_bad:
+                raise
+            log.warning("skipped: %s", e)
+    if not faces:
+        raise ValueError(f"{src}: no faces to evaluate")
+    return faces
+
+
+def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], out: str, skip_bad: bool = False,
+                      batch_size: int = 32, threshold: float = 0.10) -> list[dict]:
+    """Run the detector over each (name, source, format) set; write metrics.json/.md, ced.png and overlays."""
+    from mdland.detector.checkpoint import load_detector, predict
+    from mdland.detector.data import CROP_MARGIN
+    from mdland.landmarks.align import crop_from_landmarks
+
+    net = load_detector(detector).eval()
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, curves = [], {}
+    for name, src, fmt in sets:
+        faces = eval_faces(src, fmt, skip_bad)
+        preds = []
+        for start in tqdm(range(0, len(faces), batch_size), desc=f"evaluate {name}", unit="batch", mininterval=2):
+            chunk = faces[start : start + batch_size]
+            # The crop comes from the ground-truth landmarks, as 300W-style evaluations (and STAR's) do.
+            preds.append(predict(net, [f.image for f in chunk],
+                                 [crop_from_landmarks(f.landmarks, CROP_MARGIN) for f in chunk]))
+        pred = np.concatenate(preds)
+        gt = np.stack([f.landmarks for f in faces])
+        errors = nme(pred, gt)
+        curves[name] = errors
+        rows.append({"name": name, **summarise(errors, threshold=threshold).as_dict()})
+        write_overlays(faces, pred, errors, out_dir / f"overlays-{name}.png")
+    (out_dir / "metrics.json").write_text(json.dumps(rows, indent=1))
+    (out_dir / "metrics.md").write_text(metrics_table(rows))
+    plot_ced(curves, out_dir / "ced.png", threshold)
+    return rows
+
+
+def write_overlays(faces: list[EvalFace], pred: np.ndarray, errors: np.ndarray, path: Path, count: int = 6) -> None:
+    """A grid: the worst predictions on the top row, the best on the bottom (prediction green, truth red)."""
+    order = np.argsort(errors)
+    picks = list(order[::-1][:count]) + list(order[:count])
+    tiles = [draw_landmarks(faces[i].image, pred[i], (0, 255, 0), faces[i].landmarks, (255, 0, 0)) for i in picks]
+    size = max(t.shape[0] for t in tiles)
+    tiles = [np.asarray(Image.fromarray(t).resize((size, size))) for t in tiles]
+    Image.fromarray(image_grid(tiles, columns=min(count, len(faces)))).save(path)

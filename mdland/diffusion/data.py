@@ -48,24 +48,26 @@ def count_rows(data: str) -> int:
     return sum(pq.ParquetFile(fs.open_input_file(storage.filesystem(u)[1])).metadata.num_rows for u in uris)
 
 
-def ray_dataset(data: str, resolution: int):
-    """A Ray Dataset of prepared training batches over the shards of `data`."""
+def read_shards(datasets: list[str], columns: list[str]):
+    """A Ray Dataset over the shards of one or more datasets (all on one filesystem)."""
     import ray.data
 
-    uris = shard_uris(data)
+    uris = [u for d in datasets for u in shard_uris(d)]
     fs, _ = storage.filesystem(uris[0])
-    ds = ray.data.read_parquet([storage.filesystem(u)[1] for u in uris], filesystem=fs).select_columns(COLUMNS)
-    return ds.map_batches(prepare_batch, fn_kwargs={"resolution": resolution}, batch_format="numpy", batch_size=32)
+    return ray.data.read_parquet([storage.filesystem(u)[1] for u in uris], filesystem=fs).select_columns(columns)
 
 
-def local_batches(data: str, resolution: int, batch_size: int, seed: int) -> Iterator[dict]:
-    """Endless shuffled batches without Ray, for the plain-process mode."""
-    tables = [read_shard(u).select(COLUMNS) for u in shard_uris(data)]
+def ray_dataset(data: str, resolution: int):
+    """A Ray Dataset of prepared ControlNet training batches over the shards of `data`."""
+    return read_shards([data], COLUMNS).map_batches(prepare_batch, fn_kwargs={"resolution": resolution},
+                                                    batch_format="numpy", batch_size=32)
+
+
+def local_epoch(datasets: list[str], columns: list[str], prepare, batch_size: int, seed: int) -> Iterator[dict]:
+    """One shuffled pass over shard datasets without Ray (the plain-process mode), through `prepare`."""
+    tables = [read_shard(u).select(columns) for d in datasets for u in shard_uris(d)]
     rows = [(t, i) for t in tables for i in range(t.num_rows)]
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(len(rows))
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            picked = [rows[j] for j in order[start : start + batch_size]]
-            batch = {c: [t.column(c)[i].as_py() for t, i in picked] for c in COLUMNS}
-            yield prepare_batch(batch, resolution)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        picked = [rows[j] for j in order[start : start + batch_size]]
+        yield prepare({c: [t.column(c)[i].as_py() for t, i in picked] for c in columns})

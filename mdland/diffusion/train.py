@@ -8,14 +8,12 @@ Checkpoints (DeepSpeed state, a diffusers `save_pretrained` export, a validation
 `storage_path/name/checkpoint_NNNNNN`; a re-run with the same name resumes from the latest one.
 """
 
-import contextlib
 import json
 import os
-import socket
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +24,13 @@ from PIL import Image
 from mdland.config import from_dict
 from mdland.data import storage
 from mdland.data.shards import decode_image, landmarks_array, read_shard, shard_uris
-from mdland.diffusion.data import count_rows, local_batches, ray_dataset
+from mdland.diffusion.data import COLUMNS, count_rows, local_epoch, prepare_batch, ray_dataset
 from mdland.diffusion.models import PRESETS, build_controlnet, check_model_dir, ddim_scheduler, load_components
 from mdland.landmarks.edits import fit_in_frame, sample_edits
 from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
+from mdland.session import LocalSession, RaySession, endless, set_single_process_env
 
 log = get_logger(__name__)
 STAGES = ("stage1", "stage2")
@@ -123,64 +122,6 @@ def controlnet_engine(components, controlnet, cfg: ControlNetTrainConfig, device
     return engine
 
 
-class RaySession:
-    """Checkpoints and metrics through Ray Train (storage, resume and failure handling are Ray's)."""
-
-    def __init__(self, cfg: ControlNetTrainConfig):
-        import ray.train
-
-        self.train = ray.train
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[str | None]:
-        ckpt = self.train.get_checkpoint()
-        if ckpt is None:
-            yield None
-        else:
-            with ckpt.as_directory() as d:
-                yield d
-
-    def batches(self, cfg: ControlNetTrainConfig, epoch_seed: int) -> Iterator[dict]:
-        shard = self.train.get_dataset_shard("train")
-        while True:
-            yield from shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
-                                          local_shuffle_buffer_size=4 * cfg.batch_size,
-                                          local_shuffle_seed=epoch_seed + self.rank)
-            epoch_seed += 1000
-
-    def report(self, metrics: dict, checkpoint_dir: str, step: int) -> None:
-        self.train.report(metrics, checkpoint=self.train.Checkpoint.from_directory(checkpoint_dir),
-                          checkpoint_dir_name=f"checkpoint_{step:06d}")
-
-
-class LocalSession:
-    """The same duties in one plain process: checkpoints copied to storage, `latest.json` points at the newest."""
-
-    def __init__(self, cfg: ControlNetTrainConfig):
-        self.cfg, self.rank, self.world = cfg, 0, 1
-        self.root = storage.join(cfg.storage_path, cfg.name)
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[str | None]:
-        pointer = storage.join(self.root, "latest.json")
-        if not storage.exists(pointer):
-            yield None
-            return
-        with tempfile.TemporaryDirectory() as d:
-            storage.copy_to_local(json.loads(storage.read_bytes(pointer))["checkpoint"], d)
-            yield d
-
-    def batches(self, cfg: ControlNetTrainConfig, epoch_seed: int) -> Iterator[dict]:
-        return local_batches(cfg.data, cfg.resolution, cfg.batch_size, epoch_seed)
-
-    def report(self, metrics: dict, checkpoint_dir: str, step: int) -> None:
-        uri = storage.join(self.root, f"checkpoint_{step:06d}")
-        storage.copy_from_local(checkpoint_dir, uri)
-        storage.write_bytes(storage.join(self.root, "latest.json"), json.dumps({"checkpoint": uri, **metrics}).encode())
-
-
 class PromptEmbeddings:
     """Text-encoder outputs per prompt, computed once: stage 1 has one prompt, stage 2 a few dozen."""
 
@@ -256,7 +197,9 @@ def train_func(config: dict) -> None:
     """The training loop of one worker. `config`: {"train": ControlNetTrainConfig fields, "local": bool}."""
     setup_logging()
     cfg = from_dict(ControlNetTrainConfig, config["train"])
-    session = LocalSession(cfg) if config.get("local") else RaySession(cfg)
+    session = (LocalSession(cfg.storage_path, cfg.name, lambda bs, seed: local_epoch(
+        [cfg.data], COLUMNS, partial(prepare_batch, resolution=cfg.resolution), bs, seed))
+        if config.get("local") else RaySession())
     on_gpu = cfg.use_gpu and torch.cuda.is_available()
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
     frozen_dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -275,7 +218,7 @@ def train_func(config: dict) -> None:
     def loss_of(batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         return diffusion_loss(components, engine, text, batch, frozen_dtype, generator)
 
-    batches = session.batches(cfg, cfg.seed + step)
+    batches = endless(session, cfg.batch_size, cfg.seed + step)
     probe = _with_prompts(next(batches), cfg, np.random.default_rng(cfg.seed))
 
     @torch.no_grad()
@@ -353,9 +296,7 @@ def run_training(cfg: ControlNetTrainConfig, local: bool = False) -> dict:
     export = storage.join(cfg.storage_path, cfg.name, "controlnet")
     log.info("training %s on %d faces from %s", cfg.stage, rows, cfg.data)
     if local:
-        for var, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
-                           ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-            os.environ.setdefault(var, value)
+        set_single_process_env()
         train_func({"train": asdict(cfg), "local": True})
         latest = json.loads(storage.read_bytes(storage.join(cfg.storage_path, cfg.name, "latest.json")))
         return {**latest, "export": export}
@@ -379,9 +320,3 @@ def run_training(cfg: ControlNetTrainConfig, local: bool = False) -> dict:
     result = trainer.fit()
     checkpoint = result.checkpoint.path if result.checkpoint else None
     return {**(result.metrics or {}), "checkpoint": checkpoint, "export": export}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -1,0 +1,83 @@
+"""Detector weights in and out: STAR's released `.pkl` checkpoints (the `net` state dict) and mdland's own, which
+use the same layout (`{"net": state_dict, "arch": {...}}`) so either tool can read the other's."""
+
+import io
+import re
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from mdland.data import storage
+from mdland.detector.data import to_network_input
+from mdland.detector.model import ARCHS, DetectorArch, STARNet, normalised_to_pixels
+from mdland.landmarks.align import crop_matrix, uncrop_points, warp_image
+
+
+def read_checkpoint(uri: str) -> tuple[dict, DetectorArch]:
+    """(state dict, architecture) from a checkpoint file, local or s3://."""
+    try:
+        blob = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except storage.StorageError:
+        raise ValueError(f"{uri}: detector checkpoint not found") from None
+    except Exception as e:  # a pickle that is not plain tensors and containers, or not a torch file at all
+        raise ValueError(f"{uri}: not a readable detector checkpoint ({type(e).__name__}: {e})") from None
+    state = blob.get("net", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{uri}: no `net` state dict in the checkpoint")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    arch = DetectorArch(**blob["arch"]) if isinstance(blob.get("arch"), dict) else infer_arch(state, uri)
+    return state, arch
+
+
+def infer_arch(state: dict, where: str) -> DetectorArch:
+    """The architecture a STAR state dict was built with (its input size is 256, as all of STAR's are)."""
+    try:
+        nstack = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"hgs\.(\d+)\.", k)))
+        channels = state["pre.4.conv3.conv.weight"].shape[0]
+        nlevels = 1 + max(k.count("low2.") for k in state if k.startswith("hgs.0."))
+    except (KeyError, ValueError):
+        raise ValueError(f"{where}: not a STAR stacked-hourglass state dict") from None
+    return DetectorArch(input_size=256, nstack=nstack, nlevels=nlevels - 1, channels=channels)
+
+
+def save_checkpoint(net: STARNet, path: str, **extra) -> None:
+    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in net.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save({"net": state, "arch": asdict(net.arch), **extra}, buf)
+    storage.write_bytes(path, buf.getvalue())
+
+
+def load_detector(uri: str | None, arch: str = "star-300w", device: str | torch.device = "cpu") -> STARNet:
+    """A detector from a checkpoint (strict: every STAR parameter name must match), or a fresh one of `arch`."""
+    if uri is None:
+        if arch not in ARCHS:
+            raise ValueError(f"unknown detector architecture {arch!r}; choose one of {sorted(ARCHS)}")
+        return STARNet(ARCHS[arch]).to(device)
+    state, found = read_checkpoint(uri)
+    net = STARNet(found)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{uri}: weights do not fit the STAR network ({str(e).splitlines()[0]})") from None
+    return net.to(device)
+
+
+@torch.no_grad()
+def predict(net: STARNet, images: list[np.ndarray], crops: list[tuple[tuple[float, float], float]],
+            dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """(N, 68, 2) landmarks in each image's pixels; each face is cropped at its (centre, scale), as STAR crops."""
+    size = net.arch.input_size
+    matrices = [crop_matrix(centre, scale, size) for centre, scale in crops]
+    return predict_crops(net, [warp_image(im, m, size) for im, m in zip(images, matrices)], matrices, dtype)
+
+
+@torch.no_grad()
+def predict_crops(net: STARNet, crops: list[np.ndarray], matrices: list[np.ndarray],
+                  dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """Landmarks of already-cropped faces, mapped back through each crop's source->crop matrix."""
+    size = net.arch.input_size
+    device = next(net.parameters()).device
+    x = torch.from_numpy(to_network_input(np.stack(crops))).to(device, dtype)
+    points = normalised_to_pixels(net(x).landmarks[-1].float(), size).cpu().numpy()
+    return np.stack([uncrop_points(p, m) for p, m in zip(points, matrices)])

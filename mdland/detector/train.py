@@ -1,0 +1,202 @@
+"""Step 4 of the method: fine-tune the STAR detector on synthetic (and/or real) shards with Ray Train + DeepSpeed.
+
+Every worker runs `train_func`: the STAR network under DeepSpeed (ZeRO stage 1; bf16 on GPU, fp32 on CPU), Adam,
+STAR's losses, augmented crops from Ray Data. After each epoch rank 0 measures NME on the held-out shards, and a
+checkpoint (DeepSpeed state, `detector.pkl`, history, loss curve) goes to `storage_path/name/checkpoint_NNNNNN`;
+the best epoch's weights are also kept at `storage_path/name/best/detector.pkl`. A re-run with the same name resumes
+from the latest checkpoint. Starting from a STAR checkpoint (`init`) loads its weights only: the new run starts at
+epoch 0 of its own schedule, however long the checkpoint had trained.
+"""
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mdland.config import from_dict
+from mdland.data import storage
+from mdland.data.shards import read_dataset
+from mdland.detector.checkpoint import load_detector, save_checkpoint
+from mdland.detector.data import COLUMNS, prepare_detector_batch
+from mdland.detector.loss import detector_loss
+from mdland.detector.metrics import nme
+from mdland.detector.model import ARCHS, normalised_to_pixels
+from mdland.diffusion.data import count_rows, local_epoch, read_shards
+from mdland.log import get_logger, setup_logging
+from mdland.plots import plot_curves
+from mdland.session import LocalSession, RaySession, set_single_process_env
+
+log = get_logger(__name__)
+
+
+@dataclass
+class DetectorTrainConfig:
+    data: list[str] = field(default_factory=list)  # shard datasets to train on (synthetic and/or real)
+    val_data: str = ""  # held-out shards for the per-epoch NME
+    init: str | None = None  # a STAR .pkl (or mdland detector.pkl) to start from; None: random
+    arch: str = "star-300w"  # used when starting from scratch
+    epochs: int = 10
+    batch_size: int = 32  # per worker
+    learning_rate: float = 1e-4
+    augment: bool = True
+    star_w: float = 1.0
+    zero_stage: int = 1
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    log_every: int = 20
+    storage_path: str = "runs"
+    name: str = "detector"
+    keep_checkpoints: int = 3
+    max_failures: int = 1
+    seed: int = 0
+
+
+def check_config(cfg: DetectorTrainConfig) -> int:
+    """Fail before any worker starts; returns the number of training faces."""
+    if not cfg.data:
+        raise ValueError("data: no training datasets given")
+    if cfg.init is None and cfg.arch not in ARCHS:
+        raise ValueError(f"arch: unknown detector architecture {cfg.arch!r}; choose one of {sorted(ARCHS)}")
+    if cfg.init is not None:
+        load_detector(cfg.init)  # reads and checks the weights now, not on every worker later
+    rows = sum(count_rows(d) for d in cfg.data)
+    if rows == 0:
+        raise ValueError(f"data: {cfg.data} hold no faces")
+    if cfg.batch_size * cfg.num_workers > rows:
+        raise ValueError(f"batch_size: {cfg.batch_size} x {cfg.num_workers} worker(s) is larger than the "
+                         f"training set ({rows} faces)")
+    if cfg.val_data and count_rows(cfg.val_data) == 0:
+        raise ValueError(f"val_data: {cfg.val_data} holds no faces")
+    storage.check_writable(storage.join(cfg.storage_path, cfg.name))
+    return rows
+
+
+@torch.no_grad()
+def validation_nme(net, batch: dict, device, dtype) -> float:
+    """Mean inter-ocular NME of the final stack on prepared (unaugmented) validation faces."""
+    net.eval()
+    size = net.arch.input_size
+    preds = []
+    for start in range(0, len(batch["image"]), 64):
+        x = torch.from_numpy(batch["image"][start : start + 64]).to(device, dtype)
+        preds.append(normalised_to_pixels(net(x).landmarks[-1].float(), size).cpu().numpy())
+    net.train()
+    return float(nme(np.concatenate(preds), normalised_to_pixels(torch.from_numpy(batch["landmarks"]), size).numpy()).mean())
+
+
+def train_func(config: dict) -> None:
+    setup_logging()
+    cfg = from_dict(DetectorTrainConfig, config["train"])
+    on_gpu = cfg.use_gpu and torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
+    import deepspeed
+
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    torch.manual_seed(cfg.seed)  # the same random start on every worker
+    net = load_detector(cfg.init, cfg.arch, device).train()
+    size = net.arch.input_size
+    prepare = partial(prepare_detector_batch, size=size, augment=cfg.augment)
+    session = (LocalSession(cfg.storage_path, cfg.name, lambda bs, seed: local_epoch(cfg.data, COLUMNS, prepare, bs, seed))
+               if config.get("local") else RaySession())
+    engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config={
+        "train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.zero_stage}, "bf16": {"enabled": on_gpu},
+        "optimizer": {"type": "Adam", "params": {"lr": cfg.learning_rate, "torch_adam": True}},
+        "steps_per_print": 10**9})
+    history, epoch, best = [], 0, float("inf")
+    with session.latest_checkpoint() as restored:
+        if restored:
+            _, client = engine.load_checkpoint(restored)
+            history, epoch, best = client["history"], client["epoch"], client["best_nme"]
+            log.info("resumed after epoch %d (best validation NME %.4f)", epoch, best)
+    val = None
+    if session.rank == 0 and cfg.val_data:
+        table = read_dataset(cfg.val_data).select(COLUMNS)
+        val = prepare_detector_batch({c: table.column(c).to_pylist() for c in COLUMNS}, size, augment=False)
+        if not history:
+            history.append({"step": 0, "epoch": 0, "val_nme": validation_nme(engine.module, val, device, dtype)})
+            log.info("validation NME before training: %.4f", history[-1]["val_nme"])
+    while epoch < cfg.epochs:
+        losses, seen, t0 = [], 0, time.time()
+        for batch in session.epoch(cfg.batch_size, cfg.seed + epoch):
+            out = engine(torch.as_tensor(batch["image"], device=device, dtype=dtype))
+            loss, parts = detector_loss(out, *(torch.as_tensor(batch[k], device=device)
+                                               for k in ("landmarks", "pointmaps", "edgemaps")), cfg.star_w)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            seen += len(batch["image"]) * session.world
+            if session.rank == 0 and engine.global_steps % cfg.log_every == 0:
+                log.info("epoch %d step %d loss %.4f (star %.4f) %.1f images/s", epoch + 1, engine.global_steps,
+                         loss.item(), parts["star"], seen / (time.time() - t0))
+        epoch += 1
+        record = {"step": engine.global_steps, "epoch": epoch, "loss": float(np.mean(losses)),
+                  "images_per_s": seen / (time.time() - t0)}
+        if val is not None:
+            record["val_nme"] = validation_nme(engine.module, val, device, dtype)
+        history.append(record)
+        improved = val is not None and record["val_nme"] < best
+        best = min(best, record.get("val_nme", best))
+        _checkpoint(engine, session, cfg, history, epoch, best, improved)
+
+
+def _checkpoint(engine, session, cfg: DetectorTrainConfig, history: list, epoch: int, best: float,
+                improved: bool) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=f"epoch{epoch}", client_state={"history": history, "epoch": epoch,
+                                                                     "best_nme": best})
+        last = history[-1]
+        if session.rank == 0:
+            save_checkpoint(engine.module, str(Path(d) / "detector.pkl"), epoch=epoch)
+            (Path(d) / "history.json").write_text(json.dumps(history, indent=1))
+            plot_curves(history, Path(d) / "loss.png", ("loss", "val_nme"), "detector fine-tuning")
+            if improved:
+                save_checkpoint(engine.module, storage.join(cfg.storage_path, cfg.name, "best", "detector.pkl"),
+                                epoch=epoch, val_nme=last["val_nme"])
+            log.info("epoch %d: loss %.4f, validation NME %s%s", epoch, last["loss"],
+                     f"{last['val_nme']:.4f}" if "val_nme" in last else "n/a", " (best)" if improved else "")
+        session.report({k: v for k, v in last.items()} | {"best_val_nme": best}, d, engine.global_steps)
+
+
+def run_training(cfg: DetectorTrainConfig, local: bool = False) -> dict:
+    """Fine-tune on Ray Train (or in this process with `local`); returns the last metrics and the best weights."""
+    cfg = replace(cfg, data=[storage.absolute(d) for d in cfg.data], val_data=storage.absolute(cfg.val_data),
+                  init=cfg.init and storage.absolute(cfg.init), storage_path=storage.absolute(cfg.storage_path))
+    rows = check_config(cfg)
+    best = storage.join(cfg.storage_path, cfg.name, "best", "detector.pkl")
+    log.info("fine-tuning the detector on %d faces from %s", rows, cfg.data)
+    if local:
+        set_single_process_env()
+        train_func({"train": asdict(cfg), "local": True})
+        latest = json.loads(storage.read_bytes(storage.join(cfg.storage_path, cfg.name, "latest.json")))
+        return {**latest, "best": best}
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init()
+    fs, path = storage.filesystem(cfg.storage_path)
+    size = (load_detector(cfg.init) if cfg.init else load_detector(None, cfg.arch)).arch.input_size
+    dataset = read_shards(cfg.data, COLUMNS).map_batches(
+        prepare_detector_batch, fn_kwargs={"size": size, "augment": cfg.augment}, batch_format="numpy", batch_size=32)
+    trainer = TorchTrainer(
+        train_func, train_loop_config={"train": asdict(cfg)},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+        run_config=RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        datasets={"train": dataset})
+    result = trainer.fit()
+    return {**(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "best": best}

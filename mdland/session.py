@@ -1,0 +1,85 @@
+"""Where a `train_func` runs: on a Ray Train worker, or alone in one plain process for debugging.
+
+Both give the rank and world size, the latest checkpoint as a local folder, one epoch of numpy batches, and
+`report(metrics, checkpoint_dir, step)`. On Ray, storage, resume and failure handling are Ray Train's; in a plain
+process, checkpoints are copied to `storage_path/name/checkpoint_NNNNNN` and `latest.json` points at the newest.
+"""
+
+import contextlib
+import json
+import tempfile
+from collections.abc import Callable, Iterator
+
+from mdland.data import storage
+
+
+class RaySession:
+    def __init__(self):
+        import ray.train
+
+        self.train = ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        ckpt = self.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+        else:
+            with ckpt.as_directory() as d:
+                yield d
+
+    def epoch(self, batch_size: int, seed: int) -> Iterator[dict]:
+        shard = self.train.get_dataset_shard("train")
+        return shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                  local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed + self.rank)
+
+    def report(self, metrics: dict, checkpoint_dir: str, step: int) -> None:
+        self.train.report(metrics, checkpoint=self.train.Checkpoint.from_directory(checkpoint_dir),
+                          checkpoint_dir_name=f"checkpoint_{step:06d}")
+
+
+class LocalSession:
+    def __init__(self, storage_path: str, name: str, local_epoch: Callable[[int, int], Iterator[dict]]):
+        self.rank, self.world = 0, 1
+        self.root = storage.join(storage_path, name)
+        self.local_epoch = local_epoch
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        pointer = storage.join(self.root, "latest.json")
+        if not storage.exists(pointer):
+            yield None
+            return
+        with tempfile.TemporaryDirectory() as d:
+            storage.copy_to_local(json.loads(storage.read_bytes(pointer))["checkpoint"], d)
+            yield d
+
+    def epoch(self, batch_size: int, seed: int) -> Iterator[dict]:
+        return self.local_epoch(batch_size, seed)
+
+    def report(self, metrics: dict, checkpoint_dir: str, step: int) -> None:
+        uri = storage.join(self.root, f"checkpoint_{step:06d}")
+        storage.copy_from_local(checkpoint_dir, uri)
+        storage.write_bytes(storage.join(self.root, "latest.json"), json.dumps({"checkpoint": uri, **metrics}).encode())
+
+
+def endless(session, batch_size: int, seed: int) -> Iterator[dict]:
+    """Epoch after epoch of batches, each epoch shuffled with a new seed."""
+    while True:
+        yield from session.epoch(batch_size, seed)
+        seed += 1000
+
+
+def set_single_process_env() -> None:
+    """What torch.distributed / DeepSpeed need to run as a world of one outside Ray Train."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for var, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
+                       ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(var, value)

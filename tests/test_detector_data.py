@@ -1,0 +1,57 @@
+import numpy as np
+
+from mdland.data.procedural import draw_face, random_landmarks
+from mdland.detector.data import edge_maps, face_crop, pixels_to_unit, point_maps, to_network_input
+from mdland.detector.model import EDGES, normalised_to_pixels
+
+
+def marked_face(seed=0):
+    rng = np.random.default_rng(seed)
+    points = random_landmarks(rng, 200)
+    image = draw_face(points, "line_art", 200, rng).copy()
+    x, y = np.round(points[30]).astype(int)
+    image[y - 1 : y + 2, x - 1 : x + 2] = [255, 0, 0]
+    points[30] = [x, y]
+    return image, points
+
+
+def red_centre(image):
+    red = np.clip(image[..., 0].astype(float) - image[..., 1:].max(-1), 0, None)
+    red[red < 120] = 0
+    ys, xs = np.mgrid[: image.shape[0], : image.shape[1]]
+    return np.array([(red * xs).sum() / red.sum(), (red * ys).sum() / red.sum()])
+
+
+def test_augmented_crops_move_pixels_and_landmarks_together():
+    image, points = marked_face()
+    flips = 0
+    for seed in range(12):
+        crop, moved, _ = face_crop(image, points, 128, np.random.default_rng(seed))
+        np.testing.assert_allclose(red_centre(crop), moved[30], atol=0.7)
+        # After a flip the image's left eye (36-41) is still the one on the image's left.
+        assert moved[36:42, 0].mean() < moved[42:48, 0].mean() + 1e-3 or abs(moved[36, 0] - moved[45, 0]) < 5
+        flips += moved[0, 0] > moved[16, 0]
+    crop, moved, _ = face_crop(image, points, 128)
+    box = moved.max(0) - moved.min(0)
+    assert abs(box.max() - 128 / 1.25) < 0.5  # the landmark box fills 1 / 1.25 of the crop
+
+
+def test_targets():
+    points = np.array([[10.0, 20.0]] * 68, dtype=np.float32)
+    points[5] = [200.5, 100.5]
+    maps = point_maps(points, 256)
+    assert maps.shape == (68, 64, 64)
+    r, c = np.unravel_index(maps[5].argmax(), maps[5].shape)
+    # Sampled at 64-grid centres 4u + 1.5: the nearest is 1 px away in x and y, sigma 1.5.
+    assert (r, c) == (25, 50) and abs(maps[5].max() - np.exp(-2 / (2 * 1.5**2))) < 1e-6
+    _, face = marked_face(1)
+    edges = edge_maps(face * 256 / 200, 256)
+    assert edges.shape == (len(EDGES), 64, 64) and (edges.reshape(9, -1).max(1) > 0.2).all()
+    jaw = np.round(face[8] * 256 / 200 / 4 - 0.375).astype(int)
+    assert edges[0, jaw[1] - 1 : jaw[1] + 2, jaw[0] - 1 : jaw[0] + 2].max() > 0
+    unit = pixels_to_unit(np.array([[-0.5, 255.5], [127.5, 0.0]]), 256)
+    np.testing.assert_allclose(unit, [[-1, 1], [0, -1 + 1 / 256]], atol=1e-6)
+    np.testing.assert_allclose(normalised_to_pixels(__import__("torch").tensor(unit), 256).numpy(),
+                               [[-0.5, 255.5], [127.5, 0.0]], atol=1e-4)
+    x = to_network_input(np.array([[[[255, 0, 127]]]], dtype=np.uint8))
+    np.testing.assert_allclose(x[0, :, 0, 0], [(127 - 127.5) / 127.5, -1, 1])  # BGR order

@@ -1,0 +1,56 @@
+import numpy as np
+import torch
+
+from mdland.detector.loss import awing_loss, detector_loss, heatmap_moments, star_loss
+from mdland.detector.model import ARCHS, STARNet, decode_heatmaps
+
+
+def blobs(b=2, n=3, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, n, size, size, generator=g) ** 8  # peaky, non-negative
+
+
+def test_awing_is_zero_with_zero_gradient_at_a_perfect_prediction():
+    target = torch.rand(2, 3, 8, 8)
+    pred = target.clone().requires_grad_(True)
+    loss = awing_loss(pred, target)
+    loss.backward()
+    assert loss.item() == 0 and pred.grad.abs().max() == 0
+    assert awing_loss(target + 0.3, target) > 0
+
+
+def test_star_loss_translation_part_has_zero_gradient_at_the_heatmap_mean():
+    maps = blobs().requires_grad_(True)
+    mean = heatmap_moments(maps)[0].detach()
+    loss = star_loss(maps, mean, w=0.0)
+    loss.backward()
+    assert loss.item() < 1e-9 and maps.grad.abs().max() < 1e-6
+    assert star_loss(maps.detach(), mean + 0.2, w=0.0) > 0.1
+    assert torch.allclose(mean, decode_heatmaps(maps.detach()), atol=1e-5)
+
+
+def test_closed_form_eigenvalues_match_torch_eigh():
+    maps = blobs(seed=3)
+    _, a, b, d = heatmap_moments(maps)
+    cov = torch.stack([torch.stack([a, b], -1), torch.stack([b, d], -1)], -2).double()
+    ref = torch.linalg.eigvalsh(cov)
+    centre, half = (a + d) / 2, torch.sqrt(((a - d) / 2) ** 2 + b * b)
+    np.testing.assert_allclose(torch.stack([centre - half, centre + half], -1).numpy(), ref.numpy(), rtol=1e-4,
+                               atol=1e-7)
+
+
+def test_loss_decreases_when_fitting_a_batch():
+    torch.manual_seed(0)
+    net = STARNet(ARCHS["tiny"])
+    x = torch.randn(4, 3, 64, 64)
+    target = torch.rand(4, 68, 2) * 1.6 - 0.8
+    pointmaps, edgemaps = torch.rand(4, 68, 16, 16) ** 4, torch.rand(4, 9, 16, 16) ** 4
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    losses = []
+    for _ in range(30):
+        loss, parts = detector_loss(net(x), target, pointmaps, edgemaps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0] and set(parts) == {"star", "awing_points", "awing_edges"}
