@@ -6,6 +6,7 @@
 - `generate`: mdland's sampler (half precision, channels-last, batched guidance, optional torch.compile) against
   diffusers' `StableDiffusionControlNetPipeline` on the same modules, seeds and settings; images/s and ratio. With
   `--pipeline`, also the Ray Data pipeline's steady images/s against the bare sampler, and the time for 10k images.
+- `detector`: batched images/s and single-image latency of the STAR network (fp16 on GPU, fp32 on CPU).
 """
 
 import json
@@ -193,6 +194,31 @@ def _bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance,
     return {"pipeline_images_per_s": round(rate, 3) if rate else None,
             "pipeline_vs_bare_sampler": round(rate / bare, 3) if rate else None,
             "projected_10k_images_min": round(10_000 / rate / 60, 1) if rate else None}
+
+
+def bench_detector(arch: str = "star-300w", batch_size: int = 32, repeats: int = 5, warmup: int = 2) -> dict:
+    """Batched images/s and single-image latency of the STAR network (fp16 on GPU, fp32 on CPU)."""
+    import numpy as np
+
+    from mdland.detector.model import ARCHS, STARNet
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    net = STARNet(ARCHS[arch]).eval().to(device, dtype)
+    size = net.arch.input_size
+    batch = torch.randn(batch_size, 3, size, size, device=device, dtype=dtype)
+    one = batch[:1]
+    with torch.no_grad():
+        per_batch = _timed(lambda: net(batch), repeats, warmup, device)
+        latencies = []
+        for i in range(warmup + 4 * repeats):
+            t = _timed(lambda: net(one), 1, 0, device)
+            if i >= warmup:
+                latencies.append(t * 1000)
+    return {"benchmark": "detector", "arch": arch, "device": _device_name(device), "dtype": str(dtype).split(".")[-1],
+            "batch_size": batch_size, "batched_images_per_s": round(batch_size / per_batch, 2),
+            "single_image_p50_ms": round(float(np.percentile(latencies, 50)), 2),
+            "single_image_p95_ms": round(float(np.percentile(latencies, 95)), 2)}
 
 
 def write_result(result: dict, path: str | None) -> None:

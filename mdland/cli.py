@@ -52,6 +52,8 @@ def _bench(a: argparse.Namespace) -> None:
 
     if a.what == "train":
         result = bench.bench_train(a.preset, a.batch_size, a.resolution, a.steps, a.warmup)
+    elif a.what == "detector":
+        result = bench.bench_detector(a.arch, a.batch_size, a.repeats, a.warmup)
     else:
         result = bench.bench_generate(a.preset, a.batch_size, a.resolution, a.steps, a.guidance, a.repeats,
                                       a.compile, a.pipeline, a.pipeline_images)
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_generate)
 
     p = sub.add_parser("bench", help="speed against a named baseline, in the same process")
-    p.add_argument("what", choices=["train", "generate"])
+    p.add_argument("what", choices=["train", "generate", "detector"])
     p.add_argument("--preset", default="sd15", help="model size: sd15 (GPU) or tiny (a CPU smoke run)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--resolution", type=int, default=256)
@@ -177,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="generate: torch.compile UNet and ControlNet")
     p.add_argument("--pipeline", action="store_true", help="generate: also time the Ray Data pipeline")
     p.add_argument("--pipeline-images", type=int, default=512)
+    p.add_argument("--arch", default="star-300w", help="detector: star-300w or tiny")
     p.add_argument("--out", help="also write the result JSON here")
     p.set_defaults(run=_bench)
 

@@ -29,3 +29,11 @@ def test_bench_generate_compares_sampler_stock_and_pipeline(tmp_path, monkeypatc
     assert r["stock_images_per_s"] > 0 and r["mdland_images_per_s"] > 0 and r["pipeline_images_per_s"] > 0
     assert abs(r["speedup"] - r["mdland_images_per_s"] / r["stock_images_per_s"]) < 0.05
     assert r["projected_10k_images_min"] == round(10_000 / r["pipeline_images_per_s"] / 60, 1)
+
+
+def test_bench_detector(tmp_path):
+    out = tmp_path / "det.json"
+    assert main(["bench", "detector", "--arch", "tiny", "--batch-size", "4", "--repeats", "2", "--warmup", "1",
+                 "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["batched_images_per_s"] > 0 and 0 < r["single_image_p50_ms"] <= r["single_image_p95_ms"]

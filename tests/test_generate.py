@@ -182,3 +182,33 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
         run_generation(config(inputs, str(out)))
     assert (out / "shard-000000.parquet").read_bytes() == b"earlier work"
     assert sorted(os.listdir(out)) == ["plan.json", "shard-000000.parquet"]
+
+
+def test_alignment_scores_and_filter(inputs, tmp_path):
+    import ray
+
+    from mdland.detector.checkpoint import save_checkpoint
+    from mdland.detector.model import ARCHS, STARNet
+
+    torch.manual_seed(0)
+    save_checkpoint(STARNet(ARCHS["tiny"]), str(tmp_path / "det.pkl"))
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        scored = config(inputs, str(tmp_path / "scored"), detector=str(tmp_path / "det.pkl"))
+        run_generation(scored)
+        scores = read_dataset(scored.output).column("alignment").to_numpy()
+        assert len(scores) == 24 and np.isfinite(scores).all() and (scores > 0).all()
+        threshold = float(np.median(scores))
+        filtered = config(inputs, str(tmp_path / "filtered"), detector=str(tmp_path / "det.pkl"),
+                          min_alignment=threshold)
+        result = run_generation(filtered)
+    finally:
+        ray.shutdown()
+    kept = read_dataset(filtered.output)
+    by_key = dict(zip(read_dataset(scored.output).column("key").to_pylist(), scores))
+    assert 0 < kept.num_rows < 24 and result["count"] == kept.num_rows
+    assert read_manifest(filtered.output)["planned"] == 24
+    for key, score in zip(kept.column("key").to_pylist(), kept.column("alignment").to_numpy()):
+        assert score <= threshold and score == pytest.approx(by_key[key], rel=1e-5)
+    with pytest.raises(ValueError, match="min_alignment: needs a detector"):
+        run_generation(config(inputs, str(tmp_path / "x"), min_alignment=0.1))

@@ -50,13 +50,29 @@ def build_sampler(cfg: GenerateConfig):
 
 
 class GenerationActor:
-    """Holds one sampler for its lifetime; turns batches of conditions into encoded images."""
+    """Holds one sampler (and optionally a detector) for its lifetime; turns batches of conditions into encoded
+    images, each scored by the detector's NME against the landmarks it was drawn from."""
 
     def __init__(self, config: dict):
         setup_logging()
         self.cfg = from_dict(GenerateConfig, config)
         self.sampler = build_sampler(self.cfg)
+        self.detector = None
+        if self.cfg.detector:
+            from mdland.detector.checkpoint import load_detector
+
+            self.detector = load_detector(self.cfg.detector, device=self.sampler.device).eval()
         self.done, self.t0 = 0, time.time()
+
+    def alignment(self, images: np.ndarray, landmarks: list) -> np.ndarray:
+        from mdland.detector.checkpoint import predict
+        from mdland.detector.data import CROP_MARGIN
+        from mdland.detector.metrics import nme
+        from mdland.landmarks.align import crop_from_landmarks
+
+        points = np.stack([np.asarray([np.asarray(p) for p in lm], dtype=np.float32) for lm in landmarks])
+        pred = predict(self.detector, list(images), [crop_from_landmarks(p, CROP_MARGIN) for p in points])
+        return nme(pred, points).astype(np.float32)
 
     def __call__(self, batch: dict) -> dict:
         from mdland.generation.sampler import to_uint8
@@ -67,11 +83,14 @@ class GenerationActor:
         log.info("actor: %d images, %.2f images/s", self.done, self.done / (time.time() - self.t0))
         out = {k: v for k, v in batch.items() if k != "condition"}
         out["image"] = np.array([encode_image(im) for im in images], dtype=object)
+        out["alignment"] = (self.alignment(images, batch["landmarks"]) if self.detector is not None
+                            else np.full(len(images), np.nan, dtype=np.float32))
         return out
 
 
 class ShardAssembler:
-    """Collects generated rows by shard and writes each shard, atomically, as soon as all its rows are in."""
+    """Collects generated rows by shard and writes each shard, atomically, as soon as all its rows are in
+    (leaving out the pairs the alignment filter rejects)."""
 
     def __init__(self, config: dict):
         setup_logging()
@@ -79,20 +98,25 @@ class ShardAssembler:
         self.rows: dict[int, list[Face]] = defaultdict(list)
         self.model = self.cfg.controlnet
 
+    def rejects(self, score: float) -> bool:
+        return self.cfg.min_alignment is not None and not np.isnan(score) and score > self.cfg.min_alignment
+
     def expected(self, shard: int) -> int:
         return min(self.cfg.rows_per_shard, self.cfg.total - shard * self.cfg.rows_per_shard)
 
     def __call__(self, batch: dict) -> dict:
         for i in range(len(batch["index"])):
             shard = int(batch["shard"][i])
-            self.rows[shard].append(Face(
+            score = float(batch["alignment"][i])
+            self.rows[shard].append(None if self.rejects(score) else Face(
                 image=batch["image"][i], landmarks=np.asarray(batch["landmarks"][i], dtype=np.float32),
                 key=str(batch["key"][i]), prompt=str(batch["prompt"][i]), style=str(batch["style"][i]),
                 source="synthetic", edits=str(batch["edits"][i]).split(","),
-                edit_params=json.loads(batch["edit_params"][i]), seed=int(batch["seed"][i]), model=self.model))
+                edit_params=json.loads(batch["edit_params"][i]), seed=int(batch["seed"][i]), model=self.model,
+                alignment=None if np.isnan(score) else score))
         written = []
         for shard in [s for s, rows in self.rows.items() if len(rows) == self.expected(s)]:
-            faces = sorted(self.rows.pop(shard), key=lambda f: f.key)
+            faces = sorted((f for f in self.rows.pop(shard) if f is not None), key=lambda f: f.key)
             summary = write_shard(storage.join(self.cfg.output, shard_name(shard)), faces)
             written.append((shard, json.dumps(summary)))
         return {"shard": np.array([w[0] for w in written], dtype=np.int64),
@@ -136,12 +160,19 @@ def run_generation(cfg: GenerateConfig) -> dict:
     """Generate the planned set's missing shards, then write the manifest (when the set is complete)."""
     cfg = replace(cfg, source=storage.absolute(cfg.source), output=storage.absolute(cfg.output),
                   controlnet=storage.absolute(cfg.controlnet), styles_file=storage.absolute(cfg.styles_file),
-                  model=cfg.model if cfg.model in PRESETS else storage.absolute(cfg.model))
+                  model=cfg.model if cfg.model in PRESETS else storage.absolute(cfg.model),
+                  detector=cfg.detector and storage.absolute(cfg.detector))
     if not cfg.output:
         raise ValueError("output: no output location given")
     if not cfg.controlnet or not storage.exists(storage.join(cfg.controlnet, "config.json")):
         raise ValueError(f"controlnet: {cfg.controlnet!r} is not a ControlNet export (no config.json)")
     styles = load_styles(cfg.styles_file, cfg.styles)
+    if cfg.min_alignment is not None and not cfg.detector:
+        raise ValueError("min_alignment: needs a detector to score the images with")
+    if cfg.detector:
+        from mdland.detector.checkpoint import load_detector
+
+        load_detector(cfg.detector)  # a bad checkpoint fails here, before any actor starts
     if cfg.images_per_style < 1 or cfg.rows_per_shard < 1 or cfg.batch_size < 1:
         raise ValueError("images_per_style, rows_per_shard and batch_size must be at least 1")
     landmarks = source_landmarks(cfg)
@@ -159,7 +190,7 @@ def run_generation(cfg: GenerateConfig) -> dict:
         return {"complete": False, "missing": len(remaining), "total": cfg.total, "images_per_s": steady}
     shards = [_shard_summary(u) for u in storage.list_files(cfg.output, ".parquet")]
     manifest = write_manifest(cfg.output, shards, asdict(cfg), complete=True, model=cfg.model,
-                              controlnet=cfg.controlnet)
+                              controlnet=cfg.controlnet, planned=cfg.total)
     log.info("complete: %d images, %s", manifest["count"], manifest["styles"])
     return {"complete": True, "count": manifest["count"], "total": cfg.total, "images_per_s": steady}
 

@@ -47,6 +47,8 @@ class GenerateConfig:
     compile: bool = False  # torch.compile the UNet and ControlNet (GPU)
     vae_batch_size: int = 16
     max_shards: int | None = None  # stop after this many new shards (for trial runs)
+    detector: str | None = None  # a detector checkpoint: score each image by its NME against its landmarks
+    min_alignment: float | None = None  # with a detector: drop pairs whose NME is above this
 
     @property
     def total(self) -> int:
@@ -59,7 +61,8 @@ class GenerateConfig:
     def plan_identity(self) -> dict:
         """What fixes the planned set: two runs agreeing on these write the same samples."""
         keys = ("source", "model", "controlnet", "styles_file", "styles", "images_per_style", "seed", "resolution",
-                "num_inference_steps", "guidance_scale", "eta", "edits_per_sample", "edit_strength", "rows_per_shard")
+                "num_inference_steps", "guidance_scale", "eta", "edits_per_sample", "edit_strength", "rows_per_shard",
+                "detector", "min_alignment")
         ident = {k: getattr(self, k) for k in keys}
         ident["styles_file"] = load_styles(self.styles_file, self.styles)
         return ident

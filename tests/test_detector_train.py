@@ -1,0 +1,90 @@
+import io
+import json
+import os
+
+import pytest
+import torch
+
+from mdland.data import storage
+from mdland.demo import write_faces
+from mdland.detector.checkpoint import load_detector, save_checkpoint
+from mdland.detector.model import ARCHS, STARNet
+from mdland.detector.train import DetectorTrainConfig, check_config, run_training
+
+TINY = dict(arch="tiny", batch_size=8, learning_rate=1e-3, log_every=4)
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faces")
+    write_faces(str(root / "train"), 64, seed=0, size=96)
+    write_faces(str(root / "val"), 16, seed=0, size=96, start=10_000)
+    return root
+
+
+def history(checkpoint: str) -> list[dict]:
+    return json.loads(storage.read_bytes(storage.join(checkpoint, "history.json")))
+
+
+def test_bad_configs_fail_fast(faces, tmp_path):
+    def check(**kw):
+        base = dict(TINY, data=[str(faces / "train")], storage_path=str(tmp_path))
+        return check_config(DetectorTrainConfig(**{**base, **kw}))
+
+    assert check() == 64
+    with pytest.raises(ValueError, match="no training datasets"):
+        check(data=[])
+    with pytest.raises(ValueError, match=r"batch_size: 40 x 2 worker\(s\) is larger than the training set"):
+        check(batch_size=40, num_workers=2)
+    with pytest.raises(ValueError, match="unknown detector architecture"):
+        check(arch="resnet")
+    with pytest.raises(ValueError, match="nope.pkl: detector checkpoint not found"):
+        check(init=str(tmp_path / "nope.pkl"))
+
+
+def test_plain_process_learns_keeps_the_best_and_resumes(faces, tmp_path):
+    cfg = DetectorTrainConfig(**TINY, data=[str(faces / "train")], val_data=str(faces / "val"), epochs=3,
+                              storage_path=str(tmp_path), name="d")
+    first = run_training(cfg, local=True)
+    cfg.epochs = 4
+    second = run_training(cfg, local=True)
+    hist = history(second["checkpoint"])
+    assert [r["epoch"] for r in hist] == [0, 1, 2, 3, 4]  # resumed after epoch 3, not restarted
+    nmes = [r["val_nme"] for r in hist]
+    assert nmes[-1] < nmes[0] - 0.1, nmes  # validation NME falls measurably from the random start
+    best = load_detector(second["best"])
+    assert best.arch == ARCHS["tiny"]
+    blob = torch.load(io.BytesIO(storage.read_bytes(second["best"])), weights_only=True)
+    assert blob["val_nme"] == pytest.approx(min(nmes[1:])) and first["epoch"] == 3
+
+
+def test_fine_tuning_a_finished_checkpoint_starts_at_epoch_zero(faces, tmp_path):
+    # A checkpoint that had trained 500 epochs: the new run still trains its own epochs (STAR's trainer would not).
+    torch.manual_seed(3)
+    net = STARNet(ARCHS["tiny"])
+    save_checkpoint(net, str(tmp_path / "done.pkl"), epoch=500)
+    cfg = DetectorTrainConfig(**TINY, init=str(tmp_path / "done.pkl"), data=[str(faces / "train")], epochs=1,
+                              storage_path=str(tmp_path), name="ft")
+    result = run_training(cfg, local=True)
+    assert result["epoch"] == 1 and result["step"] == 64 // 8
+    tuned = load_detector(storage.join(result["checkpoint"], "detector.pkl"))
+    assert not torch.equal(tuned.state_dict()["pre.0.conv.weight"], net.state_dict()["pre.0.conv.weight"])
+
+
+def test_ray_train_two_workers_lower_validation_nme(faces, tmp_path):
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False,
+             runtime_env={"env_vars": {"MDLAND_CACHE": os.environ.get("MDLAND_CACHE", "")}})
+    try:
+        cfg = DetectorTrainConfig(**TINY, data=[str(faces / "train")], val_data=str(faces / "val"), epochs=3,
+                                  num_workers=2, storage_path=str(tmp_path), name="ray-d")
+        result = run_training(cfg)
+    finally:
+        ray.shutdown()
+    hist = history(result["checkpoint"])
+    nmes = [r["val_nme"] for r in hist]
+    assert [r["epoch"] for r in hist] == [0, 1, 2, 3] and nmes[-1] < nmes[0] - 0.05, nmes
+    names = os.listdir(os.path.join(result["checkpoint"], "epoch3"))
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(names)
+    assert os.path.exists(result["best"])

@@ -1,0 +1,92 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mdland.cli import main
+from mdland.data.procedural import procedural_faces
+from mdland.data.shards import ShardWriter, decode_image
+from mdland.detector.checkpoint import load_detector, predict, save_checkpoint
+from mdland.detector.evaluate import eval_faces
+from mdland.detector.data import CROP_MARGIN
+from mdland.detector.metrics import nme
+from mdland.detector.model import ARCHS, STARNet
+from mdland.landmarks.align import crop_from_landmarks
+from mdland.landmarks.io import StarRow, write_pts, write_star_tsv, write_txt
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    save_checkpoint(STARNet(ARCHS["tiny"]), str(root / "det.pkl"))
+    faces = list(procedural_faces(5, seed=4, size=120))
+    for fmt in ("art", "cari", "tsv"):
+        (root / fmt).mkdir()
+    rows = []
+    for f in faces:
+        for fmt in ("art", "cari", "tsv"):
+            (root / fmt / f"{f.key}.png").write_bytes(f.image)
+        write_pts(root / "art" / f"{f.key}.pts", f.landmarks)
+        write_txt(root / "cari" / f"{f.key}.txt", f.landmarks)
+        centre, scale = crop_from_landmarks(f.landmarks)
+        rows.append(StarRow(f"{f.key}.png", f.landmarks, scale, centre))
+    write_star_tsv(root / "tsv" / "test.tsv", rows)
+    writer = ShardWriter(str(root / "shards"))
+    for f in faces:
+        writer.add(f)
+    writer.close()
+    return root, faces
+
+
+def test_every_reader_format_gives_the_same_scores(setup):
+    root, faces = setup
+    out = root / "report"
+    assert main(["evaluate", "--detector", str(root / "det.pkl"), "--data", f"artface={root / 'art'}",
+                 "--data", f"cariface={root / 'cari'}", "--data", f"tsv={root / 'tsv' / 'test.tsv'}",
+                 "--format", "artface", "--format", "cariface", "--format", "star-tsv", "--out", str(out)]) == 0
+    rows = json.loads((out / "metrics.json").read_text())
+    # The same faces by three readers: the same numbers, and equal to scoring the predictions by hand.
+    net = load_detector(str(root / "det.pkl")).eval()
+    images = [decode_image(f.image) for f in faces]
+    gt = np.stack([f.landmarks for f in faces])
+    pred = predict(net, images, [crop_from_landmarks(p, CROP_MARGIN) for p in gt])
+    expected = nme(pred, gt).mean()
+    assert [r["name"] for r in rows] == ["artface", "cariface", "tsv"]
+    for r in rows:
+        assert r["count"] == 5 and r["nme"] == pytest.approx(expected, rel=1e-4)
+    assert "| artface | 5 |" in (out / "metrics.md").read_text()
+    for name in ("ced.png", "overlays-artface.png", "overlays-tsv.png"):
+        assert (out / name).stat().st_size > 1000
+    assert main(["evaluate", "--detector", str(root / "det.pkl"), "--data", str(root / "shards"),
+                 "--out", str(root / "r2")]) == 0
+    assert json.loads((root / "r2" / "metrics.json").read_text())[0]["nme"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_bad_faces_fail_by_name_or_are_skipped(setup, tmp_path):
+    root, faces = setup
+    src = tmp_path / "bad"
+    src.mkdir()
+    for f in faces:
+        (src / f"{f.key}.png").write_bytes(f.image)
+        write_pts(src / f"{f.key}.pts", f.landmarks)
+    (src / f"{faces[0].key}.pts").unlink()  # an image without landmarks
+    (src / f"{faces[1].key}.pts").write_text("version: 1\nn_points: 5\n{\n" + "1 1\n" * 5 + "}\n")  # wrong count
+    (src / f"{faces[2].key}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # unreadable image
+    args = ["evaluate", "--detector", str(root / "det.pkl"), "--data", str(src), "--format", "artface",
+            "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    assert main(args + ["--skip-bad"]) == 0
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())[0]["count"] == 2
+    for name, message in ((faces[0].key, "image without a landmark file"), (faces[1].key, "expected 68 points"),
+                          (faces[2].key, "unreadable image")):
+        only = tmp_path / name  # one good face beside the bad one: the error names the bad one
+        only.mkdir()
+        (only / f"{faces[3].key}.png").write_bytes(faces[3].image)
+        write_pts(only / f"{faces[3].key}.pts", faces[3].landmarks)
+        for suffix in (".png", ".pts"):
+            if (src / f"{name}{suffix}").exists():
+                (only / f"{name}{suffix}").write_bytes((src / f"{name}{suffix}").read_bytes())
+        with pytest.raises(ValueError, match=f"{name}.*{message}"):
+            eval_faces(str(only), "artface")
