@@ -4,6 +4,8 @@ import argparse
 import json
 import sys
 
+import yaml
+
 from mdland.log import setup_logging
 
 
@@ -37,6 +39,18 @@ def _train_controlnet(a: argparse.Namespace) -> None:
     config = load_config(ControlNetTrainConfig, _named_config(a.config), a.set)
     result = run_training(config, local=a.local)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (list, dict))}, default=str))
+
+
+def _serve(a: argparse.Namespace) -> None:
+    import time
+
+    from mdland.serve.app import start_server
+
+    args = {"detector": a.detector, **{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in a.set)}}
+    url = start_server(args, a.host, a.port)
+    print(f"serving {a.detector} at {url}/v1/landmarks (docs: {url}/docs); Ctrl-C stops", flush=True)
+    while True:
+        time.sleep(3600)
 
 
 def _generate(a: argparse.Namespace) -> None:
@@ -166,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of GenerateConfig fields")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     p.set_defaults(run=_generate)
+
+    p = sub.add_parser("serve", help="host a detector checkpoint over HTTP with Ray Serve")
+    p.add_argument("--detector", required=True, help="detector checkpoint (.pkl), local or s3://")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="ServeConfig fields: max_batch_size, batch_wait_timeout_s, max_bytes, max_pixels, use_gpu, ...")
+    p.set_defaults(run=_serve)
 
     p = sub.add_parser("bench", help="speed against a named baseline, in the same process")
     p.add_argument("what", choices=["train", "generate", "detector"])

@@ -1,0 +1,230 @@
+"""`mdland serve`: the detector behind an HTTP API on Ray Serve, with dynamic batching.
+
+POST /v1/landmarks          one image: raw bytes with an image content type, or multipart (`image` file, `box` field)
+POST /v1/landmarks/batch    several images: multipart (`images` files, one `boxes` field each or none) or JSON
+                            {"images": [{"image": <base64>, "box": [x0, y0, x1, y1]}, ...]}
+GET  /healthz               200 once this replica has loaded its model
+GET  /v1/model              model id, input size, point scheme
+GET  /docs, /openapi.json   FastAPI's OpenAPI documents
+
+The face box `x0,y0,x1,y1` is in the image's pixels; without one the whole image is taken as the face crop. Points come
+back as 68 [x, y] pairs in the original image's pixels. Bad input gets a 4xx with one line naming the problem.
+"""
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
+from ray import serve
+
+from mdland.config import from_dict
+from mdland.landmarks.align import crop_from_box
+
+
+@dataclass
+class ServeConfig:
+    detector: str = ""  # detector checkpoint (.pkl), local or s3://
+    max_batch_size: int = 16  # images per batched forward
+    batch_wait_timeout_s: float = 0.005  # how long a request waits for others to batch with
+    max_bytes: int = 10 * 2**20  # per request body
+    max_pixels: int = 25_000_000  # per image
+    max_images: int = 32  # per batch request
+    use_gpu: bool = False  # fp16 on a GPU; fp32 on CPU
+
+
+class BadInput(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def decode_image(data: bytes, limits: ServeConfig, what: str = "image") -> np.ndarray:
+    if not data:
+        raise BadInput(400, f"{what}: empty body")
+    if len(data) > limits.max_bytes:
+        raise BadInput(413, f"{what}: {len(data)} bytes is over the {limits.max_bytes}-byte limit")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > limits.max_pixels:
+                raise BadInput(413, f"{what}: {im.width}x{im.height} pixels is over the {limits.max_pixels}-pixel limit")
+            return np.asarray(im.convert("RGB"))
+    except BadInput:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise BadInput(400, f"{what}: not an image ({type(e).__name__})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadInput(400, f"{what}: truncated or corrupt image ({str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+
+
+def parse_box(box: str | list | None, width: int, height: int, what: str = "box") -> tuple[float, ...]:
+    if box is None or box == "":
+        return (0.0, 0.0, float(width), float(height))
+    try:
+        values = [float(v) for v in (box.split(",") if isinstance(box, str) else box)]
+    except (TypeError, ValueError):
+        raise BadInput(400, f"{what}: expected four numbers x0,y0,x1,y1, got {box!r}") from None
+    if len(values) != 4 or not all(np.isfinite(values)):
+        raise BadInput(400, f"{what}: expected four finite numbers x0,y0,x1,y1, got {box!r}")
+    x0, y0, x1, y1 = values
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        raise BadInput(400, f"{what}: degenerate box {values} (x1 > x0 and y1 > y0 needed)")
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        raise BadInput(400, f"{what}: box {values} is outside the {width}x{height} image")
+    return (x0, y0, x1, y1)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes (before reading it all)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BadInput(413, f"body: {declared} bytes is over the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadInput(413, f"body: over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+api = FastAPI(title="mdland landmark detector", description=__doc__)
+
+
+@api.exception_handler(BadInput)
+async def _bad_input(request: Request, exc: BadInput):
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception):  # never a stack trace to the client
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+
+@serve.deployment(name="LandmarkDetector")
+@serve.ingress(api)
+class LandmarkService:
+    def __init__(self, config: dict):
+        import torch
+
+        from mdland.detector.checkpoint import load_detector
+
+        self.cfg = from_dict(ServeConfig, config)
+        on_gpu = self.cfg.use_gpu and torch.cuda.is_available()
+        self.dtype = torch.float16 if on_gpu else torch.float32
+        self.net = load_detector(self.cfg.detector, device="cuda" if on_gpu else "cpu").eval().to(dtype=self.dtype)
+        self.infer.set_max_batch_size(self.cfg.max_batch_size)
+        self.infer.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def infer(self, items: list[tuple[np.ndarray, tuple]]) -> list[np.ndarray]:
+        from mdland.detector.checkpoint import predict
+
+        images = [image for image, _ in items]
+        crops = [crop_from_box(box) for _, box in items]
+        return list(predict(self.net, images, crops, self.dtype))
+
+    async def answer(self, image: np.ndarray, box) -> dict:
+        t0 = time.perf_counter()
+        points = await self.infer((image, box))
+        return {"landmarks": np.round(points.astype(np.float64), 3).tolist(), "box": list(box), "image_size": [image.shape[1], image.shape[0]],
+                "model": self.cfg.detector, "time_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "model": self.cfg.detector}
+
+    @api.get("/v1/model")
+    async def model(self) -> dict:
+        arch = self.net.arch
+        return {"model": self.cfg.detector, "input_size": arch.input_size, "points": 68, "scheme": "ibug-300w-68",
+                "architecture": asdict(arch), "dtype": str(self.dtype).split(".")[-1],
+                "max_batch_size": self.cfg.max_batch_size}
+
+    @api.post("/v1/landmarks")
+    async def landmarks(self, request: Request, box: str | None = None) -> dict:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind.startswith("image/") or kind == "application/octet-stream":
+            image = decode_image(await read_body(request, self.cfg.max_bytes), self.cfg)
+        elif kind == "multipart/form-data":
+            form = await self._form(request)
+            upload = form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise BadInput(400, "multipart: no `image` file field")
+            image = decode_image(await upload.read(), self.cfg)
+            box = form.get("box", box)
+        else:
+            raise BadInput(415, f"content type {kind or 'missing'!r}: send image bytes (image/*) or multipart/form-data")
+        return await self.answer(image, parse_box(box, image.shape[1], image.shape[0]))
+
+    @api.post("/v1/landmarks/batch")
+    async def landmarks_batch(self, request: Request) -> dict:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "application/json":
+            body = await read_body(request, self.cfg.max_bytes)
+            try:
+                items = json.loads(body)["images"]
+                pairs = [(base64.b64decode(item["image"], validate=True), item.get("box")) for item in items]
+            except json.JSONDecodeError as e:
+                raise BadInput(400, f"JSON: malformed at line {e.lineno} column {e.colno} ({e.msg})") from None
+            except (KeyError, TypeError, AttributeError):
+                raise BadInput(400, 'JSON: expected {"images": [{"image": <base64>, "box": [x0, y0, x1, y1]}]}') from None
+            except (binascii.Error, ValueError):
+                raise BadInput(400, "JSON: an `image` is not valid base64") from None
+        elif kind == "multipart/form-data":
+            form = await self._form(request)
+            files = form.getlist("images")
+            boxes = form.getlist("boxes") or [None] * len(files)
+            if len(boxes) != len(files):
+                raise BadInput(400, f"multipart: {len(boxes)} boxes for {len(files)} images")
+            pairs = [(await f.read(), b) for f, b in zip(files, boxes) if not isinstance(f, str)]
+        else:
+            raise BadInput(415, f"content type {kind or 'missing'!r}: send multipart/form-data or application/json")
+        if not pairs:
+            raise BadInput(400, "batch: no images")
+        if len(pairs) > self.cfg.max_images:
+            raise BadInput(413, f"batch: {len(pairs)} images is over the {self.cfg.max_images}-image limit")
+        images = [decode_image(data, self.cfg, f"images[{i}]") for i, (data, _) in enumerate(pairs)]
+        boxes = [parse_box(b, im.shape[1], im.shape[0], f"boxes[{i}]") for i, (im, (_, b)) in
+                 enumerate(zip(images, pairs))]
+        return {"results": list(await asyncio.gather(*(self.answer(im, b) for im, b in zip(images, boxes))))}
+
+    async def _form(self, request: Request):
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.cfg.max_bytes:
+            raise BadInput(413, f"body: {declared} bytes is over the {self.cfg.max_bytes}-byte limit")
+        try:
+            return await request.form()
+        except Exception as e:  # the multipart parser's own errors
+            raise BadInput(400, f"multipart: malformed ({type(e).__name__})") from None
+
+
+def build_app(args: dict) -> serve.Application:
+    """The application for `serve run` / RayService configs: `import_path: mdland.serve.app:build_app`, `args` are
+    ServeConfig fields plus optional `num_replicas`, `autoscaling_config` and `ray_actor_options`."""
+    args = dict(args)
+    options = {k: args.pop(k) for k in ("num_replicas", "autoscaling_config", "ray_actor_options") if k in args}
+    cfg = from_dict(ServeConfig, args)
+    if not cfg.detector:
+        raise ValueError("detector: no checkpoint given")
+    if cfg.use_gpu:
+        options.setdefault("ray_actor_options", {}).setdefault("num_gpus", 1)
+    return LandmarkService.options(**options).bind(asdict(cfg))
+
+
+def start_server(args: dict, host: str = "127.0.0.1", port: int = 8000) -> str:
+    """Deploy the app on the running (or a new local) Ray and return its base URL; `serve.shutdown()` stops it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args), name="landmarks", route_prefix="/")
+    return f"http://{host}:{port}"

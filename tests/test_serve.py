@@ -1,0 +1,181 @@
+import base64
+import io
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+from PIL import Image
+
+from mdland.data.procedural import procedural_faces
+from mdland.data.shards import decode_image
+from mdland.detector.checkpoint import load_detector, predict, save_checkpoint
+from mdland.detector.model import ARCHS, STARNet
+from mdland.landmarks.align import crop_from_box
+
+LIMITS = {"max_bytes": 300_000, "max_pixels": 400 * 400, "max_images": 8}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from mdland.serve.app import start_server
+
+    root = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    save_checkpoint(STARNet(ARCHS["tiny"]), str(root / "det.pkl"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=4, include_dashboard=False)
+    url = start_server({"detector": str(root / "det.pkl"), "max_batch_size": 8, **LIMITS}, port=port)
+    faces = [f.image for f in procedural_faces(24, seed=5, size=96)]
+    yield url, load_detector(str(root / "det.pkl")).eval(), faces
+    serve.shutdown()
+    ray.shutdown()
+
+
+def expected(net, png: bytes, box=None) -> np.ndarray:
+    image = decode_image(png)
+    box = box or (0, 0, image.shape[1], image.shape[0])
+    return predict(net, [image], [crop_from_box(box)])[0]
+
+
+def post_image(url, png, **params):
+    return requests.post(f"{url}/v1/landmarks", data=png, headers={"content-type": "image/png"}, params=params,
+                         timeout=60)
+
+
+def test_single_image_matches_in_process_inference(server):
+    url, net, faces = server
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+    r = post_image(url, faces[0])
+    assert r.status_code == 200
+    body = r.json()
+    np.testing.assert_allclose(body["landmarks"], expected(net, faces[0]), atol=2e-3)
+    assert body["box"] == [0, 0, 96, 96] and body["image_size"] == [96, 96] and body["time_ms"] > 0
+    r = post_image(url, faces[1], box="10,12,80,90")
+    np.testing.assert_allclose(r.json()["landmarks"], expected(net, faces[1], (10, 12, 80, 90)), atol=2e-3)
+    r = requests.post(f"{url}/v1/landmarks", files={"image": ("f.png", faces[2], "image/png")},
+                      data={"box": "5,5,90,90"}, timeout=60)
+    np.testing.assert_allclose(r.json()["landmarks"], expected(net, faces[2], (5, 5, 90, 90)), atol=2e-3)
+    model = requests.get(f"{url}/v1/model", timeout=30).json()
+    assert model["points"] == 68 and model["input_size"] == 64
+    assert "/v1/landmarks/batch" in requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]
+    assert requests.get(f"{url}/docs", timeout=30).status_code == 200
+
+
+def test_batch_forms(server):
+    url, net, faces = server
+    files = [("images", (f"{i}.png", faces[i], "image/png")) for i in range(3)]
+    boxes = [("boxes", "0,0,96,96"), ("boxes", "10,10,90,90"), ("boxes", "0,0,60,60")]
+    r = requests.post(f"{url}/v1/landmarks/batch", files=files, data=boxes, timeout=60)
+    assert r.status_code == 200
+    results = r.json()["results"]
+    for i, box in enumerate([(0, 0, 96, 96), (10, 10, 90, 90), (0, 0, 60, 60)]):
+        np.testing.assert_allclose(results[i]["landmarks"], expected(net, faces[i], box), atol=2e-3)
+    body = {"images": [{"image": base64.b64encode(faces[3]).decode()},
+                       {"image": base64.b64encode(faces[4]).decode(), "box": [4, 4, 80, 80]}]}
+    r = requests.post(f"{url}/v1/landmarks/batch", json=body, timeout=60)
+    np.testing.assert_allclose(r.json()["results"][1]["landmarks"], expected(net, faces[4], (4, 4, 80, 80)), atol=2e-3)
+
+
+def png_of(shape) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros(shape, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case,status,needle", [
+    ("not an image", 400, "not an image"),
+    ("truncated", 400, "truncated or corrupt"),
+    ("empty", 400, "empty body"),
+    ("huge bytes", 413, "byte limit"),
+    ("huge pixels", 413, "pixel limit"),
+    ("box outside", 400, "outside the 96x96 image"),
+    ("degenerate box", 400, "degenerate box"),
+    ("box text", 400, "expected four numbers"),
+    ("content type", 415, "content type 'text/plain'"),
+    ("malformed json", 400, "JSON: malformed"),
+    ("json shape", 400, "JSON: expected"),
+    ("bad base64", 400, "not valid base64"),
+    ("too many images", 413, "image limit"),
+    ("no image field", 400, "no `image` file field"),
+])
+def test_bad_input_gets_a_one_line_4xx_and_the_replica_lives(server, case, status, needle):
+    url, _, faces = server
+    face = faces[0]
+    batch = f"{url}/v1/landmarks/batch"
+    send = {
+        "not an image": lambda: post_image(url, b"hello, not a picture"),
+        "truncated": lambda: post_image(url, face[: len(face) // 2]),
+        "empty": lambda: post_image(url, b""),
+        "huge bytes": lambda: post_image(url, b"\x89PNG" + b"0" * 400_000),
+        "huge pixels": lambda: post_image(url, png_of((500, 500, 3))),
+        "box outside": lambda: post_image(url, face, box="50,50,200,200"),
+        "degenerate box": lambda: post_image(url, face, box="40,40,40,80"),
+        "box text": lambda: post_image(url, face, box="left,top"),
+        "content type": lambda: requests.post(f"{url}/v1/landmarks", data=b"x", headers={"content-type": "text/plain"}),
+        "malformed json": lambda: requests.post(batch, data=b'{"images": [', headers={"content-type": "application/json"}),
+        "json shape": lambda: requests.post(batch, json={"pictures": []}),
+        "bad base64": lambda: requests.post(batch, json={"images": [{"image": "%%%"}]}),
+        "too many images": lambda: requests.post(batch, files=[("images", ("a.png", face, "image/png"))] * 9),
+        "no image field": lambda: requests.post(f"{url}/v1/landmarks", files={"picture": ("a.png", face, "image/png")}),
+    }[case]
+    r = send()
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert needle in error and "\n" not in error and "Traceback" not in r.text
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+
+
+def test_concurrent_clients_get_their_own_answers(server):
+    url, net, faces = server
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda png: post_image(url, png).json()["landmarks"], faces))
+    for png, points in zip(faces, answers):
+        np.testing.assert_allclose(points, expected(net, png), atol=2e-3)
+
+
+def test_bounded_loopback_load(server, capsys):
+    url, _, faces = server
+    n, clients = 60, 6
+    latencies, errors = [], 0
+
+    def one(i):
+        t0 = time.perf_counter()
+        r = post_image(url, faces[i % len(faces)])
+        return r.status_code, (time.perf_counter() - t0) * 1000
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for status, ms in pool.map(one, range(n)):
+            errors += status != 200
+            latencies.append(ms)
+    elapsed = time.perf_counter() - t0
+    assert errors == 0 and len(latencies) == n
+    with capsys.disabled():
+        print(f"\nload: {n} requests, {clients} clients: {n / elapsed:.1f} req/s, "
+              f"p50 {np.percentile(latencies, 50):.1f} ms, p95 {np.percentile(latencies, 95):.1f} ms")
+
+
+def test_serve_config_file_builds_the_app(server, tmp_path):
+    from pathlib import Path
+
+    import mdland.serve.app as app
+
+    config = yaml.safe_load(Path(app.__file__).with_name("serve_config.yaml").read_text())
+    spec = config["applications"][0]
+    assert spec["import_path"] == "mdland.serve.app:build_app"
+    assert spec["deployments"][0]["name"] == "LandmarkDetector"
+    args = {**spec["args"], "detector": str(tmp_path / "d.pkl"), "use_gpu": False}
+    assert app.build_app(args) is not None
+    with pytest.raises(ValueError, match="unknown key"):
+        app.build_app({"detector": "x", "max_batch": 3})
