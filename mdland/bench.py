@@ -7,6 +7,8 @@
   diffusers' `StableDiffusionControlNetPipeline` on the same modules, seeds and settings; images/s and ratio. With
   `--pipeline`, also the Ray Data pipeline's steady images/s against the bare sampler, and the time for 10k images.
 - `detector`: batched images/s and single-image latency of the STAR network (fp16 on GPU, fp32 on CPU).
+- `serve`: end-to-end requests/s and p50/p95 latency over HTTP (Ray Serve, concurrent loopback clients) against
+  in-process batched inference of the same checkpoint; also single-request p50 latency.
 """
 
 import json
@@ -219,6 +221,63 @@ def bench_detector(arch: str = "star-300w", batch_size: int = 32, repeats: int =
             "batch_size": batch_size, "batched_images_per_s": round(batch_size / per_batch, 2),
             "single_image_p50_ms": round(float(np.percentile(latencies, 50)), 2),
             "single_image_p95_ms": round(float(np.percentile(latencies, 95)), 2)}
+
+
+def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int = 16, max_batch_size: int = 16,
+                port: int = 18765) -> dict:
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import requests
+    from ray import serve
+
+    from mdland.data.procedural import procedural_faces
+    from mdland.data.shards import decode_image
+    from mdland.detector.checkpoint import load_detector, predict, save_checkpoint
+    from mdland.detector.model import ARCHS, STARNet
+    from mdland.landmarks.align import crop_from_box
+    from mdland.serve.app import start_server
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = ARCHS[arch].input_size
+    faces = [f.image for f in procedural_faces(32, seed=0, size=size)]
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(STARNet(ARCHS[arch]), f"{d}/det.pkl")
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        net = load_detector(f"{d}/det.pkl", device=device).eval().to(dtype=dtype)
+        images = [decode_image(f) for f in faces]
+        crops = [crop_from_box((0, 0, size, size))] * max_batch_size
+        t_batch = _timed(lambda: predict(net, images[:max_batch_size], crops, dtype), 5, 2, device)
+        in_process = max_batch_size / t_batch
+        del net
+        url = start_server({"detector": f"{d}/det.pkl", "max_batch_size": max_batch_size,
+                            "use_gpu": device.type == "cuda"}, port=port)
+        try:
+            def post(i):
+                t0 = time.perf_counter()
+                r = requests.post(f"{url}/v1/landmarks", data=faces[i % len(faces)],
+                                  headers={"content-type": "image/png"}, timeout=120)
+                return r.status_code, (time.perf_counter() - t0) * 1000
+
+            for i in range(clients):  # warm the replica
+                post(i)
+            single = [post(i)[1] for i in range(20)]
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                results = list(pool.map(post, range(requests_total)))
+            elapsed = time.perf_counter() - t0
+        finally:
+            serve.shutdown()
+    latencies = [ms for _, ms in results]
+    rps = requests_total / elapsed
+    return {"benchmark": "serve", "arch": arch, "device": _device_name(device), "clients": clients,
+            "requests": requests_total, "errors": sum(status != 200 for status, _ in results),
+            "baseline": f"in-process batched inference, batch {max_batch_size}",
+            "in_process_images_per_s": round(in_process, 2), "http_requests_per_s": round(rps, 2),
+            "ratio": round(rps / in_process, 3), "p50_ms": round(float(np.percentile(latencies, 50)), 1),
+            "p95_ms": round(float(np.percentile(latencies, 95)), 1),
+            "single_request_p50_ms": round(float(np.percentile(single, 50)), 1)}
 
 
 def write_result(result: dict, path: str | None) -> None:

@@ -68,6 +68,8 @@ def _bench(a: argparse.Namespace) -> None:
         result = bench.bench_train(a.preset, a.batch_size, a.resolution, a.steps, a.warmup)
     elif a.what == "detector":
         result = bench.bench_detector(a.arch, a.batch_size, a.repeats, a.warmup)
+    elif a.what == "serve":
+        result = bench.bench_serve(a.arch, a.requests, a.clients, a.batch_size)
     else:
         result = bench.bench_generate(a.preset, a.batch_size, a.resolution, a.steps, a.guidance, a.repeats,
                                       a.compile, a.pipeline, a.pipeline_images)
@@ -190,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("bench", help="speed against a named baseline, in the same process")
-    p.add_argument("what", choices=["train", "generate", "detector"])
+    p.add_argument("what", choices=["train", "generate", "detector", "serve"])
     p.add_argument("--preset", default="sd15", help="model size: sd15 (GPU) or tiny (a CPU smoke run)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--resolution", type=int, default=256)
@@ -201,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="generate: torch.compile UNet and ControlNet")
     p.add_argument("--pipeline", action="store_true", help="generate: also time the Ray Data pipeline")
     p.add_argument("--pipeline-images", type=int, default=512)
-    p.add_argument("--arch", default="star-300w", help="detector: star-300w or tiny")
+    p.add_argument("--arch", default="star-300w", help="detector / serve: star-300w or tiny")
+    p.add_argument("--requests", type=int, default=200, help="serve: requests in the load run")
+    p.add_argument("--clients", type=int, default=16, help="serve: concurrent clients")
     p.add_argument("--out", help="also write the result JSON here")
     p.set_defaults(run=_bench)
 

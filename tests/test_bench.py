@@ -37,3 +37,19 @@ def test_bench_detector(tmp_path):
                  "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["batched_images_per_s"] > 0 and 0 < r["single_image_p50_ms"] <= r["single_image_p95_ms"]
+
+
+def test_bench_serve_runs_http_against_in_process(tmp_path):
+    import ray
+
+    out = tmp_path / "serve.json"
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        assert main(["bench", "serve", "--arch", "tiny", "--batch-size", "4", "--requests", "16", "--clients", "4",
+                     "--out", str(out)]) == 0
+    finally:
+        ray.shutdown()
+    r = json.loads(out.read_text())
+    assert r["errors"] == 0 and r["http_requests_per_s"] > 0 and r["in_process_images_per_s"] > 0
+    assert r["ratio"] == round(r["http_requests_per_s"] / r["in_process_images_per_s"], 3)
+    assert 0 < r["p50_ms"] <= r["p95_ms"]
