@@ -52,6 +52,39 @@ def _peak_and_reset(device: torch.device) -> float | None:
     return round(peak, 2)
 
 
+def _plain_loop_seconds(preset: str, batch: dict, steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per step of the textbook loop: fp32 weights, bf16 autocast, AdamW, prompt encoded every step."""
+    from mdland.diffusion.models import build_controlnet, build_preset
+
+    c = build_preset(preset)
+    for m in (c.vae, c.unet, c.text_encoder):
+        m.requires_grad_(False).to(device)
+    controlnet = build_controlnet(c).to(device).train()
+    opt = torch.optim.AdamW(controlnet.parameters(), lr=1e-5)
+    pixels, cond = batch["pixel_values"].to(device), batch["conditioning"].to(device)
+    ids = c.tokenizer(batch["prompt"], padding="max_length", max_length=c.tokenizer.model_max_length,
+                      return_tensors="pt").input_ids.to(device)
+    n = len(batch["prompt"])
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            with torch.no_grad():
+                latents = c.vae.encode(pixels).latent_dist.sample() * c.vae.config.scaling_factor
+                hidden = c.text_encoder(ids)[0]
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, 1000, (n,), device=device)
+            noisy = c.noise_scheduler.add_noise(latents, noise, t)
+            down, mid = controlnet(noisy, t, encoder_hidden_states=hidden, controlnet_cond=cond, return_dict=False)
+            pred = c.unet(noisy, t, encoder_hidden_states=hidden, down_block_additional_residuals=down,
+                          mid_block_additional_residual=mid).sample
+            loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _timed(step, steps, warmup, device)
+
+
 def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 256, steps: int = 10,
                 warmup: int = 3) -> dict:
     from mdland.diffusion.models import build_controlnet, build_preset
@@ -65,36 +98,9 @@ def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 25
     result = {"benchmark": "train", "preset": preset, "device": _device_name(device), "batch_size": batch_size,
               "resolution": resolution, "baseline": "plain PyTorch loop: fp32 weights, bf16 autocast, AdamW"}
 
-    # Baseline: the textbook loop.
-    c = build_preset(preset)
-    for m in (c.vae, c.unet, c.text_encoder):
-        m.requires_grad_(False).to(device)
-    controlnet = build_controlnet(c).to(device).train()
-    opt = torch.optim.AdamW(controlnet.parameters(), lr=1e-5)
-    pixels, cond = batch["pixel_values"].to(device), batch["conditioning"].to(device)
-    ids = c.tokenizer(batch["prompt"], padding="max_length", max_length=c.tokenizer.model_max_length,
-                      return_tensors="pt").input_ids.to(device)
-
-    def plain_step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            with torch.no_grad():
-                latents = c.vae.encode(pixels).latent_dist.sample() * c.vae.config.scaling_factor
-                hidden = c.text_encoder(ids)[0]
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, 1000, (batch_size,), device=device)
-            noisy = c.noise_scheduler.add_noise(latents, noise, t)
-            down, mid = controlnet(noisy, t, encoder_hidden_states=hidden, controlnet_cond=cond, return_dict=False)
-            pred = c.unet(noisy, t, encoder_hidden_states=hidden, down_block_additional_residuals=down,
-                          mid_block_additional_residual=mid).sample
-            loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    plain = _timed(plain_step, steps, warmup, device)
+    plain = _plain_loop_seconds(preset, batch, steps, warmup, device)
     result["plain_samples_per_s"] = round(batch_size / plain, 2)
     result["plain_peak_gib"] = _peak_and_reset(device)
-    del c, controlnet, opt
     log.info("plain loop: %.2f samples/s", batch_size / plain)
 
     # mdland: the step train_func runs.
@@ -223,6 +229,17 @@ def bench_detector(arch: str = "star-300w", batch_size: int = 32, repeats: int =
             "single_image_p95_ms": round(float(np.percentile(latencies, 95)), 2)}
 
 
+def _in_process_images_per_s(detector: str, images: list, batch_size: int, device: torch.device) -> float:
+    from mdland.detector.checkpoint import load_detector, predict
+    from mdland.landmarks.align import crop_from_box
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    net = load_detector(detector, device=device).eval().to(dtype=dtype)
+    size = net.arch.input_size
+    crops = [crop_from_box((0, 0, size, size))] * batch_size
+    return batch_size / _timed(lambda: predict(net, images[:batch_size], crops, dtype), 5, 2, device)
+
+
 def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int = 16, max_batch_size: int = 16,
                 port: int = 18765) -> dict:
     import tempfile
@@ -234,9 +251,8 @@ def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int
 
     from mdland.data.procedural import procedural_faces
     from mdland.data.shards import decode_image
-    from mdland.detector.checkpoint import load_detector, predict, save_checkpoint
+    from mdland.detector.checkpoint import save_checkpoint
     from mdland.detector.model import ARCHS, STARNet
-    from mdland.landmarks.align import crop_from_box
     from mdland.serve.app import start_server
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -244,13 +260,8 @@ def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int
     faces = [f.image for f in procedural_faces(32, seed=0, size=size)]
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(STARNet(ARCHS[arch]), f"{d}/det.pkl")
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        net = load_detector(f"{d}/det.pkl", device=device).eval().to(dtype=dtype)
-        images = [decode_image(f) for f in faces]
-        crops = [crop_from_box((0, 0, size, size))] * max_batch_size
-        t_batch = _timed(lambda: predict(net, images[:max_batch_size], crops, dtype), 5, 2, device)
-        in_process = max_batch_size / t_batch
-        del net
+        in_process = _in_process_images_per_s(f"{d}/det.pkl", [decode_image(f) for f in faces], max_batch_size,
+                                              device)
         url = start_server({"detector": f"{d}/det.pkl", "max_batch_size": max_batch_size,
                             "use_gpu": device.type == "cuda"}, port=port)
         try:

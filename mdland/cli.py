@@ -58,7 +58,7 @@ def _generate(a: argparse.Namespace) -> None:
     from mdland.generation.pipeline import run_generation
     from mdland.generation.plan import GenerateConfig
 
-    print(json.dumps(run_generation(load_config(GenerateConfig, a.config, a.set))))
+    print(json.dumps(run_generation(load_config(GenerateConfig, _named_config(a.config, "generation"), a.set))))
 
 
 def _bench(a: argparse.Namespace) -> None:
@@ -111,9 +111,13 @@ def _evaluate(a: argparse.Namespace) -> None:
 
 
 def _demo(a: argparse.Namespace) -> None:
-    from mdland.demo import run_demo
+    from mdland.demo import DemoSize, run_demo
 
-    run_demo(a.out, a.storage, a.train, a.test, a.size, a.seed)
+    sizes = DemoSize(train=a.train, test=a.test, controlnet_steps=a.steps, styles=a.styles,
+                     images_per_style=a.images_per_style, detector_epochs=a.epochs, seed=a.seed)
+    from mdland.detector.evaluate import metrics_table
+
+    print(metrics_table(run_demo(a.out, a.storage, sizes)["metrics"]), end="")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("generate", help="the synthetic set: edited landmarks x style prompts -> shards (Ray Data)")
-    p.add_argument("--config", help="YAML file of GenerateConfig fields")
+    p.add_argument("--config", help="YAML file of GenerateConfig fields, or the shipped `generate`")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     p.set_defaults(run=_generate)
 
@@ -212,9 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the pipeline on the embedded default and write a report")
     p.add_argument("--out", default="demo-report")
     p.add_argument("--storage", default="demo-data", help="local folder or s3://bucket/prefix for the data")
-    p.add_argument("--train", type=int, default=96)
-    p.add_argument("--test", type=int, default=32)
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--train", type=int, default=96, help="procedural faces to learn from")
+    p.add_argument("--test", type=int, default=32, help="held-out faces to evaluate on")
+    p.add_argument("--steps", type=int, default=30, help="ControlNet training steps per stage")
+    p.add_argument("--styles", type=int, default=3, help="how many of the 25 styles to generate")
+    p.add_argument("--images-per-style", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=4, help="detector fine-tuning epochs")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_demo)
     return parser

@@ -83,3 +83,19 @@ def set_single_process_env() -> None:
     for var, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
                        ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(var, value)
+
+
+def import_deepspeed(on_gpu: bool):
+    """DeepSpeed set up for this device. On CPU it uses its CPU accelerator with gloo all-reduce rather than its
+    shared-memory op: that op is JIT-compiled on first use (a compiler run on every fresh machine) and a worker
+    killed mid-build leaves a lock in ~/.cache/torch_extensions that hangs every later run."""
+    import os
+
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
+    import deepspeed
+    import deepspeed.ops
+
+    if not on_gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed

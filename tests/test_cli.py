@@ -75,15 +75,3 @@ def test_bad_input_exits_2_with_a_message(tmp_path):
     assert out.returncode == 2
     assert "mdland ingest: error:" in out.stderr and "missing: source not found" in out.stderr
     assert "Traceback" not in out.stderr
-
-
-def test_demo_smallest_setting(tmp_path):
-    out = run_cli("demo", "--out", str(tmp_path / "report"), "--storage", str(tmp_path / "data"),
-                  "--train", "6", "--test", "4", "--size", "128")
-    assert out.returncode == 0, out.stderr
-    report = tmp_path / "report"
-    for name in ("index.html", "samples.png", "edits.png", "ced.png", "metrics.json"):
-        assert (report / name).stat().st_size > 0, name
-    metrics = json.loads((report / "metrics.json").read_text())[0]
-    assert metrics["count"] == 4 and 0 < metrics["nme"] < 1
-    assert "[4/4]" in out.stderr

@@ -1,6 +1,5 @@
 import base64
 import io
-import json
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor

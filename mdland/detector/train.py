@@ -9,7 +9,6 @@ epoch 0 of its own schedule, however long the checkpoint had trained.
 """
 
 import json
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -30,7 +29,7 @@ from mdland.detector.model import ARCHS, normalised_to_pixels
 from mdland.diffusion.data import count_rows, local_epoch, read_shards
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
-from mdland.session import LocalSession, RaySession, set_single_process_env
+from mdland.session import LocalSession, RaySession, import_deepspeed, set_single_process_env
 
 log = get_logger(__name__)
 
@@ -95,9 +94,7 @@ def train_func(config: dict) -> None:
     setup_logging()
     cfg = from_dict(DetectorTrainConfig, config["train"])
     on_gpu = cfg.use_gpu and torch.cuda.is_available()
-    if not on_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
-    import deepspeed
+    deepspeed = import_deepspeed(on_gpu)
 
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -198,5 +195,6 @@ def run_training(cfg: DetectorTrainConfig, local: bool = False) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
         datasets={"train": dataset})
     result = trainer.fit()
-    return {**(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else None,
-            "best": best}
+    # Ray's path drops the URI scheme; name the checkpoint in the storage layer's terms.
+    checkpoint = storage.join(cfg.storage_path, cfg.name, result.checkpoint.path.rstrip("/").split("/")[-1])
+    return {**(result.metrics or {}), "checkpoint": checkpoint, "best": best}

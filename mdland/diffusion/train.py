@@ -9,7 +9,6 @@ Checkpoints (DeepSpeed state, a diffusers `save_pretrained` export, a validation
 """
 
 import json
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -30,7 +29,7 @@ from mdland.landmarks.edits import fit_in_frame, sample_edits
 from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
-from mdland.session import LocalSession, RaySession, endless, set_single_process_env
+from mdland.session import LocalSession, RaySession, endless, import_deepspeed, set_single_process_env
 
 log = get_logger(__name__)
 STAGES = ("stage1", "stage2")
@@ -107,10 +106,7 @@ def deepspeed_config(cfg: ControlNetTrainConfig, on_gpu: bool) -> dict:
 def controlnet_engine(components, controlnet, cfg: ControlNetTrainConfig, device: torch.device):
     """The ControlNet under DeepSpeed, channels-last on GPU (the UNet too: its convolutions run faster so)."""
     on_gpu = device.type == "cuda"
-    if not on_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
-    import deepspeed
-
+    deepspeed = import_deepspeed(on_gpu)
     controlnet.to(device).train()
     if on_gpu:
         controlnet.to(memory_format=torch.channels_last)
@@ -318,5 +314,6 @@ def run_training(cfg: ControlNetTrainConfig, local: bool = False) -> dict:
         datasets={"train": ray_dataset(cfg.data, cfg.resolution)},
     )
     result = trainer.fit()
-    checkpoint = result.checkpoint.path if result.checkpoint else None
+    # Ray's path drops the URI scheme; name the checkpoint in the storage layer's terms.
+    checkpoint = storage.join(cfg.storage_path, cfg.name, result.checkpoint.path.rstrip("/").split("/")[-1])
     return {**(result.metrics or {}), "checkpoint": checkpoint, "export": export}

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from ray import serve

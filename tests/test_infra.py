@@ -1,0 +1,40 @@
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from mdland.data import storage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_local_s3_script_starts_a_server_the_storage_layer_uses(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run(["bash", str(ROOT / "infra" / "local-s3.sh"), str(port), "mdland-dev"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    pid = int(re.search(r"pid (\d+)", out.stdout).group(1))
+    try:
+        exports = dict(kv.split("=", 1) for kv in out.stdout.splitlines()[0].removeprefix("export ").split())
+        assert exports["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{port}"
+        for k, v in exports.items():
+            monkeypatch.setenv(k, v)
+        storage.write_bytes("s3://mdland-dev/hello.txt", b"hi")
+        assert storage.read_bytes("s3://mdland-dev/hello.txt") == b"hi"
+    finally:
+        os.kill(pid, signal.SIGTERM)
+
+
+def test_terraform_policy_grants_what_the_storage_layer_does():
+    tf = (ROOT / "infra" / "terraform" / "main.tf").read_text()
+    for action in ("s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"):
+        assert f'"{action}"' in tf, action
+    assert 'resource "aws_s3_bucket" "mdland"' in tf and 'resource "aws_iam_policy" "mdland_jobs"' in tf
+    compose = (ROOT / "infra" / "minio-compose.yaml").read_text()
+    assert "minio/minio" in compose and "127.0.0.1:9000:9000" in compose
