@@ -99,3 +99,37 @@ def import_deepspeed(on_gpu: bool):
     if not on_gpu:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
+
+
+def launch(train_func: Callable[[dict], None], cfg, dataset: Callable[[], object], local: bool) -> dict:
+    """Run `train_func` with `cfg` (a trainer config dataclass) on Ray Train, with `dataset()` as the "train"
+    dataset, or alone in this process with `local`. Returns the last reported metrics and the latest checkpoint's
+    URI; checkpoints go to `cfg.storage_path/cfg.name` either way."""
+    from dataclasses import asdict
+
+    if local:
+        set_single_process_env()
+        train_func({"train": asdict(cfg), "local": True})
+        return json.loads(storage.read_bytes(storage.join(cfg.storage_path, cfg.name, "latest.json")))
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init()
+    fs, path = storage.filesystem(cfg.storage_path)
+    gpu = {"GPU": 1} if cfg.use_gpu else {}
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"train": asdict(cfg)},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **gpu}),
+        run_config=RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        datasets={"train": dataset()},
+    )
+    result = trainer.fit()
+    # Ray's path drops the URI scheme; name the checkpoint in the storage layer's terms.
+    name = result.checkpoint.path.rstrip("/").split("/")[-1]
+    return {**(result.metrics or {}), "checkpoint": storage.join(cfg.storage_path, cfg.name, name)}

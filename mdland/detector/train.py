@@ -11,7 +11,7 @@ epoch 0 of its own schedule, however long the checkpoint had trained.
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from mdland.detector.model import ARCHS, normalised_to_pixels
 from mdland.diffusion.data import count_rows, local_epoch, read_shards
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
-from mdland.session import LocalSession, RaySession, import_deepspeed, set_single_process_env
+from mdland.session import LocalSession, RaySession, import_deepspeed, launch
 
 log = get_logger(__name__)
 
@@ -171,30 +171,11 @@ def run_training(cfg: DetectorTrainConfig, local: bool = False) -> dict:
     rows = check_config(cfg)
     best = storage.join(cfg.storage_path, cfg.name, "best", "detector.pkl")
     log.info("fine-tuning the detector on %d faces from %s", rows, cfg.data)
-    if local:
-        set_single_process_env()
-        train_func({"train": asdict(cfg), "local": True})
-        latest = json.loads(storage.read_bytes(storage.join(cfg.storage_path, cfg.name, "latest.json")))
-        return {**latest, "best": best}
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    size = load_detector(cfg.init, cfg.arch).arch.input_size
 
-    if not ray.is_initialized():
-        ray.init()
-    fs, path = storage.filesystem(cfg.storage_path)
-    size = (load_detector(cfg.init) if cfg.init else load_detector(None, cfg.arch)).arch.input_size
-    dataset = read_shards(cfg.data, COLUMNS).map_batches(
-        prepare_detector_batch, fn_kwargs={"size": size, "augment": cfg.augment}, batch_format="numpy", batch_size=32)
-    trainer = TorchTrainer(
-        train_func, train_loop_config={"train": asdict(cfg)},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
-        run_config=RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-        datasets={"train": dataset})
-    result = trainer.fit()
-    # Ray's path drops the URI scheme; name the checkpoint in the storage layer's terms.
-    checkpoint = storage.join(cfg.storage_path, cfg.name, result.checkpoint.path.rstrip("/").split("/")[-1])
-    return {**(result.metrics or {}), "checkpoint": checkpoint, "best": best}
+    def dataset():
+        return read_shards(cfg.data, COLUMNS).map_batches(
+            prepare_detector_batch, fn_kwargs={"size": size, "augment": cfg.augment}, batch_format="numpy",
+            batch_size=32)
+
+    return {**launch(train_func, cfg, dataset, local), "best": best}

@@ -11,7 +11,7 @@ Checkpoints (DeepSpeed state, a diffusers `save_pretrained` export, a validation
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from mdland.landmarks.edits import fit_in_frame, sample_edits
 from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
-from mdland.session import LocalSession, RaySession, endless, import_deepspeed, set_single_process_env
+from mdland.session import LocalSession, RaySession, endless, import_deepspeed, launch
 
 log = get_logger(__name__)
 STAGES = ("stage1", "stage2")
@@ -291,29 +291,4 @@ def run_training(cfg: ControlNetTrainConfig, local: bool = False) -> dict:
     rows = check_config(cfg)
     export = storage.join(cfg.storage_path, cfg.name, "controlnet")
     log.info("training %s on %d faces from %s", cfg.stage, rows, cfg.data)
-    if local:
-        set_single_process_env()
-        train_func({"train": asdict(cfg), "local": True})
-        latest = json.loads(storage.read_bytes(storage.join(cfg.storage_path, cfg.name, "latest.json")))
-        return {**latest, "export": export}
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    if not ray.is_initialized():
-        ray.init()
-    fs, path = storage.filesystem(cfg.storage_path)
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"train": asdict(cfg)},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
-        run_config=RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-        datasets={"train": ray_dataset(cfg.data, cfg.resolution)},
-    )
-    result = trainer.fit()
-    # Ray's path drops the URI scheme; name the checkpoint in the storage layer's terms.
-    checkpoint = storage.join(cfg.storage_path, cfg.name, result.checkpoint.path.rstrip("/").split("/")[-1])
-    return {**(result.metrics or {}), "checkpoint": checkpoint, "export": export}
+    return {**launch(train_func, cfg, lambda: ray_dataset(cfg.data, cfg.resolution), local), "export": export}
