@@ -183,7 +183,7 @@ def _bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance,
 
     import ray
 
-    from mdland.demo import write_faces
+    from mdland.data.procedural import write_faces
     from mdland.generation.pipeline import run_generation
     from mdland.generation.plan import GenerateConfig
 

@@ -20,7 +20,7 @@ from mdland.data import storage
 from mdland.data.ingest import ingest
 from mdland.data.preview import write_preview
 from mdland.data.procedural import procedural_faces
-from mdland.data.shards import ShardWriter, landmarks_array, read_dataset
+from mdland.data.shards import landmarks_array, read_dataset
 from mdland.detector.evaluate import metrics_table
 from mdland.detector.metrics import nme, summarise
 from mdland.landmarks.edits import fit_in_frame, sample_edits
@@ -42,14 +42,6 @@ class DemoSize:
     sampling_steps: int = 10
     detector_epochs: int = 4
     seed: int = 0
-
-
-def write_faces(root: str, count: int, seed: int, size: int, start: int = 0, rows_per_shard: int = 64) -> dict:
-    """Procedural faces straight into shards."""
-    writer = ShardWriter(root, rows_per_shard, {"source": "procedural", "seed": seed, "size": size})
-    for face in procedural_faces(count, seed, size, start=start):
-        writer.add(face)
-    return writer.close()
 
 
 def write_annotated_folder(folder: Path, count: int, seed: int, start: int = 0) -> None:

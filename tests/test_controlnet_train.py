@@ -8,7 +8,7 @@ import torch
 from mdland.config import load_config
 from mdland.data import storage
 from mdland.data.shards import ShardWriter
-from mdland.demo import write_faces
+from mdland.data.procedural import write_faces
 from mdland.diffusion.models import build_controlnet, build_preset, save_components
 from mdland.diffusion.train import ControlNetTrainConfig, _with_prompts, check_config, run_training
 

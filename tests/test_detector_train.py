@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mdland.data import storage
-from mdland.demo import write_faces
+from mdland.data.procedural import write_faces
 from mdland.detector.checkpoint import load_detector, save_checkpoint
 from mdland.detector.model import ARCHS, STARNet
 from mdland.detector.train import DetectorTrainConfig, check_config, run_training

@@ -13,7 +13,7 @@ from PIL import Image
 from mdland.data import storage
 from mdland.data.shards import decode_image, landmarks_array, read_dataset, read_manifest, shard_name
 from mdland.data.storage import StorageError
-from mdland.demo import write_faces
+from mdland.data.procedural import write_faces
 from mdland.diffusion.models import build_controlnet, build_preset, ddim_scheduler
 from mdland.generation.pipeline import run_generation
 from mdland.generation.plan import DEFAULT_STYLES, GenerateConfig, load_styles, plan_sample, shard_rows

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mdland.demo import write_faces
+from mdland.data.procedural import write_faces
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from mdland.data.shards import Face, encode_image
+from mdland.data.shards import Face, ShardWriter, encode_image
 from mdland.landmarks.scheme import FLIP_PERMUTATION, PARTS
 
 STYLES = ("line_art", "flat_cartoon", "painted")
@@ -143,3 +143,11 @@ def procedural_faces(
             prompt=f"a portrait of {style.replace('_', ' ')} style", style=style, source="procedural",
             seed=int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0] >> np.uint64(1)),
         )
+
+
+def write_faces(root: str, count: int, seed: int, size: int, start: int = 0, rows_per_shard: int = 64) -> dict:
+    """Procedural faces straight into shards."""
+    writer = ShardWriter(root, rows_per_shard, {"source": "procedural", "seed": seed, "size": size})
+    for face in procedural_faces(count, seed, size, start=start):
+        writer.add(face)
+    return writer.close()
