@@ -163,6 +163,12 @@ def read_shard(uri: str, validate: bool = True, decode: bool = False) -> pa.Tabl
     return table
 
 
+def landmarks_from_rows(rows) -> np.ndarray:
+    """(B, 68, 2) float32 from a batch's landmarks column, however it arrives: nested lists, object arrays of
+    per-point arrays (Ray Data, pandas) or a (B, 68, 2) array."""
+    return np.asarray([np.stack([np.asarray(p, dtype=np.float32) for p in face]) for face in rows], dtype=np.float32)
+
+
 def landmarks_array(table: pa.Table) -> np.ndarray:
     """The `landmarks` column as an (N, 68, 2) float32 array."""
     flat = table.column("landmarks").combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)

@@ -5,7 +5,7 @@ maps and edge maps at a quarter of the input size."""
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mdland.data.shards import decode_image
+from mdland.data.shards import decode_image, landmarks_from_rows
 from mdland.detector.model import EDGES
 from mdland.landmarks.align import crop_from_landmarks, crop_matrix, transform_points, warp_image
 from mdland.landmarks.scheme import flip_landmarks
@@ -76,8 +76,7 @@ def prepare_detector_batch(batch: dict, size: int, augment: bool) -> dict:
     """Decode, crop (and augment), and build every target of a batch of shard rows."""
     rng = np.random.default_rng() if augment else None
     crops, pts = [], []
-    for key, data, landmarks in zip(batch["key"], batch["image"], batch["landmarks"]):
-        points = np.asarray([np.asarray(p, dtype=np.float32) for p in landmarks], dtype=np.float32)
+    for key, data, points in zip(batch["key"], batch["image"], landmarks_from_rows(batch["landmarks"])):
         crop, moved, _ = face_crop(decode_image(data, str(key)), points, size, rng)
         crops.append(crop)
         pts.append(moved)

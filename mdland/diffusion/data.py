@@ -11,22 +11,17 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from mdland.data import storage
-from mdland.data.shards import MANIFEST, decode_image, read_manifest, read_shard, shard_uris
+from mdland.data.shards import (MANIFEST, decode_image, landmarks_from_rows, read_manifest, read_shard,
+                                 shard_uris)
 from mdland.landmarks.render import render_landmarks
 
 COLUMNS = ["key", "image", "landmarks", "prompt"]
 
 
-def _landmarks(column) -> np.ndarray:
-    """Ray and pyarrow hand the nested landmarks column over as nested object arrays; make it (B, 68, 2)."""
-    return np.asarray([np.asarray([np.asarray(p, dtype=np.float32) for p in face]) for face in column],
-                      dtype=np.float32)
-
-
 def prepare_batch(batch: dict, resolution: int) -> dict:
     """Decode, resize to `resolution`, render each face's condition from its (rescaled) landmarks."""
     pixels, conditions = [], []
-    for key, data, points in zip(batch["key"], batch["image"], _landmarks(batch["landmarks"])):
+    for key, data, points in zip(batch["key"], batch["image"], landmarks_from_rows(batch["landmarks"])):
         image = decode_image(data, str(key))
         h, w = image.shape[:2]
         if (h, w) != (resolution, resolution):

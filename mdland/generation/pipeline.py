@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 
 from mdland.config import from_dict
 from mdland.data import storage
-from mdland.data.shards import Face, encode_image, shard_name, summarise_table, write_manifest, write_shard
+from mdland.data.shards import (Face, encode_image, landmarks_from_rows, shard_name, summarise_table, write_manifest,
+                                 write_shard)
 from mdland.diffusion.models import PRESETS
 from mdland.generation.plan import GenerateConfig, load_styles, shard_rows, source_landmarks
 from mdland.log import get_logger, setup_logging
@@ -64,13 +65,12 @@ class GenerationActor:
             self.detector = load_detector(self.cfg.detector, device=self.sampler.device).eval()
         self.done, self.t0 = 0, time.time()
 
-    def alignment(self, images: np.ndarray, landmarks: list) -> np.ndarray:
+    def alignment(self, images: np.ndarray, points: np.ndarray) -> np.ndarray:
         from mdland.detector.checkpoint import predict
         from mdland.detector.data import CROP_MARGIN
         from mdland.detector.metrics import nme
         from mdland.landmarks.align import crop_from_landmarks
 
-        points = np.stack([np.asarray([np.asarray(p) for p in lm], dtype=np.float32) for lm in landmarks])
         pred = predict(self.detector, list(images), [crop_from_landmarks(p, CROP_MARGIN) for p in points])
         return nme(pred, points).astype(np.float32)
 
@@ -83,7 +83,7 @@ class GenerationActor:
         log.info("actor: %d images, %.2f images/s", self.done, self.done / (time.time() - self.t0))
         out = {k: v for k, v in batch.items() if k != "condition"}
         out["image"] = np.array([encode_image(im) for im in images], dtype=object)
-        out["alignment"] = (self.alignment(images, batch["landmarks"]) if self.detector is not None
+        out["alignment"] = (self.alignment(images, landmarks_from_rows(batch["landmarks"])) if self.detector is not None
                             else np.full(len(images), np.nan, dtype=np.float32))
         return out
 
@@ -105,11 +105,12 @@ class ShardAssembler:
         return min(self.cfg.rows_per_shard, self.cfg.total - shard * self.cfg.rows_per_shard)
 
     def __call__(self, batch: dict) -> dict:
+        points = landmarks_from_rows(batch["landmarks"])
         for i in range(len(batch["index"])):
             shard = int(batch["shard"][i])
             score = float(batch["alignment"][i])
             self.rows[shard].append(None if self.rejects(score) else Face(
-                image=batch["image"][i], landmarks=np.asarray(batch["landmarks"][i], dtype=np.float32),
+                image=batch["image"][i], landmarks=points[i],
                 key=str(batch["key"][i]), prompt=str(batch["prompt"][i]), style=str(batch["style"][i]),
                 source="synthetic", edits=str(batch["edits"][i]).split(","),
                 edit_params=json.loads(batch["edit_params"][i]), seed=int(batch["seed"][i]), model=self.model,
