@@ -87,8 +87,8 @@ def _plain_loop_seconds(preset: str, batch: dict, steps: int, warmup: int, devic
 
 def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 256, steps: int = 10,
                 warmup: int = 3) -> dict:
-    from mdland.diffusion.models import build_controlnet, build_preset
-    from mdland.diffusion.train import ControlNetTrainConfig, PromptEmbeddings, controlnet_engine, diffusion_loss
+    from mdland.diffusion.models import PromptEmbeddings, build_controlnet, build_preset
+    from mdland.diffusion.train import ControlNetTrainConfig, controlnet_engine, diffusion_loss
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)

@@ -66,6 +66,25 @@ class SDComponents:
         return self
 
 
+class PromptEmbeddings:
+    """Text-encoder outputs per prompt, each computed once: training has one to a few dozen prompts, and so has
+    generation (25 styles and the empty prompt)."""
+
+    def __init__(self, components: SDComponents, device: torch.device | str):
+        self.components, self.device = components, torch.device(device)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.components.tokenizer
+        missing = sorted(set(prompts) - self.cache.keys())
+        if missing:
+            ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(self.device)
+            self.cache.update(zip(missing, self.components.text_encoder(ids)[0]))
+        return torch.stack([self.cache[p] for p in prompts])
+
+
 def write_tokenizer(directory: str | Path) -> CLIPTokenizer:
     """A CLIP BPE tokenizer over single characters (no merges): any prompt tokenises, nothing is downloaded."""
     directory = Path(directory)

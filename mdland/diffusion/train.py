@@ -24,7 +24,8 @@ from mdland.config import from_dict
 from mdland.data import storage
 from mdland.data.shards import decode_image, landmarks_array, read_shard, shard_uris
 from mdland.diffusion.data import COLUMNS, count_rows, local_epoch, prepare_batch, ray_dataset
-from mdland.diffusion.models import PRESETS, build_controlnet, check_model_dir, ddim_scheduler, load_components
+from mdland.diffusion.models import (PRESETS, PromptEmbeddings, build_controlnet, check_model_dir, ddim_scheduler,
+                                     load_components)
 from mdland.landmarks.edits import fit_in_frame, sample_edits
 from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
 from mdland.log import get_logger, setup_logging
@@ -116,22 +117,6 @@ def controlnet_engine(components, controlnet, cfg: ControlNetTrainConfig, device
     engine, _, _, _ = deepspeed.initialize(model=controlnet, model_parameters=controlnet.parameters(),
                                            config=deepspeed_config(cfg, on_gpu))
     return engine
-
-
-class PromptEmbeddings:
-    """Text-encoder outputs per prompt, computed once: stage 1 has one prompt, stage 2 a few dozen."""
-
-    def __init__(self, components, device: torch.device):
-        self.components, self.device, self.cache = components, device, {}
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.components.tokenizer
-        for p in set(prompts) - self.cache.keys():
-            ids = tok(p, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(self.device)
-            self.cache[p] = self.components.text_encoder(ids)[0][0]
-        return torch.stack([self.cache[p] for p in prompts])
 
 
 def diffusion_loss(components, controlnet, text: PromptEmbeddings, batch: dict, dtype: torch.dtype,

@@ -9,7 +9,7 @@ Each sample's initial noise comes from its own seed, so a sample comes out the s
 import numpy as np
 import torch
 
-from mdland.diffusion.models import SDComponents, ddim_scheduler
+from mdland.diffusion.models import PromptEmbeddings, SDComponents, ddim_scheduler
 
 
 class LandmarkSampler:
@@ -28,22 +28,11 @@ class LandmarkSampler:
             self.controlnet = torch.compile(self.controlnet)
         self.scheduler = ddim_scheduler(components)
         self.steps, self.guidance, self.eta, self.vae_batch = num_inference_steps, guidance_scale, eta, vae_batch_size
-        self.prompt_cache: dict[str, torch.Tensor] = {}
+        self.encode = PromptEmbeddings(self.components, self.device)
 
     @property
     def guided(self) -> bool:
         return self.guidance > 1.0
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.components.tokenizer
-        missing = sorted(set(prompts) - self.prompt_cache.keys())
-        if missing:
-            ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(self.device)
-            for p, h in zip(missing, self.components.text_encoder(ids)[0]):
-                self.prompt_cache[p] = h
-        return torch.stack([self.prompt_cache[p] for p in prompts])
 
     def initial_noise(self, seeds: list[int], height: int, width: int) -> torch.Tensor:
         shape = (1, self.unet.config.in_channels, height // 8, width // 8)
