@@ -10,8 +10,8 @@ import pytest
 from mdland.data import storage
 from mdland.data.procedural import procedural_faces
 from mdland.data.shards import (
-    Face, ShardError, ShardWriter, decode_image, faces_to_table, landmarks_array, read_dataset, read_manifest,
-    read_shard, shard_name, write_shard,
+    Face, ShardError, ShardWriter, decode_image, faces_to_table, first_image_size, landmarks_array, read_columns,
+    read_dataset, read_manifest, read_shard, shard_name, write_shard,
 )
 
 
@@ -87,3 +87,23 @@ def test_interrupted_writer_leaves_whole_shards_and_no_manifest(tmp_path):
         writer.close()
     assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [shard_name(0), shard_name(1)]
     assert read_dataset(root).num_rows == 6  # the finished shards are whole and readable
+
+
+def test_reading_some_columns_only(storage_root, tmp_path):
+    writer = ShardWriter(storage_root, rows_per_shard=4)
+    for f in some_faces(6):
+        writer.add(f)
+    writer.close()
+    table = read_columns(storage_root, ["landmarks", "style"])
+    assert table.column_names == ["landmarks", "style"] and table.num_rows == 6
+    np.testing.assert_array_equal(landmarks_array(table), landmarks_array(read_dataset(storage_root)))
+    assert first_image_size(storage_root) == (64, 64)
+    # Bad landmarks are named even when only that column is read.
+    bad = faces_to_table(some_faces(2))
+    lm = landmarks_array(bad)
+    lm[1, 3, 0] = np.inf
+    bad = bad.set_column(2, "landmarks", pa.array(lm.tolist(), type=bad.schema.field("landmarks").type))
+    (tmp_path / "bad").mkdir()
+    pq.write_table(bad, tmp_path / "bad" / "shard-000000.parquet")
+    with pytest.raises(ShardError, match="face 1: landmarks are not finite"):
+        read_columns(str(tmp_path / "bad"), ["landmarks"])

@@ -225,6 +225,34 @@ def read_dataset(root: str, validate: bool = True) -> pa.Table:
     return pa.concat_tables([read_shard(u, validate=validate) for u in shard_uris(root)])
 
 
+def read_columns(root: str, columns: list[str]) -> pa.Table:
+    """Only `columns` of every shard of a dataset (parquet reads no other column's bytes)."""
+    tables = []
+    for uri in shard_uris(root):
+        fs, path = storage.filesystem(uri)
+        try:
+            tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+        except (pa.ArrowInvalid, KeyError) as e:
+            raise ShardError(f"{uri}: cannot read columns {columns} ({e})") from None
+    table = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], SCHEMA.field(c).type) for c in columns})
+    if "landmarks" in columns and table.num_rows and not np.isfinite(landmarks_array(table)).all():
+        bad = int(np.argmax(~np.isfinite(landmarks_array(table)).reshape(table.num_rows, -1).all(axis=1)))
+        raise ShardError(f"{root}: face {bad}: landmarks are not finite")
+    return table
+
+
+def first_image_size(root: str) -> tuple[int, int]:
+    """(width, height) of a dataset's first image, reading only its first row group's images."""
+    uri = shard_uris(root)[0]
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_file(path) as f:
+        images = pq.ParquetFile(f).read_row_group(0, columns=["image"]).column("image")
+    if not len(images):
+        raise ShardError(f"{uri}: no faces")
+    image = decode_image(images[0].as_py(), uri)
+    return image.shape[1], image.shape[0]
+
+
 class ShardWriter:
     """Collects faces and writes them as numbered shards of `rows_per_shard` rows under `root`.
 

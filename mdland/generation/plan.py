@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from mdland.data import storage
-from mdland.data.shards import MANIFEST, decode_image, landmarks_array, read_dataset, read_manifest
+from mdland.data.shards import MANIFEST, first_image_size, landmarks_array, read_columns, read_manifest
 from mdland.landmarks.edits import fit_in_frame, sample_edits
 from mdland.landmarks.render import render_landmarks
 
@@ -95,10 +95,10 @@ def source_landmarks(cfg: GenerateConfig) -> np.ndarray:
     """The source's landmark sets, in output pixels: (N, 68, 2)."""
     if storage.exists(storage.join(cfg.source, MANIFEST)) and read_manifest(cfg.source)["count"] == 0:
         raise ValueError(f"source: {cfg.source} is an empty dataset")
-    table = read_dataset(cfg.source)
+    table = read_columns(cfg.source, ["landmarks"])
     if table.num_rows == 0:
         raise ValueError(f"source: {cfg.source} is an empty dataset")
-    size = decode_image(table.column("image")[0].as_py(), cfg.source).shape[1]
+    size = first_image_size(cfg.source)[0]
     # pixel-centre coordinates scale about -0.5
     return (landmarks_array(table) + 0.5) * (cfg.resolution / size) - 0.5
 
