@@ -31,7 +31,7 @@ def test_bad_configs_fail_fast(faces, tmp_path):
         base = dict(TINY, data=[str(faces / "train")], storage_path=str(tmp_path))
         return check_config(DetectorTrainConfig(**{**base, **kw}))
 
-    assert check() == 64
+    assert check() == (64, 64)  # faces, and the tiny network's input size
     with pytest.raises(ValueError, match="no training datasets"):
         check(data=[])
     with pytest.raises(ValueError, match=r"batch_size: 40 x 2 worker\(s\) is larger than the training set"):

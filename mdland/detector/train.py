@@ -57,14 +57,14 @@ class DetectorTrainConfig:
     seed: int = 0
 
 
-def check_config(cfg: DetectorTrainConfig) -> int:
-    """Fail before any worker starts; returns the number of training faces."""
+def check_config(cfg: DetectorTrainConfig) -> tuple[int, int]:
+    """Fail before any worker starts; returns the number of training faces and the network's input size."""
     if not cfg.data:
         raise ValueError("data: no training datasets given")
     if cfg.init is None and cfg.arch not in ARCHS:
         raise ValueError(f"arch: unknown detector architecture {cfg.arch!r}; choose one of {sorted(ARCHS)}")
-    if cfg.init is not None:
-        load_detector(cfg.init)  # reads and checks the weights now, not on every worker later
+    # Reads and checks the weights now, not on every worker later.
+    size = load_detector(cfg.init, cfg.arch).arch.input_size
     rows = sum(count_rows(d) for d in cfg.data)
     if rows == 0:
         raise ValueError(f"data: {cfg.data} hold no faces")
@@ -74,7 +74,7 @@ def check_config(cfg: DetectorTrainConfig) -> int:
     if cfg.val_data and count_rows(cfg.val_data) == 0:
         raise ValueError(f"val_data: {cfg.val_data} holds no faces")
     storage.check_writable(storage.join(cfg.storage_path, cfg.name))
-    return rows
+    return rows, size
 
 
 @torch.no_grad()
@@ -168,10 +168,9 @@ def run_training(cfg: DetectorTrainConfig, local: bool = False) -> dict:
     """Fine-tune on Ray Train (or in this process with `local`); returns the last metrics and the best weights."""
     cfg = replace(cfg, data=[storage.absolute(d) for d in cfg.data], val_data=storage.absolute(cfg.val_data),
                   init=cfg.init and storage.absolute(cfg.init), storage_path=storage.absolute(cfg.storage_path))
-    rows = check_config(cfg)
+    rows, size = check_config(cfg)
     best = storage.join(cfg.storage_path, cfg.name, "best", "detector.pkl")
     log.info("fine-tuning the detector on %d faces from %s", rows, cfg.data)
-    size = load_detector(cfg.init, cfg.arch).arch.input_size
 
     def dataset():
         return read_shards(cfg.data, COLUMNS).map_batches(
