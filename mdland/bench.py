@@ -1,8 +1,8 @@
 """`mdland bench ...`: speed against a named baseline, measured in the same process on the same device.
 
 - `train`: mdland's ControlNet training step (frozen parts in bf16, DeepSpeed ZeRO-2 bf16 ControlNet, cached prompt
-  embeddings, channels-last) against a plain PyTorch loop (fp32 weights, bf16 autocast, AdamW, prompt encoded every
-  step), same batch; samples/s, ratio and peak memory.
+  embeddings, channels-last, optionally torch.compile) against a plain PyTorch loop (fp32 weights, bf16 autocast,
+  AdamW, prompt encoded every step), same batch; samples/s, ratio and peak memory.
 - `generate`: mdland's sampler (half precision, channels-last, batched guidance, optional torch.compile) against
   diffusers' `StableDiffusionControlNetPipeline` on the same modules, seeds and settings; images/s and ratio. With
   `--pipeline`, also the Ray Data pipeline's steady images/s against the bare sampler, and the time for 10k images.
@@ -86,7 +86,7 @@ def _plain_loop_seconds(preset: str, batch: dict, steps: int, warmup: int, devic
 
 
 def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 256, steps: int = 10,
-                warmup: int = 3) -> dict:
+                warmup: int = 3, compile: bool = False) -> dict:
     from mdland.diffusion.models import PromptEmbeddings, build_controlnet, build_preset
     from mdland.diffusion.train import ControlNetTrainConfig, controlnet_engine, diffusion_loss
 
@@ -107,9 +107,12 @@ def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 25
     set_single_process_env()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     c = build_preset(preset).frozen_to(device, dtype)
-    cfg = replace(ControlNetTrainConfig(), batch_size=batch_size, learning_rate=1e-5)
+    cfg = replace(ControlNetTrainConfig(), batch_size=batch_size, learning_rate=1e-5, compile=compile)
     engine = controlnet_engine(c, build_controlnet(c), cfg, device)
     text = PromptEmbeddings(c, device)
+    # On the device already, as the plain loop's copy is: only the step itself is timed.
+    batch = {**batch, "pixel_values": batch["pixel_values"].to(device), "conditioning": batch["conditioning"].to(device)}
+    result["compile"] = compile
 
     def mdland_step():
         loss = diffusion_loss(c, engine, text, batch, dtype)

@@ -57,6 +57,7 @@ class ControlNetTrainConfig:
     cpus_per_worker: float = 1.0
     zero_stage: int = 2
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the ControlNet and the frozen UNet (GPU: fused kernels; slow first steps)
     storage_path: str = "runs"  # local folder or s3://bucket/prefix
     name: str = "controlnet"
     keep_checkpoints: int = 3
@@ -114,6 +115,10 @@ def controlnet_engine(components, controlnet, cfg: ControlNetTrainConfig, device
         components.unet.to(memory_format=torch.channels_last)
     if cfg.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
+    if cfg.compile:
+        # In place (nn.Module.compile), so state-dict keys and save_pretrained exports stay as they are.
+        controlnet.compile()
+        components.unet.compile()
     engine, _, _, _ = deepspeed.initialize(model=controlnet, model_parameters=controlnet.parameters(),
                                            config=deepspeed_config(cfg, on_gpu))
     return engine

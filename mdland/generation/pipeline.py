@@ -206,10 +206,11 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], landmarks: np.ndarray
     ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))
     ds = ds.flat_map(_plan_rows, fn_kwargs={"config": config, "landmarks": ray.put(landmarks)}, num_cpus=0.5)
     ds = ds.map_batches(GenerationActor, fn_constructor_kwargs={"config": config}, batch_size=cfg.batch_size,
-                        concurrency=cfg.num_actors, num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor)
+                        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+                        num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor)
     # One assembler sees every row, so each shard is written exactly once, whichever actor drew its rows.
-    ds = ds.map_batches(ShardAssembler, fn_constructor_kwargs={"config": config}, batch_size=None, concurrency=1,
-                        num_cpus=0.25)
+    ds = ds.map_batches(ShardAssembler, fn_constructor_kwargs={"config": config}, batch_size=None,
+                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
     t0, images, marks = time.time(), 0, []
     expected = sum(min(cfg.rows_per_shard, cfg.total - k * cfg.rows_per_shard) for k in pending)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
