@@ -86,7 +86,7 @@ def _plain_loop_seconds(preset: str, batch: dict, steps: int, warmup: int, devic
 
 
 def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 256, steps: int = 10,
-                warmup: int = 3, compile: bool = False) -> dict:
+                warmup: int = 3, compile: bool = False, zero_stage: int = 2) -> dict:
     from mdland.diffusion.models import PromptEmbeddings, build_controlnet, build_preset
     from mdland.diffusion.train import ControlNetTrainConfig, controlnet_engine, diffusion_loss
 
@@ -106,13 +106,15 @@ def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 25
     # mdland: the step train_func runs.
     set_single_process_env()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    c = build_preset(preset).frozen_to(device, dtype)
-    cfg = replace(ControlNetTrainConfig(), batch_size=batch_size, learning_rate=1e-5, compile=compile)
-    engine = controlnet_engine(c, build_controlnet(c), cfg, device)
+    c = build_preset(preset)
+    controlnet = build_controlnet(c)
+    cfg = replace(ControlNetTrainConfig(), batch_size=batch_size, learning_rate=1e-5, compile=compile,
+                  zero_stage=zero_stage)
+    engine = controlnet_engine(c.frozen_to(device, dtype), controlnet, cfg, device, dtype)
     text = PromptEmbeddings(c, device)
     # On the device already, as the plain loop's copy is: only the step itself is timed.
     batch = {**batch, "pixel_values": batch["pixel_values"].to(device), "conditioning": batch["conditioning"].to(device)}
-    result["compile"] = compile
+    result.update(compile=compile, zero_stage=zero_stage)
 
     def mdland_step():
         loss = diffusion_loss(c, engine, text, batch, dtype)

@@ -14,7 +14,7 @@ def _ingest(a: argparse.Namespace) -> None:
 
     m = ingest(a.format, a.src, a.dest, size=a.size, margin=a.margin, rows_per_shard=a.rows_per_shard,
                skip_bad=a.skip_bad, overwrite=a.overwrite, ffhq_variant=a.ffhq_variant, image_dir=a.image_dir,
-               source=a.source)
+               source=a.source, style=a.style, prompt=a.prompt)
     print(json.dumps({"count": m["count"], "shards": len(m["shards"]), "skipped": len(m["skipped"])}))
 
 
@@ -65,7 +65,8 @@ def _bench(a: argparse.Namespace) -> None:
     from mdland import bench
 
     if a.what == "train":
-        result = bench.bench_train(a.preset, a.batch_size, a.resolution, a.steps, a.warmup, a.compile)
+        result = bench.bench_train(a.preset, a.batch_size, a.resolution, a.steps, a.warmup, a.compile,
+                                   a.zero_stage)
     elif a.what == "detector":
         result = bench.bench_detector(a.arch, a.batch_size, a.repeats, a.warmup)
     elif a.what == "serve":
@@ -140,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffhq-variant", default="image", choices=["image", "in_the_wild"])
     p.add_argument("--image-dir", help="star-tsv: folder the TSV's image paths are relative to")
     p.add_argument("--source", help="name stored in the `source` column (default: the format)")
+    p.add_argument("--style", default="", help="the faces' domain, e.g. caricature (stage 2's multi-domain sets)")
+    p.add_argument("--prompt", help="their prompt (default: the shipped prompt of --style; none without a style)")
     p.set_defaults(run=_ingest)
 
     p = sub.add_parser("render", help="draw landmarks over images into a PNG grid")
@@ -205,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=10, help="timed steps")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     b.add_argument("--compile", action="store_true", help="torch.compile ControlNet and UNet (config `compile`)")
+    b.add_argument("--zero-stage", type=int, default=2, help="DeepSpeed ZeRO stage (config `zero_stage`)")
     b = bench.add_parser("generate", help="mdland's sampler (and Ray Data pipeline) vs the stock diffusers pipeline")
     b.add_argument("--preset", default="sd15", help="model size: sd15 (GPU) or tiny (a CPU smoke run)")
     b.add_argument("--batch-size", type=int, default=64)

@@ -63,7 +63,3 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ValueError(f"override {item!r}: expected key=value")
         data[key.strip()] = yaml.safe_load(value)
     return from_dict(cls, data, str(path or "config"))
-
-
-def to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)

@@ -19,7 +19,7 @@ from PIL import Image
 from mdland.data import storage
 from mdland.data.ingest import ingest
 from mdland.data.preview import write_preview
-from mdland.data.procedural import procedural_faces
+from mdland.data.procedural import procedural_faces, write_faces
 from mdland.data.shards import landmarks_array, read_dataset
 from mdland.detector.evaluate import metrics_table
 from mdland.detector.metrics import nme, summarise
@@ -83,7 +83,7 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     root = storage.absolute(storage_root)
-    data = {k: storage.join(root, k) for k in ("real-train", "real-test", "synthetic", "runs")}
+    data = {k: storage.join(root, k) for k in ("real-train", "real-test", "multi-domain", "synthetic", "runs")}
     timings: dict[str, float] = {}
 
     def stage(name: str, t: float) -> None:
@@ -101,6 +101,8 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
         write_annotated_folder(Path(d) / "test", s.test, s.seed, start=s.train)
         ingest("artface", Path(d) / "train", data["real-train"], size=s.size, overwrite=True, source="procedural")
         ingest("artface", Path(d) / "test", data["real-test"], size=s.size, overwrite=True, source="procedural")
+    # Stage 2's small multi-domain set: faces in the procedural source's styles, each with its style prompt.
+    write_faces(data["multi-domain"], max(4, s.train // 2), s.seed, size=s.size, start=s.train + s.test)
     stage("ingest", t)
 
     # Two workers each take a batch: keep batches within the smallest settings' data.
@@ -113,10 +115,10 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
     t = time.time()
     stage1 = train_controlnet(ControlNetTrainConfig(**common, stage="stage1", name="stage1"))
     stage("stage 1", t)
-    log.info("[3/8] stage 2: from stage 1's export, with style prompts")
+    log.info("[3/8] stage 2: from stage 1's export, on the multi-domain set with style prompts")
     t = time.time()
-    stage2 = train_controlnet(ControlNetTrainConfig(**common, stage="stage2", controlnet=stage1["export"],
-                                                    name="stage2"))
+    stage2 = train_controlnet(ControlNetTrainConfig(**{**common, "data": data["multi-domain"]}, stage="stage2",
+                                                    controlnet=stage1["export"], name="stage2"))
     stage("stage 2", t)
 
     styles = [st["name"] for st in load_styles(DEFAULT_STYLES)[: s.styles]]

@@ -10,7 +10,12 @@ import json
 import tempfile
 from collections.abc import Callable, Iterator
 
+import numpy as np
+import torch
+
 from mdland.data import storage
+
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 class RaySession:
@@ -99,6 +104,63 @@ def import_deepspeed(on_gpu: bool):
     if not on_gpu:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
+
+
+def training_dtype(precision: str, on_gpu: bool) -> torch.dtype:
+    """The dtype training computes in: `auto` is bf16 on GPU, fp32 on CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if precision == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def deepspeed_engine(model: torch.nn.Module, *, batch_size: int, optimizer: dict, zero_stage: int, dtype: torch.dtype,
+                     on_gpu: bool, accumulation: int = 1, gradient_clipping: float = 0.0):
+    """`model` under DeepSpeed ZeRO `zero_stage`. In bf16 the model holds bf16 weights, the optimizer an fp32 master
+    copy, and gradients accumulate in fp32. The optimizer is PyTorch's Adam / AdamW (fused on GPU), so no DeepSpeed
+    op has to compile on the node. `optimizer`: {"type": "Adam" or "AdamW", "lr": ..., other torch.optim args}."""
+    deepspeed = import_deepspeed(on_gpu)
+    bf16 = dtype == torch.bfloat16
+    if bf16:
+        model.to(dtype)  # buffers too (BatchNorm statistics): DeepSpeed casts only the parameters
+    kind = optimizer["type"]
+    params = {k: v for k, v in optimizer.items() if k != "type"}
+    config = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": gradient_clipping,
+        "zero_optimization": {"stage": zero_stage, "overlap_comm": on_gpu, "contiguous_gradients": True},
+        "bf16": {"enabled": bf16},
+        # DeepSpeed's "Adam" is AdamW unless adam_w_mode is off.
+        "optimizer": {"type": "Adam", "params": {**params, "torch_adam": True, "adam_w_mode": kind == "AdamW",
+                                                 "fused": on_gpu}},
+        "steps_per_print": 10**9,
+    }
+    if bf16 and zero_stage > 0:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                          if p.requires_grad], config=config)
+    return engine
+
+
+def master_weights(engine) -> dict[str, torch.Tensor]:
+    """The engine's state dict on the CPU with each trained weight taken from the optimizer's fp32 master copy (in
+    bf16 training the module itself only holds rounded weights). Collective: every rank must call it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = dict(engine.module.named_parameters())
+    weights = {}
+    for name, value in engine.module.state_dict().items():
+        master = safe_get_full_fp32_param(params[name]) if name in params else None
+        value = value if master is None else master
+        weights[name] = value.detach().float().cpu() if value.is_floating_point() else value.detach().cpu()
+    return weights
+
+
+def reseed(seed: int, rank: int, step: int) -> None:
+    """Seed torch's global RNG (noise, timesteps) differently on each rank and at each resumed step."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
 
 
 def launch(train_func: Callable[[dict], None], cfg, dataset: Callable[[], object], local: bool) -> dict:

@@ -71,6 +71,22 @@ def test_fine_tuning_a_finished_checkpoint_starts_at_epoch_zero(faces, tmp_path)
     assert not torch.equal(tuned.state_dict()["pre.0.conv.weight"], net.state_dict()["pre.0.conv.weight"])
 
 
+def test_bf16_training_runs_batchnorm_and_saves_fp32_master_weights(faces, tmp_path):
+    # bf16 is what GPUs train in; DeepSpeed runs it on CPU too, so the path (BatchNorm statistics cast with the
+    # weights, fp32 master copy saved) is tested here.
+    cfg = DetectorTrainConfig(**TINY, precision="bf16", data=[str(faces / "train")], val_data=str(faces / "val"),
+                              epochs=1, storage_path=str(tmp_path), name="bf16")
+    result = run_training(cfg, local=True)
+    blob = torch.load(io.BytesIO(storage.read_bytes(result["best"])), weights_only=True)
+    weights = blob["net"]
+    assert all(v.dtype == torch.float32 for k, v in weights.items() if not k.endswith("num_batches_tracked"))
+    # The optimizer's fp32 master weights, not the bf16 working copy: values bf16 cannot hold.
+    assert sum(not torch.equal(v, v.bfloat16().float()) for v in weights.values() if v.is_floating_point()) > 100
+    assert 0 < blob["val_nme"] < 1
+    with pytest.raises(ValueError, match="precision: unknown precision 'fp8'"):
+        check_config(DetectorTrainConfig(**TINY, precision="fp8", data=[str(faces / "train")]))
+
+
 def test_ray_train_two_workers_lower_validation_nme(faces, tmp_path):
     import ray
 

@@ -90,6 +90,16 @@ def test_sampler_matches_the_stock_pipeline_and_samples_stand_alone(inputs):
     alone = sampler(conditions[2:], prompts[2:], seeds[2:])
     assert np.abs(alone[0] - ours[2]).max() < 1e-4
 
+    # With eta > 0 each sample's step noise comes from its own generator, as in the stock pipeline.
+    stock = pipe(prompts, image=[Image.fromarray(x) for x in conditions], height=64, width=64, num_inference_steps=5,
+                 guidance_scale=7.5, eta=0.7, output_type="np",
+                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
+    noisy = LandmarkSampler(c, controlnet, num_inference_steps=5, guidance_scale=7.5, eta=0.7)
+    assert np.abs(noisy(conditions, prompts, seeds) - stock).max() < 1e-4
+    assert np.abs(noisy(conditions[2:], prompts[2:], seeds[2:])[0] - stock[2]).max() < 1e-4
+    # SD 1.x's DDIM: the last step goes to alpha_cumprod[0], not to 1.
+    assert pipe.scheduler.final_alpha_cumprod == pipe.scheduler.alphas_cumprod[0]
+
 
 def test_generate_into_s3(inputs, s3_bucket):
     import ray
@@ -212,3 +222,28 @@ def test_alignment_scores_and_filter(inputs, tmp_path):
         assert score <= threshold and score == pytest.approx(by_key[key], rel=1e-5)
     with pytest.raises(ValueError, match="min_alignment: needs a detector"):
         run_generation(config(inputs, str(tmp_path / "x"), min_alignment=0.1))
+
+
+def test_assembler_counts_a_row_delivered_twice_once(inputs, tmp_path):
+    from dataclasses import asdict
+
+    from mdland.data.shards import encode_image
+    from mdland.generation.pipeline import ShardAssembler
+
+    cfg = config(inputs, str(tmp_path / "out"), styles=["cartoon"], images_per_style=3, rows_per_shard=3)
+    assembler = ShardAssembler(asdict(cfg))
+
+    def rows(indices):
+        n = len(indices)
+        return {"index": np.array(indices), "shard": np.zeros(n, np.int64), "alignment": np.full(n, np.nan),
+                "landmarks": [np.full((68, 2), 20.0 + i, np.float32) for i in indices],
+                "image": [encode_image(np.full((64, 64, 3), i, np.uint8)) for i in indices],
+                "key": np.array([f"{i:08d}" for i in indices]), "prompt": np.array(["p"] * n),
+                "style": np.array(["cartoon"] * n), "edits": np.array(["chubby"] * n),
+                "edit_params": np.array(["[]"] * n), "seed": np.array(indices)}
+
+    assert len(assembler(rows([0, 1]))["shard"]) == 0
+    assert len(assembler(rows([1]))["shard"]) == 0  # a retried task's duplicate: still two distinct rows
+    assert list(assembler(rows([2]))["shard"]) == [0]
+    table = read_dataset(str(tmp_path / "out"))
+    assert table.column("key").to_pylist() == ["00000000", "00000001", "00000002"]

@@ -120,3 +120,22 @@ def test_bad_inputs_fail_by_name_or_are_skipped(tmp_path):
     with pytest.raises(ValueError, match="source not found"):
         ingest("artface", tmp_path / "nowhere", dest, overwrite=True)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["count"] == 2
+
+
+def test_a_domain_gets_its_style_and_prompt(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, image, points in make_faces(2):
+        Image.fromarray(image).save(src / f"{name}.png")
+        write_pts(src / f"{name}.pts", points)
+    ingest("artface", src, str(tmp_path / "cari"), size=64, style="caricature")
+    table = read_dataset(str(tmp_path / "cari"))
+    assert table.column("style").to_pylist() == ["caricature"] * 2
+    assert table.column("prompt").to_pylist() == ["a portrait of caricature style"] * 2
+    ingest("artface", src, str(tmp_path / "own"), size=64, style="ukiyo-e", prompt="a woodblock print portrait")
+    assert set(read_dataset(str(tmp_path / "own")).column("prompt").to_pylist()) == {"a woodblock print portrait"}
+    with pytest.raises(ValueError, match="'ukiyo-e' is not one of the shipped styles"):
+        ingest("artface", src, str(tmp_path / "bad"), size=64, style="ukiyo-e")
+    assert not storage.exists(str(tmp_path / "bad" / "manifest.json"))
+    ingest("artface", src, str(tmp_path / "plain"), size=64)
+    assert set(read_dataset(str(tmp_path / "plain")).column("prompt").to_pylist()) == {""}

@@ -143,6 +143,28 @@ def test_concurrent_clients_get_their_own_answers(server):
         np.testing.assert_allclose(points, expected(net, png), atol=2e-3)
 
 
+def test_a_batch_fills_to_max_batch_size(server, tmp_path):
+    # A second app whose replica waits long for a full batch: 8 concurrent requests must all land in one batch of 8,
+    # which Serve's default cap of 5 ongoing requests per replica would not let happen.
+    from ray import serve
+
+    from mdland.serve.app import build_app
+
+    url, net, faces = server
+    torch.manual_seed(0)
+    save_checkpoint(STARNet(ARCHS["tiny"]), str(tmp_path / "det.pkl"))
+    serve.run(build_app({"detector": str(tmp_path / "det.pkl"), "max_batch_size": 8, "batch_wait_timeout_s": 5.0}),
+              name="batching", route_prefix="/batching")
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda png: post_image(f"{url}/batching", png).json(), faces[:8]))
+    finally:
+        serve.delete("batching")
+    assert [a["batch_size"] for a in answers] == [8] * 8
+    for png, answer in zip(faces, answers):
+        np.testing.assert_allclose(answer["landmarks"], expected(net, png), atol=2e-3)
+
+
 def test_bounded_loopback_load(server, capsys):
     url, _, faces = server
     n, clients = 60, 6

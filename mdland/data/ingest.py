@@ -101,10 +101,25 @@ def load_image(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: unreadable image ({e})") from None
 
 
+def style_prompt(style: str) -> str:
+    """The prompt of a shipped style ("" for no style)."""
+    from mdland.generation.plan import DEFAULT_STYLES, load_styles
+
+    if not style:
+        return ""
+    shipped = {s["name"]: s["prompt"] for s in load_styles(DEFAULT_STYLES)}
+    if style not in shipped:
+        raise ValueError(f"style {style!r} is not one of the shipped styles ({', '.join(shipped)}); give its prompt")
+    return shipped[style]
+
+
 def ingest(fmt: str, src: str | Path, dest: str, size: int = 256, margin: float = 1.25, rows_per_shard: int = 1000,
            skip_bad: bool = False, overwrite: bool = False, ffhq_variant: str = "image",
-           image_dir: str | Path | None = None, source: str | None = None) -> dict:
-    """Crop, resize and write SRC's faces as shards under DEST; returns the manifest."""
+           image_dir: str | Path | None = None, source: str | None = None, style: str = "",
+           prompt: str | None = None) -> dict:
+    """Crop, resize and write SRC's faces as shards under DEST; returns the manifest. `style` names the faces'
+    domain (stage 2's multi-domain sets); `prompt` defaults to that style's prompt in the shipped styles file."""
+    prompt = style_prompt(style) if prompt is None else prompt
     old_shards: list[str] = []
     if storage.exists(storage.join(dest, MANIFEST)):
         if not overwrite:
@@ -130,7 +145,8 @@ def ingest(fmt: str, src: str | Path, dest: str, size: int = 256, margin: float 
             continue
         centre, scale = sample.crop or crop_from_landmarks(sample.landmarks, margin)
         crop, points, _ = crop_face(image, sample.landmarks, centre, scale, size)
-        writer.add(Face(image=encode_image(crop), landmarks=points, key=sample.key, source=name))
+        writer.add(Face(image=encode_image(crop), landmarks=points, key=sample.key, source=name, style=style,
+                        prompt=prompt))
     manifest = writer.close(skipped=skipped)
     # Shards of the replaced dataset that the new one did not overwrite would otherwise linger beside it.
     for name in set(old_shards) - {s["name"] for s in manifest["shards"]}:

@@ -41,8 +41,10 @@ def infer_arch(state: dict, where: str) -> DetectorArch:
     return DetectorArch(input_size=256, nstack=nstack, nlevels=nlevels - 1, channels=channels)
 
 
-def save_checkpoint(net: STARNet, path: str, **extra) -> None:
-    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in net.state_dict().items()}
+def save_checkpoint(net: STARNet, path: str, weights: dict[str, torch.Tensor] | None = None, **extra) -> None:
+    """`net`'s architecture and weights (`weights` when given, e.g. a trainer's fp32 master copy) as fp32 `.pkl`."""
+    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+             for k, v in (weights if weights is not None else net.state_dict()).items()}
     buf = io.BytesIO()
     torch.save({"net": state, "arch": asdict(net.arch), **extra}, buf)
     storage.write_bytes(path, buf.getvalue())

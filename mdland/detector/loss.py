@@ -12,7 +12,7 @@ this projects on the eigenvectors proper.
 import torch
 import torch.nn.functional as F
 
-from mdland.detector.model import DetectorOutput, coordinate_grids
+from mdland.detector.model import DetectorOutput, pixel_ramp
 
 
 def smooth_l1(err: torch.Tensor, scale: float = 0.01) -> torch.Tensor:
@@ -24,8 +24,8 @@ def smooth_l1(err: torch.Tensor, scale: float = 0.01) -> torch.Tensor:
 def heatmap_moments(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean (B, N, 2) and covariance entries (a, b, d) of [[a, b], [b, d]] per heatmap."""
     h, w = heatmaps.shape[-2:]
-    rows, _ = coordinate_grids(h, heatmaps)
-    _, cols = coordinate_grids(w, heatmaps)
+    rows = pixel_ramp(h, heatmaps.device).view(h, 1)
+    cols = pixel_ramp(w, heatmaps.device).view(1, w)
     p = heatmaps / heatmaps.sum(dim=(-2, -1), keepdim=True).clamp(min=1e-6)
     mx, my = (p * cols).sum(dim=(-2, -1)), (p * rows).sum(dim=(-2, -1))
     dx, dy = cols - mx[..., None, None], rows - my[..., None, None]
@@ -70,7 +70,7 @@ def awing_loss(pred: torch.Tensor, target: torch.Tensor, omega: float = 14.0, th
 def detector_loss(out: DetectorOutput, landmarks: torch.Tensor, pointmaps: torch.Tensor, edgemaps: torch.Tensor,
                   star_w: float = 1.0) -> tuple[torch.Tensor, dict]:
     """STAR's weighted sum over stacks: STAR loss on the fusion maps, AWing on the point and edge maps.
-    Also returns the last stack's parts, for logging."""
+    Also returns the last stack's parts (detached tensors: read them only when logging, to spare a device sync)."""
     n = len(out.fusionmaps)
     total, parts = 0.0, {}
     for i in range(n):
@@ -79,5 +79,5 @@ def detector_loss(out: DetectorOutput, landmarks: torch.Tensor, pointmaps: torch
         points = awing_loss(out.pointmaps[i], pointmaps)
         edges = awing_loss(out.edgemaps[i], edgemaps)
         total = total + scale * (star + 10 * points + 10 * edges)
-        parts = {"star": star.item(), "awing_points": points.item(), "awing_edges": edges.item()}
+        parts = {"star": star.detach(), "awing_points": points.detach(), "awing_edges": edges.detach()}
     return total, parts

@@ -77,10 +77,18 @@ class ResBlock(nn.Module):
         return out + residual
 
 
-def coordinate_grids(size: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols): -1 .. 1 over pixel centres, varying down the height and across the width."""
-    ramp = torch.arange(size, dtype=torch.float32, device=like.device) / (size - 1) * 2 - 1
-    return ramp.view(size, 1).expand(size, size), ramp.view(1, size).expand(size, size)
+def pixel_ramp(n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(n,) coordinates -1 .. 1 over n pixel centres."""
+    return torch.arange(n, dtype=torch.float32, device=device) / (n - 1) * 2 - 1
+
+
+def coordinate_grids(size: int) -> torch.Tensor:
+    """(3, size, size): rows and cols (varying down the height and across the width) and the radius
+    sqrt(rows^2 + cols^2) normalised to a maximum of 1."""
+    ramp = pixel_ramp(size)
+    rows, cols = ramp.view(size, 1).expand(size, size), ramp.view(1, size).expand(size, size)
+    radius = torch.sqrt(rows**2 + cols**2)
+    return torch.stack([rows, cols, radius / radius.max()])
 
 
 class CoordConv(nn.Module):
@@ -94,15 +102,15 @@ class CoordConv(nn.Module):
         self.conv = nn.Conv2d(cin + 3 + (2 if boundary else 0), cout, **conv)
         self.relu = nn.ReLU() if relu else None
         self.bn = nn.BatchNorm2d(cout) if bn else None
+        # Built once and moved with the module; not persistent, so STAR's state-dict names stay as they are.
+        self.register_buffer("grids", coordinate_grids(size), persistent=False)
 
     def forward(self, x, heatmap=None):
-        rows, cols = coordinate_grids(self.size, x)
-        radius = torch.sqrt(rows**2 + cols**2)
-        radius = radius / radius.max()
-        parts = [x, torch.stack([rows, cols, radius]).to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1, -1)]
+        grids = self.grids.to(x.dtype)
+        parts = [x, grids.unsqueeze(0).expand(x.shape[0], -1, -1, -1)]
         if self.boundary:
             near = torch.clamp(heatmap[:, -1:], 0, 1) > 0.05
-            parts += [torch.where(near, g, torch.zeros_like(g)).to(x.dtype) for g in (rows, cols)]
+            parts += [torch.where(near, g, torch.zeros_like(g)) for g in grids[:2]]
         x = torch.cat(parts, dim=1)
         x = self.conv(x)
         if self.bn is not None:
@@ -148,11 +156,11 @@ class EdgeToPoints(nn.Module):
 def decode_heatmaps(heatmaps: torch.Tensor) -> torch.Tensor:
     """(B, N, H, W) non-negative maps -> (B, N, 2) (x, y) weighted means over a [-1, 1] pixel-centre grid."""
     h, w = heatmaps.shape[-2:]
-    rows, _ = coordinate_grids(h, heatmaps)
-    _, cols = coordinate_grids(w, heatmaps)
+    rows = pixel_ramp(h, heatmaps.device).view(h, 1).to(heatmaps.dtype)
+    cols = pixel_ramp(w, heatmaps.device).view(1, w).to(heatmaps.dtype)
     total = heatmaps.sum(dim=(-2, -1)).clamp(min=1e-6)
-    x = (heatmaps * cols.to(heatmaps.dtype)).sum(dim=(-2, -1)) / total
-    y = (heatmaps * rows.to(heatmaps.dtype)).sum(dim=(-2, -1)) / total
+    x = (heatmaps * cols).sum(dim=(-2, -1)) / total
+    y = (heatmaps * rows).sum(dim=(-2, -1)) / total
     return torch.stack([x, y], dim=-1)
 
 
@@ -208,7 +216,3 @@ class STARNet(nn.Module):
 def normalised_to_pixels(points: torch.Tensor, size: int) -> torch.Tensor:
     """[-1, 1] network coordinates -> crop pixel coordinates (STAR's convention)."""
     return ((points + 1) * size - 1) / 2
-
-
-def pixels_to_normalised(points: torch.Tensor, size: int) -> torch.Tensor:
-    return ((points * 2 + 1) / size - 1).clamp(-1, 1)

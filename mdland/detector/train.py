@@ -29,7 +29,8 @@ from mdland.detector.model import ARCHS, normalised_to_pixels
 from mdland.diffusion.data import count_rows, local_epoch, read_shards
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
-from mdland.session import LocalSession, RaySession, import_deepspeed, launch
+from mdland.session import (PRECISIONS, LocalSession, RaySession, deepspeed_engine, launch, master_weights,
+                            training_dtype)
 
 log = get_logger(__name__)
 
@@ -46,6 +47,7 @@ class DetectorTrainConfig:
     augment: bool = True
     star_w: float = 1.0
     zero_stage: int = 1
+    precision: str = "auto"  # auto: bf16 on GPU (fp32 master weights), fp32 on CPU
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -61,6 +63,8 @@ def check_config(cfg: DetectorTrainConfig) -> tuple[int, int]:
     """Fail before any worker starts; returns the number of training faces and the network's input size."""
     if not cfg.data:
         raise ValueError("data: no training datasets given")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision: unknown precision {cfg.precision!r}; choose one of {PRECISIONS}")
     if cfg.init is None and cfg.arch not in ARCHS:
         raise ValueError(f"arch: unknown detector architecture {cfg.arch!r}; choose one of {sorted(ARCHS)}")
     # Reads and checks the weights now, not on every worker later.
@@ -94,21 +98,16 @@ def train_func(config: dict) -> None:
     setup_logging()
     cfg = from_dict(DetectorTrainConfig, config["train"])
     on_gpu = cfg.use_gpu and torch.cuda.is_available()
-    deepspeed = import_deepspeed(on_gpu)
-
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    dtype = training_dtype(cfg.precision, on_gpu)
     torch.manual_seed(cfg.seed)  # the same random start on every worker
     net = load_detector(cfg.init, cfg.arch, device).train()
     size = net.arch.input_size
     prepare = partial(prepare_detector_batch, size=size, augment=cfg.augment)
     session = (LocalSession(cfg.storage_path, cfg.name, lambda bs, seed: local_epoch(cfg.data, COLUMNS, prepare, bs, seed))
                if config.get("local") else RaySession())
-    engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config={
-        "train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": cfg.zero_stage}, "bf16": {"enabled": on_gpu},
-        "optimizer": {"type": "Adam", "params": {"lr": cfg.learning_rate, "torch_adam": True}},
-        "steps_per_print": 10**9})
+    engine = deepspeed_engine(net, batch_size=cfg.batch_size, zero_stage=cfg.zero_stage, dtype=dtype, on_gpu=on_gpu,
+                              optimizer={"type": "Adam", "lr": cfg.learning_rate})
     history, epoch, best = [], 0, float("inf")
     with session.latest_checkpoint() as restored:
         if restored:
@@ -130,13 +129,13 @@ def train_func(config: dict) -> None:
                                                for k in ("landmarks", "pointmaps", "edgemaps")), cfg.star_w)
             engine.backward(loss)
             engine.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())
             seen += len(batch["image"]) * session.world
             if session.rank == 0 and engine.global_steps % cfg.log_every == 0:
                 log.info("epoch %d step %d loss %.4f (star %.4f) %.1f images/s", epoch + 1, engine.global_steps,
-                         loss.item(), parts["star"], seen / (time.time() - t0))
+                         loss.item(), parts["star"].item(), seen / (time.time() - t0))
         epoch += 1
-        record = {"step": engine.global_steps, "epoch": epoch, "loss": float(np.mean(losses)),
+        record = {"step": engine.global_steps, "epoch": epoch, "loss": float(torch.stack(losses).float().mean()),
                   "images_per_s": seen / (time.time() - t0)}
         if val is not None:
             record["val_nme"] = validation_nme(engine.module, val, device, dtype)
@@ -152,13 +151,14 @@ def _checkpoint(engine, session, cfg: DetectorTrainConfig, history: list, epoch:
         engine.save_checkpoint(d, tag=f"epoch{epoch}", client_state={"history": history, "epoch": epoch,
                                                                      "best_nme": best})
         last = history[-1]
+        weights = master_weights(engine)
         if session.rank == 0:
-            save_checkpoint(engine.module, str(Path(d) / "detector.pkl"), epoch=epoch)
+            save_checkpoint(engine.module, str(Path(d) / "detector.pkl"), weights, epoch=epoch)
             (Path(d) / "history.json").write_text(json.dumps(history, indent=1))
             plot_curves(history, Path(d) / "loss.png", ("loss", "val_nme"), "detector fine-tuning")
             if improved:
                 save_checkpoint(engine.module, storage.join(cfg.storage_path, cfg.name, "best", "detector.pkl"),
-                                epoch=epoch, val_nme=last["val_nme"])
+                                weights, epoch=epoch, val_nme=last["val_nme"])
             log.info("epoch %d: loss %.4f, validation NME %s%s", epoch, last["loss"],
                      f"{last['val_nme']:.4f}" if "val_nme" in last else "n/a", " (best)" if improved else "")
         session.report({k: v for k, v in last.items()} | {"best_val_nme": best}, d, engine.global_steps)

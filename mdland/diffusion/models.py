@@ -195,4 +195,6 @@ def build_controlnet(components: SDComponents, init: str | None = None) -> Contr
 
 
 def ddim_scheduler(components: SDComponents) -> DDIMScheduler:
-    return DDIMScheduler.from_config(components.noise_scheduler.config)
+    """The sampling scheduler. DDPM's config has no `set_alpha_to_one`, and DDIM's default (True) is not SD 1.x's."""
+    return DDIMScheduler.from_config(components.noise_scheduler.config,
+                                     set_alpha_to_one=SCHEDULER_CONFIG["set_alpha_to_one"])

@@ -18,19 +18,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import ControlNetModel
 from PIL import Image
 
 from mdland.config import from_dict
 from mdland.data import storage
-from mdland.data.shards import decode_image, landmarks_array, read_shard, shard_uris
+from mdland.data.shards import decode_image, landmarks_array, read_columns, read_shard, shard_uris
 from mdland.diffusion.data import COLUMNS, count_rows, local_epoch, prepare_batch, ray_dataset
-from mdland.diffusion.models import (PRESETS, PromptEmbeddings, build_controlnet, check_model_dir, ddim_scheduler,
-                                     load_components)
+from mdland.diffusion.models import (PRESETS, PromptEmbeddings, SDComponents, build_controlnet, check_model_dir,
+                                     ddim_scheduler, load_components)
 from mdland.landmarks.edits import fit_in_frame, sample_edits
 from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
-from mdland.session import LocalSession, RaySession, endless, import_deepspeed, launch
+from mdland.session import (PRECISIONS, LocalSession, RaySession, deepspeed_engine, endless, launch,
+                            master_weights, reseed, training_dtype)
 
 log = get_logger(__name__)
 STAGES = ("stage1", "stage2")
@@ -56,6 +58,7 @@ class ControlNetTrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     zero_stage: int = 2
+    precision: str = "auto"  # auto: bf16 on GPU (frozen parts in bf16, ControlNet bf16 + fp32 master), fp32 on CPU
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the ControlNet and the frozen UNet (GPU: fused kernels; slow first steps)
     storage_path: str = "runs"  # local folder or s3://bucket/prefix
@@ -74,6 +77,8 @@ def check_config(cfg: ControlNetTrainConfig) -> int:
     check_model_dir(cfg.model)
     if cfg.controlnet and not storage.exists(storage.join(cfg.controlnet, "config.json")):
         raise ValueError(f"controlnet: {cfg.controlnet} is not a ControlNet export (no config.json)")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision: unknown precision {cfg.precision!r}; choose one of {PRECISIONS}")
     if cfg.resolution % 64:
         raise ValueError(f"resolution: must be a multiple of 64, got {cfg.resolution}")
     for name in ("batch_size", "gradient_accumulation", "max_steps", "checkpoint_every", "log_every", "num_workers"):
@@ -84,6 +89,12 @@ def check_config(cfg: ControlNetTrainConfig) -> int:
     rows = count_rows(cfg.data)
     if rows == 0:
         raise ValueError(f"data: {cfg.data} is an empty dataset")
+    if cfg.stage == "stage2":
+        if not cfg.controlnet:
+            raise ValueError("controlnet: stage 2 starts from stage 1's export; give its path")
+        if not any(read_columns(cfg.data, ["prompt"]).column("prompt").to_pylist()):
+            raise ValueError(f"data: stage 2 trains with style prompts, but every prompt in {cfg.data} is empty "
+                             "(ingest each domain with --style / --prompt)")
     if cfg.batch_size * cfg.num_workers > rows:
         raise ValueError(f"batch_size: {cfg.batch_size} x {cfg.num_workers} worker(s) is larger than the dataset "
                          f"({rows} faces at {cfg.data})")
@@ -91,24 +102,11 @@ def check_config(cfg: ControlNetTrainConfig) -> int:
     return rows
 
 
-def deepspeed_config(cfg: ControlNetTrainConfig, on_gpu: bool) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation,
-        "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": on_gpu, "contiguous_gradients": True},
-        "bf16": {"enabled": on_gpu},
-        # torch_adam: PyTorch's AdamW, so no fused-Adam extension has to compile on the node.
-        "optimizer": {"type": "AdamW", "params": {"lr": cfg.learning_rate, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                  "weight_decay": 1e-2, "torch_adam": True}},
-        "steps_per_print": 10**9,
-    }
-
-
-def controlnet_engine(components, controlnet, cfg: ControlNetTrainConfig, device: torch.device):
-    """The ControlNet under DeepSpeed, channels-last on GPU (the UNet too: its convolutions run faster so)."""
+def controlnet_engine(components: SDComponents, controlnet: ControlNetModel, cfg: ControlNetTrainConfig,
+                      device: torch.device, dtype: torch.dtype):
+    """The ControlNet under DeepSpeed (ZeRO `zero_stage`, AdamW, gradient clipping at 1 as in diffusers' example),
+    channels-last on GPU (the UNet too: its convolutions run faster so)."""
     on_gpu = device.type == "cuda"
-    deepspeed = import_deepspeed(on_gpu)
     controlnet.to(device).train()
     if on_gpu:
         controlnet.to(memory_format=torch.channels_last)
@@ -116,12 +114,26 @@ def controlnet_engine(components, controlnet, cfg: ControlNetTrainConfig, device
     if cfg.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
     if cfg.compile:
-        # In place (nn.Module.compile), so state-dict keys and save_pretrained exports stay as they are.
+        # In place (nn.Module.compile), so state-dict keys and exports stay as they are.
         controlnet.compile()
         components.unet.compile()
-    engine, _, _, _ = deepspeed.initialize(model=controlnet, model_parameters=controlnet.parameters(),
-                                           config=deepspeed_config(cfg, on_gpu))
-    return engine
+    return deepspeed_engine(controlnet, batch_size=cfg.batch_size, accumulation=cfg.gradient_accumulation,
+                            zero_stage=cfg.zero_stage, dtype=dtype, on_gpu=on_gpu, gradient_clipping=1.0,
+                            optimizer={"type": "AdamW", "lr": cfg.learning_rate, "betas": (0.9, 0.999), "eps": 1e-8,
+                                       "weight_decay": 1e-2})
+
+
+def export_controlnet(engine, directory: str | Path) -> None:
+    """A diffusers-format export (config.json + safetensors, what `save_pretrained` writes) of the fp32 master
+    weights. Collective: every rank calls it; rank 0 writes."""
+    from safetensors.torch import save_file
+
+    weights = master_weights(engine)
+    if engine.global_rank == 0:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        engine.module.save_config(directory)
+        save_file({k: v.contiguous() for k, v in weights.items()},
+                  str(Path(directory) / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
 
 
 def diffusion_loss(components, controlnet, text: PromptEmbeddings, batch: dict, dtype: torch.dtype,
@@ -188,10 +200,11 @@ def train_func(config: dict) -> None:
         if config.get("local") else RaySession())
     on_gpu = cfg.use_gpu and torch.cuda.is_available()
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
-    frozen_dtype = torch.bfloat16 if on_gpu else torch.float32
-    components = load_components(cfg.model, seed=cfg.seed).frozen_to(device, frozen_dtype)
-    torch.manual_seed(cfg.seed)
-    engine = controlnet_engine(components, build_controlnet(components, cfg.controlnet), cfg, device)
+    dtype = training_dtype(cfg.precision, on_gpu)
+    components = load_components(cfg.model, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same new ControlNet weights on every rank
+    controlnet = build_controlnet(components, cfg.controlnet)  # from the UNet's full-precision weights
+    engine = controlnet_engine(components.frozen_to(device, dtype), controlnet, cfg, device, dtype)
     history: list[dict] = []
     with session.latest_checkpoint() as restored:
         if restored:
@@ -199,10 +212,11 @@ def train_func(config: dict) -> None:
             history = client["history"]
             log.info("resumed from step %d", engine.global_steps)
     step = engine.global_steps
+    reseed(cfg.seed, session.rank, step)
     text = PromptEmbeddings(components, device)
 
     def loss_of(batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        return diffusion_loss(components, engine, text, batch, frozen_dtype, generator)
+        return diffusion_loss(components, engine, text, batch, dtype, generator)
 
     batches = endless(session, cfg.batch_size, cfg.seed + step)
     probe = _with_prompts(next(batches), cfg, np.random.default_rng(cfg.seed))
@@ -224,26 +238,27 @@ def train_func(config: dict) -> None:
         loss = loss_of(batch)
         engine.backward(loss)
         engine.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())  # read back at log time: no device sync every step
         seen += len(batch["prompt"]) * session.world
         if engine.global_steps == step:
             continue  # inside a gradient-accumulation cycle
         step = engine.global_steps
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             rate = seen / (time.time() - t0)
-            history.append({"step": step, "loss": float(np.mean(losses)), "samples_per_s": rate})
+            mean_loss = float(torch.stack(losses).float().mean())
+            history.append({"step": step, "loss": mean_loss, "samples_per_s": rate})
             if session.rank == 0:
-                log.info("step %d/%d loss %.4f %.1f samples/s", step, cfg.max_steps, np.mean(losses), rate)
+                log.info("step %d/%d loss %.4f %.1f samples/s", step, cfg.max_steps, mean_loss, rate)
             losses, seen, t0 = [], 0, time.time()
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             history.append({"step": step, "probe_loss": probe_loss()})
             _checkpoint(engine, session, components, cfg, history, points, prompts, device)
             seen, t0 = 0, time.time()  # keep checkpoint time out of the throughput figure
-    if session.rank == 0:
-        with tempfile.TemporaryDirectory() as d:
-            engine.module.save_pretrained(d)
+    with tempfile.TemporaryDirectory() as d:
+        export_controlnet(engine, d)
+        if session.rank == 0:
             storage.copy_from_local(d, storage.join(cfg.storage_path, cfg.name, "controlnet"))
-        log.info("ControlNet exported to %s", storage.join(cfg.storage_path, cfg.name, "controlnet"))
+            log.info("ControlNet exported to %s", storage.join(cfg.storage_path, cfg.name, "controlnet"))
 
 
 def _with_prompts(batch: dict, cfg: ControlNetTrainConfig, rng: np.random.Generator) -> dict:
@@ -260,8 +275,8 @@ def _checkpoint(engine, session, components, cfg, history, points, prompts, devi
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=f"step{step}", client_state={"history": history})
         metrics = {"step": step, **{k: v for r in history for k, v in r.items()}}
+        export_controlnet(engine, Path(d) / "controlnet")
         if session.rank == 0:
-            engine.module.save_pretrained(Path(d) / "controlnet")
             (Path(d) / "history.json").write_text(json.dumps(history, indent=1))
             plot_curves(history, Path(d) / "loss.png", ("loss", "probe_loss"), f"ControlNet {cfg.stage}")
             engine.module.eval()

@@ -95,7 +95,8 @@ class ShardAssembler:
     def __init__(self, config: dict):
         setup_logging()
         self.cfg = from_dict(GenerateConfig, config)
-        self.rows: dict[int, list[Face]] = defaultdict(list)
+        # Keyed by sample index, so a row delivered twice (a retried task) counts once.
+        self.rows: dict[int, dict[int, Face | None]] = defaultdict(dict)
         self.model = self.cfg.controlnet
 
     def rejects(self, score: float) -> bool:
@@ -109,15 +110,15 @@ class ShardAssembler:
         for i in range(len(batch["index"])):
             shard = int(batch["shard"][i])
             score = float(batch["alignment"][i])
-            self.rows[shard].append(None if self.rejects(score) else Face(
+            self.rows[shard][int(batch["index"][i])] = None if self.rejects(score) else Face(
                 image=batch["image"][i], landmarks=points[i],
                 key=str(batch["key"][i]), prompt=str(batch["prompt"][i]), style=str(batch["style"][i]),
                 source="synthetic", edits=str(batch["edits"][i]).split(","),
                 edit_params=json.loads(batch["edit_params"][i]), seed=int(batch["seed"][i]), model=self.model,
-                alignment=None if np.isnan(score) else score))
+                alignment=None if np.isnan(score) else score)
         written = []
         for shard in [s for s, rows in self.rows.items() if len(rows) == self.expected(s)]:
-            faces = sorted((f for f in self.rows.pop(shard) if f is not None), key=lambda f: f.key)
+            faces = sorted((f for f in self.rows.pop(shard).values() if f is not None), key=lambda f: f.key)
             summary = write_shard(storage.join(self.cfg.output, shard_name(shard)), faces)
             written.append((shard, json.dumps(summary)))
         return {"shard": np.array([w[0] for w in written], dtype=np.int64),

@@ -34,10 +34,9 @@ class LandmarkSampler:
     def guided(self) -> bool:
         return self.guidance > 1.0
 
-    def initial_noise(self, seeds: list[int], height: int, width: int) -> torch.Tensor:
+    def initial_noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
         shape = (1, self.unet.config.in_channels, height // 8, width // 8)
-        noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=self.dtype)
-                 for s in seeds]
+        noise = [torch.randn(shape, generator=g, dtype=self.dtype) for g in generators]
         return torch.cat(noise).to(self.device) * self.scheduler.init_noise_sigma
 
     @torch.no_grad()
@@ -52,8 +51,10 @@ class LandmarkSampler:
         if self.guided:
             hidden = torch.cat([self.encode([""] * b), hidden])
             image = torch.cat([image, image])
-        latents = self.initial_noise(seeds, h, w)
-        step_noise = [torch.Generator("cpu").manual_seed(int(s) + 1) for s in seeds]
+        # One CPU generator per sample gives its initial noise and then its DDIM step noise, as the stock pipeline
+        # draws them, so a sample is independent of its batch.
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        latents = self.initial_noise(generators, h, w)
         self.scheduler.set_timesteps(self.steps, device=self.device)
         for t in self.scheduler.timesteps:
             model_in = torch.cat([latents, latents]) if self.guided else latents
@@ -66,9 +67,9 @@ class LandmarkSampler:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + self.guidance * (cond - uncond)
             noise = None
-            if self.eta > 0:  # per-sample step noise keeps a sample independent of its batch
+            if self.eta > 0:
                 noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g, dtype=self.dtype)
-                                   for g in step_noise]).to(self.device)
+                                   for g in generators]).to(self.device)
             latents = self.scheduler.step(pred, t, latents, eta=self.eta, variance_noise=noise, return_dict=False)[0]
         return self.decode(latents)
 

@@ -7,8 +7,10 @@ GET  /healthz               200 once this replica has loaded its model
 GET  /v1/model              model id, input size, point scheme
 GET  /docs, /openapi.json   FastAPI's OpenAPI documents
 
-The face box `x0,y0,x1,y1` is in the image's pixels; without one the whole image is taken as the face crop. Points come
-back as 68 [x, y] pairs in the original image's pixels. Bad input gets a 4xx with one line naming the problem.
+The face box `x0,y0,x1,y1` is in the image's pixels and is the square crop the network sees (its longer side; a tight
+landmark box should be widened by 1.25 first, as training crops were); without one the whole image is the crop.
+Points come back as 68 [x, y] pairs in the original image's pixels. Bad input gets a 4xx with one line naming the
+problem. Decoding and cropping run per request in threads; only the network's forward pass is batched.
 """
 
 import asyncio
@@ -26,14 +28,14 @@ from PIL import Image, UnidentifiedImageError
 from ray import serve
 
 from mdland.config import from_dict
-from mdland.landmarks.align import crop_from_box
+from mdland.landmarks.align import crop_from_box, crop_matrix, warp_image
 
 
 @dataclass
 class ServeConfig:
     detector: str = ""  # detector checkpoint (.pkl), local or s3://
     max_batch_size: int = 16  # images per batched forward
-    batch_wait_timeout_s: float = 0.005  # how long a request waits for others to batch with
+    batch_wait_timeout_s: float = 0.002  # how long a request waits for others to batch with
     max_bytes: int = 10 * 2**20  # per request body
     max_pixels: int = 25_000_000  # per image
     max_images: int = 32  # per batch request
@@ -46,7 +48,7 @@ class BadInput(Exception):
         self.status, self.message = status, message
 
 
-def decode_image(data: bytes, limits: ServeConfig, what: str = "image") -> np.ndarray:
+def decode_upload(data: bytes, limits: ServeConfig, what: str = "image") -> np.ndarray:
     if not data:
         raise BadInput(400, f"{what}: empty body")
     if len(data) > limits.max_bytes:
@@ -58,7 +60,9 @@ def decode_image(data: bytes, limits: ServeConfig, what: str = "image") -> np.nd
             return np.asarray(im.convert("RGB"))
     except BadInput:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:
+        raise BadInput(413, f"{what}: over the {limits.max_pixels}-pixel limit") from None
+    except UnidentifiedImageError as e:
         raise BadInput(400, f"{what}: not an image ({type(e).__name__})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadInput(400, f"{what}: truncated or corrupt image ({str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
@@ -123,19 +127,25 @@ class LandmarkService:
         self.infer.set_max_batch_size(self.cfg.max_batch_size)
         self.infer.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def infer(self, items: list[tuple[np.ndarray, tuple]]) -> list[np.ndarray]:
-        from mdland.detector.checkpoint import predict
+    @serve.batch(max_batch_size=ServeConfig.max_batch_size, batch_wait_timeout_s=ServeConfig.batch_wait_timeout_s)
+    async def infer(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, int]]:
+        from mdland.detector.checkpoint import predict_crops
 
-        images = [image for image, _ in items]
-        crops = [crop_from_box(box) for _, box in items]
-        return list(predict(self.net, images, crops, self.dtype))
+        points = predict_crops(self.net, [crop for crop, _ in items], [m for _, m in items], self.dtype)
+        return [(p, len(items)) for p in points]
 
-    async def answer(self, image: np.ndarray, box) -> dict:
+    async def answer(self, data: bytes, box, index: int | None = None) -> dict:
+        """One face: decode, crop, batched forward pass. `index` names the image's place in a batch request."""
         t0 = time.perf_counter()
-        points = await self.infer((image, box))
-        return {"landmarks": np.round(points.astype(np.float64), 3).tolist(), "box": list(box), "image_size": [image.shape[1], image.shape[0]],
-                "model": self.cfg.detector, "time_ms": round((time.perf_counter() - t0) * 1000, 2)}
+        image = await asyncio.to_thread(decode_upload, data, self.cfg, "image" if index is None else f"images[{index}]")
+        box = parse_box(box, image.shape[1], image.shape[0], "box" if index is None else f"boxes[{index}]")
+        size = self.net.arch.input_size
+        matrix = crop_matrix(*crop_from_box(box), size)
+        crop = await asyncio.to_thread(warp_image, image, matrix, size)
+        points, batch = await self.infer((crop, matrix))
+        return {"landmarks": np.round(points.astype(np.float64), 3).tolist(), "box": list(box),
+                "image_size": [image.shape[1], image.shape[0]], "model": self.cfg.detector, "batch_size": batch,
+                "time_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -152,17 +162,17 @@ class LandmarkService:
     async def landmarks(self, request: Request, box: str | None = None) -> dict:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind.startswith("image/") or kind == "application/octet-stream":
-            image = decode_image(await read_body(request, self.cfg.max_bytes), self.cfg)
+            data = await read_body(request, self.cfg.max_bytes)
         elif kind == "multipart/form-data":
             form = await self._form(request)
             upload = form.get("image")
             if upload is None or isinstance(upload, str):
                 raise BadInput(400, "multipart: no `image` file field")
-            image = decode_image(await upload.read(), self.cfg)
+            data = await upload.read()
             box = form.get("box", box)
         else:
             raise BadInput(415, f"content type {kind or 'missing'!r}: send image bytes (image/*) or multipart/form-data")
-        return await self.answer(image, parse_box(box, image.shape[1], image.shape[0]))
+        return await self.answer(data, box)
 
     @api.post("/v1/landmarks/batch")
     async def landmarks_batch(self, request: Request) -> dict:
@@ -191,10 +201,7 @@ class LandmarkService:
             raise BadInput(400, "batch: no images")
         if len(pairs) > self.cfg.max_images:
             raise BadInput(413, f"batch: {len(pairs)} images is over the {self.cfg.max_images}-image limit")
-        images = [decode_image(data, self.cfg, f"images[{i}]") for i, (data, _) in enumerate(pairs)]
-        boxes = [parse_box(b, im.shape[1], im.shape[0], f"boxes[{i}]") for i, (im, (_, b)) in
-                 enumerate(zip(images, pairs))]
-        return {"results": list(await asyncio.gather(*(self.answer(im, b) for im, b in zip(images, boxes))))}
+        return {"results": list(await asyncio.gather(*(self.answer(data, b, i) for i, (data, b) in enumerate(pairs))))}
 
     async def _form(self, request: Request):
         declared = request.headers.get("content-length")
@@ -216,6 +223,9 @@ def build_app(args: dict) -> serve.Application:
         raise ValueError("detector: no checkpoint given")
     if cfg.use_gpu:
         options.setdefault("ray_actor_options", {}).setdefault("num_gpus", 1)
+    # Serve admits only this many requests per replica at once (default 5): at least two full batches, so a batch
+    # can fill while the one before it runs.
+    options.setdefault("max_ongoing_requests", 2 * cfg.max_batch_size)
     return LandmarkService.options(**options).bind(asdict(cfg))
 
 
