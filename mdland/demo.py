@@ -102,7 +102,7 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
         ingest("artface", Path(d) / "train", data["real-train"], size=s.size, overwrite=True, source="procedural")
         ingest("artface", Path(d) / "test", data["real-test"], size=s.size, overwrite=True, source="procedural")
     # Stage 2's small multi-domain set: faces in the procedural source's styles, each with its style prompt.
-    write_faces(data["multi-domain"], max(4, s.train // 2), s.seed, size=s.size, start=s.train + s.test)
+    write_faces(data["multi-domain"], s.train, s.seed, size=s.size, start=s.train + s.test)
     stage("ingest", t)
 
     # Two workers each take a batch: keep batches within the smallest settings' data.

@@ -51,7 +51,7 @@ def build_sampler(cfg: GenerateConfig):
 
 
 class GenerationActor:
-    """Holds one sampler (and optionally a detector) for its lifetime; turns batches of conditions into encoded
+    """Holds one sampler (and optionally a detector) for its lifetime; turns batches of conditions into uint8
     images, each scored by the detector's NME against the landmarks it was drawn from."""
 
     def __init__(self, config: dict):
@@ -82,7 +82,7 @@ class GenerationActor:
         self.done += len(images)
         log.info("actor: %d images, %.2f images/s", self.done, self.done / (time.time() - self.t0))
         out = {k: v for k, v in batch.items() if k != "condition"}
-        out["image"] = np.array([encode_image(im) for im in images], dtype=object)
+        out["image"] = images
         out["alignment"] = (self.alignment(images, landmarks_from_rows(batch["landmarks"])) if self.detector is not None
                             else np.full(len(images), np.nan, dtype=np.float32))
         return out
@@ -123,6 +123,11 @@ class ShardAssembler:
             written.append((shard, json.dumps(summary)))
         return {"shard": np.array([w[0] for w in written], dtype=np.int64),
                 "summary": np.array([w[1] for w in written], dtype=object)}
+
+
+def encode_images(batch: dict) -> dict:
+    """uint8 images -> PNG bytes, in CPU tasks, so a generation actor goes straight on to its next batch."""
+    return {**batch, "image": np.array([encode_image(im) for im in batch["image"]], dtype=object)}
 
 
 def _plan_rows(row: dict, config: dict, landmarks) -> list[dict]:
@@ -209,6 +214,7 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], landmarks: np.ndarray
     ds = ds.map_batches(GenerationActor, fn_constructor_kwargs={"config": config}, batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                         num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor)
+    ds = ds.map_batches(encode_images, batch_format="numpy", batch_size=None, num_cpus=0.25)
     # One assembler sees every row, so each shard is written exactly once, whichever actor drew its rows.
     ds = ds.map_batches(ShardAssembler, fn_constructor_kwargs={"config": config}, batch_size=None,
                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
