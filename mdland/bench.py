@@ -61,13 +61,14 @@ def _plain_loop_seconds(preset: str, batch: dict, steps: int, warmup: int, devic
         m.requires_grad_(False).to(device)
     controlnet = build_controlnet(c).to(device).train()
     opt = torch.optim.AdamW(controlnet.parameters(), lr=1e-5)
-    pixels, cond = batch["pixel_values"].to(device), batch["conditioning"].to(device)
+    images, conditions = batch["image"].to(device), batch["condition"].to(device)
     ids = c.tokenizer(batch["prompt"], padding="max_length", max_length=c.tokenizer.model_max_length,
                       return_tensors="pt").input_ids.to(device)
     n = len(batch["prompt"])
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16):
+            pixels, cond = images.float() / 127.5 - 1.0, conditions.float() / 255.0
             with torch.no_grad():
                 latents = c.vae.encode(pixels).latent_dist.sample() * c.vae.config.scaling_factor
                 hidden = c.text_encoder(ids)[0]
@@ -92,8 +93,9 @@ def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 25
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)
-    batch = {"pixel_values": torch.rand(batch_size, 3, resolution, resolution, generator=gen) * 2 - 1,
-             "conditioning": torch.rand(batch_size, 3, resolution, resolution, generator=gen),
+    batch = {"image": torch.randint(0, 256, (batch_size, 3, resolution, resolution), generator=gen, dtype=torch.uint8),
+             "condition": torch.randint(0, 256, (batch_size, 3, resolution, resolution), generator=gen,
+                                        dtype=torch.uint8),
              "prompt": [""] * batch_size}
     result = {"benchmark": "train", "preset": preset, "device": _device_name(device), "batch_size": batch_size,
               "resolution": resolution, "baseline": "plain PyTorch loop: fp32 weights, bf16 autocast, AdamW"}
@@ -113,7 +115,7 @@ def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 25
     engine = controlnet_engine(c.frozen_to(device, dtype), controlnet, cfg, device, dtype)
     text = PromptEmbeddings(c, device)
     # On the device already, as the plain loop's copy is: only the step itself is timed.
-    batch = {**batch, "pixel_values": batch["pixel_values"].to(device), "conditioning": batch["conditioning"].to(device)}
+    batch = {**batch, "image": batch["image"].to(device), "condition": batch["condition"].to(device)}
     result.update(compile=compile, zero_stage=zero_stage)
 
     def mdland_step():

@@ -4,8 +4,6 @@ import argparse
 import json
 import sys
 
-import yaml
-
 from mdland.log import setup_logging
 
 
@@ -43,11 +41,13 @@ def _train_controlnet(a: argparse.Namespace) -> None:
 
 def _serve(a: argparse.Namespace) -> None:
     import time
+    from dataclasses import asdict, replace
 
-    from mdland.serve.app import start_server
+    from mdland.config import load_config
+    from mdland.serve.app import ServeConfig, start_server
 
-    args = {"detector": a.detector, **{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in a.set)}}
-    url = start_server(args, a.host, a.port)
+    cfg = replace(load_config(ServeConfig, None, a.set), detector=a.detector)
+    url = start_server(asdict(cfg), a.host, a.port)
     print(f"serving {a.detector} at {url}/v1/landmarks (docs: {url}/docs); Ctrl-C stops", flush=True)
     while True:
         time.sleep(3600)

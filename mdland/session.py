@@ -38,7 +38,8 @@ class RaySession:
     def epoch(self, batch_size: int, seed: int) -> Iterator[dict]:
         shard = self.train.get_dataset_shard("train")
         return shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                                  local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed + self.rank)
+                                  local_shuffle_buffer_size=max(4 * batch_size, 64),
+                                  local_shuffle_seed=seed + self.rank)
 
     def report(self, metrics: dict, checkpoint_dir: str, step: int) -> None:
         self.train.report(metrics, checkpoint=self.train.Checkpoint.from_directory(checkpoint_dir),

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from mdland.landmarks.align import (
-    crop_face, crop_from_box, crop_from_landmarks, crop_matrix, transform_points, uncrop_points, warp_image,
+    crop_face, crop_from_box, crop_from_landmarks, crop_matrix, resize_points, transform_points, uncrop_points,
+    warp_image,
 )
 
 
@@ -45,3 +46,10 @@ def test_warp_identity_keeps_pixels(face):
     image, _ = face
     out = warp_image(image, np.eye(3), 256)
     assert np.abs(out.astype(int) - image.astype(int)).max() <= 1
+
+
+def test_resize_points_keeps_pixel_edges_in_place():
+    # Pixel 0's centre of a 64-wide image is 1/4 of the way into pixel 0 of a 128-wide one; the outer edges match.
+    pts = np.array([[0.0, 0.0], [63.0, 31.0], [-0.5, -0.5]])
+    np.testing.assert_allclose(resize_points(pts, (64, 32), (128, 64)), [[0.5, 0.5], [126.5, 62.5], [-0.5, -0.5]])
+    np.testing.assert_allclose(resize_points(resize_points(pts, (64, 32), (100, 7)), (100, 7), (64, 32)), pts)

@@ -187,7 +187,8 @@ def test_compiled_training_matches_eager_and_exports_plain_weights(tmp_path, fac
 
     from diffusers import ControlNetModel
 
-    from mdland.diffusion.data import COLUMNS, local_epoch, prepare_batch
+    from mdland.data.datasets import local_epoch
+    from mdland.diffusion.data import COLUMNS, prepare_batch
     from mdland.diffusion.models import PromptEmbeddings
     from mdland.diffusion.train import controlnet_engine, diffusion_loss
     from mdland.session import set_single_process_env

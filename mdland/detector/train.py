@@ -20,13 +20,13 @@ import torch
 
 from mdland.config import from_dict
 from mdland.data import storage
+from mdland.data.datasets import count_rows, local_epoch, read_shards
 from mdland.data.shards import read_dataset
 from mdland.detector.checkpoint import load_detector, save_checkpoint
 from mdland.detector.data import COLUMNS, prepare_detector_batch
 from mdland.detector.loss import detector_loss
 from mdland.detector.metrics import nme
 from mdland.detector.model import ARCHS, normalised_to_pixels
-from mdland.diffusion.data import count_rows, local_epoch, read_shards
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
 from mdland.session import (PRECISIONS, LocalSession, RaySession, deepspeed_engine, launch, master_weights,

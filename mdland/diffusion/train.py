@@ -24,9 +24,11 @@ from PIL import Image
 from mdland.config import from_dict
 from mdland.data import storage
 from mdland.data.shards import decode_image, landmarks_array, read_columns, read_shard, shard_uris
-from mdland.diffusion.data import COLUMNS, count_rows, local_epoch, prepare_batch, ray_dataset
+from mdland.data.datasets import count_rows, local_epoch
+from mdland.diffusion.data import COLUMNS, prepare_batch, ray_dataset
 from mdland.diffusion.models import (PRESETS, PromptEmbeddings, SDComponents, build_controlnet, check_model_dir,
                                      ddim_scheduler, load_components)
+from mdland.landmarks.align import resize_points
 from mdland.landmarks.edits import fit_in_frame, sample_edits
 from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
 from mdland.log import get_logger, setup_logging
@@ -136,12 +138,14 @@ def export_controlnet(engine, directory: str | Path) -> None:
                   str(Path(directory) / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
 
 
-def diffusion_loss(components, controlnet, text: PromptEmbeddings, batch: dict, dtype: torch.dtype,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+def diffusion_loss(components: SDComponents, controlnet: torch.nn.Module, text: PromptEmbeddings, batch: dict,
+                   dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
     """The ControlNet training loss of one batch: noise a VAE latent, predict the noise with UNet + ControlNet."""
     device = text.device
-    pixels = torch.as_tensor(batch["pixel_values"], device=device, dtype=dtype)
-    cond = torch.as_tensor(batch["conditioning"], device=device, dtype=dtype)
+    # uint8 over the host-device link, scaled on the device: target in [-1, 1], condition in [0, 1].
+    image = torch.as_tensor(batch["image"]).to(device, non_blocking=True).float()
+    pixels = (image / 127.5 - 1.0).to(dtype)
+    cond = (torch.as_tensor(batch["condition"]).to(device, non_blocking=True).float() / 255.0).to(dtype)
     scheduler = components.noise_scheduler
     with torch.no_grad():
         latents = components.vae.encode(pixels).latent_dist.sample(generator) * components.vae.config.scaling_factor
@@ -165,7 +169,7 @@ def validation_conditions(cfg: ControlNetTrainConfig) -> tuple[np.ndarray, list[
     size = decode_image(table.column("image")[0].as_py(), cfg.data).shape[1]
     edited = []
     for i, p in enumerate(points):
-        p = (p + 0.5) * (cfg.resolution / size) - 0.5
+        p = resize_points(p, (size, size), (cfg.resolution, cfg.resolution))
         e, _ = sample_edits(p, np.random.default_rng([cfg.seed, 1_000_003, i]), k=2)
         edited.append(fit_in_frame(e, cfg.resolution))
     prompts = [str(s) for s in table.column("prompt").to_pylist()[:n]] if cfg.stage == "stage2" else [""] * n
@@ -173,8 +177,8 @@ def validation_conditions(cfg: ControlNetTrainConfig) -> tuple[np.ndarray, list[
 
 
 @torch.no_grad()
-def validation_grid(components, controlnet, points: np.ndarray, prompts: list[str], cfg: ControlNetTrainConfig,
-                    device: torch.device) -> np.ndarray:
+def validation_grid(components: SDComponents, controlnet: ControlNetModel, points: np.ndarray, prompts: list[str],
+                    cfg: ControlNetTrainConfig, device: torch.device) -> np.ndarray:
     """Condition images over the faces the ControlNet draws for them, landmarks dotted on top."""
     from diffusers import StableDiffusionControlNetPipeline
 

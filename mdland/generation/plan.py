@@ -15,6 +15,7 @@ import yaml
 
 from mdland.data import storage
 from mdland.data.shards import MANIFEST, first_image_size, landmarks_array, read_columns, read_manifest
+from mdland.landmarks.align import resize_points
 from mdland.landmarks.edits import fit_in_frame, sample_edits
 from mdland.landmarks.render import render_landmarks
 
@@ -100,7 +101,7 @@ def source_landmarks(cfg: GenerateConfig) -> np.ndarray:
         raise ValueError(f"source: {cfg.source} is an empty dataset")
     size = first_image_size(cfg.source)[0]
     # pixel-centre coordinates scale about -0.5
-    return (landmarks_array(table) + 0.5) * (cfg.resolution / size) - 0.5
+    return resize_points(landmarks_array(table), (size, size), (cfg.resolution, cfg.resolution))
 
 
 def plan_sample(seed: int, index: int, num_styles: int, num_source: int) -> tuple[int, int, int]:

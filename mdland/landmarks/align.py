@@ -67,3 +67,10 @@ def crop_face(
 def uncrop_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """Map points predicted on a crop back to the source image's pixels."""
     return transform_points(points, np.linalg.inv(matrix))
+
+
+def resize_points(points: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:
+    """Pixel-centre coordinates of an image of (width, height) `from_size` resized to `to_size`: they scale about
+    -0.5, the outer edge of the first pixel."""
+    scale = np.array([to_size[0] / from_size[0], to_size[1] / from_size[1]])
+    return (np.asarray(points) + 0.5) * scale - 0.5

@@ -1,0 +1,45 @@
+"""Shard datasets as training data: their row counts, a Ray Dataset over them, and one shuffled epoch without Ray
+(the plain-process mode). Shared by the ControlNet and detector trainers, each with its own `prepare` function."""
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from mdland.data import storage
+from mdland.data.shards import MANIFEST, read_manifest, read_shard, shard_uris
+
+if TYPE_CHECKING:
+    import ray.data
+
+
+def count_rows(data: str) -> int:
+    """Faces in a shard dataset (from the manifest, or the parquet footers)."""
+    if storage.exists(storage.join(data, MANIFEST)):
+        return int(read_manifest(data)["count"])
+    uris = shard_uris(data)
+    fs, _ = storage.filesystem(uris[0])
+    return sum(pq.ParquetFile(fs.open_input_file(storage.filesystem(u)[1])).metadata.num_rows for u in uris)
+
+
+def read_shards(datasets: list[str], columns: list[str]) -> "ray.data.Dataset":
+    """A Ray Dataset over the shards of one or more training datasets (all on one filesystem), its blocks in a new
+    random order each epoch: with the workers' local shuffle buffers, batches mix faces from across the set."""
+    import ray.data
+
+    uris = [u for d in datasets for u in shard_uris(d)]
+    fs, _ = storage.filesystem(uris[0])
+    ds = ray.data.read_parquet([storage.filesystem(u)[1] for u in uris], filesystem=fs).select_columns(columns)
+    return ds.randomize_block_order()
+
+
+def local_epoch(datasets: list[str], columns: list[str], prepare: Callable[[dict], dict], batch_size: int,
+                seed: int) -> Iterator[dict]:
+    """One shuffled pass over shard datasets without Ray (the plain-process mode), through `prepare`."""
+    tables = [read_shard(u).select(columns) for d in datasets for u in shard_uris(d)]
+    rows = [(t, i) for t in tables for i in range(t.num_rows)]
+    order = np.random.default_rng(seed).permutation(len(rows))
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        picked = [rows[j] for j in order[start : start + batch_size]]
+        yield prepare({c: [t.column(c)[i].as_py() for t, i in picked] for c in columns})
