@@ -14,8 +14,10 @@ import numpy as np
 import torch
 
 from mdland.data import storage
+from mdland.log import get_logger
 
 PRECISIONS = ("auto", "bf16", "fp32")
+log = get_logger(__name__)
 
 
 class RaySession:
@@ -180,6 +182,10 @@ def launch(train_func: Callable[[dict], None], cfg, dataset: Callable[[], object
 
     if not ray.is_initialized():
         ray.init()
+    nodes = sum(n["Alive"] for n in ray.nodes())
+    if nodes > 1 and not storage.is_s3(cfg.storage_path):
+        log.warning("storage_path %s is a local path on a %d-node cluster: every node must see it (a shared "
+                    "filesystem), or use s3://", cfg.storage_path, nodes)
     fs, path = storage.filesystem(cfg.storage_path)
     gpu = {"GPU": 1} if cfg.use_gpu else {}
     trainer = TorchTrainer(

@@ -89,6 +89,9 @@ def test_sampler_matches_the_stock_pipeline_and_samples_stand_alone(inputs):
     assert np.abs(ours - stock).max() < 1e-4
     alone = sampler(conditions[2:], prompts[2:], seeds[2:])
     assert np.abs(alone[0] - ours[2]).max() < 1e-4
+    fused = LandmarkSampler(build_preset("tiny"), ControlNetModel.from_pretrained(inputs / "controlnet"),
+                            num_inference_steps=5, guidance_scale=7.5, fuse_qkv=True)
+    assert np.abs(fused(conditions, prompts, seeds) - ours).max() < 1e-4
 
     # With eta > 0 each sample's step noise comes from its own generator, as in the stock pipeline.
     stock = pipe(prompts, image=[Image.fromarray(x) for x in conditions], height=64, width=64, num_inference_steps=5,

@@ -47,7 +47,8 @@ def build_sampler(cfg: GenerateConfig):
     controlnet = build_controlnet(components, cfg.controlnet)
     return LandmarkSampler(components, controlnet, "cuda" if on_gpu else "cpu", _torch_dtype(cfg, on_gpu),
                            cfg.num_inference_steps, cfg.guidance_scale, cfg.eta, channels_last=cfg.channels_last and on_gpu,
-                           compile=cfg.compile and on_gpu, vae_batch_size=cfg.vae_batch_size)
+                           compile=cfg.compile and on_gpu, vae_batch_size=cfg.vae_batch_size,
+                           fuse_qkv=cfg.fuse_qkv and on_gpu)
 
 
 class GenerationActor:

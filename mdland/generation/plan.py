@@ -46,6 +46,7 @@ class GenerateConfig:
     dtype: str = "float16"  # on GPU: float16 or bfloat16 (always float32 on CPU)
     channels_last: bool = True
     compile: bool = False  # torch.compile the UNet and ControlNet (GPU)
+    fuse_qkv: bool = True  # fused q/k/v projections in the attention layers (GPU)
     vae_batch_size: int = 16
     max_shards: int | None = None  # stop after this many new shards (for trial runs)
     detector: str | None = None  # a detector checkpoint: score each image by its NME against its landmarks

@@ -2,7 +2,8 @@
 
 With the fast options off it computes what `StableDiffusionControlNetPipeline` computes for the same seeds (one CPU
 generator per sample, DDIM, both guidance halves in one batch); the fast options are half precision, channels-last
-memory, `torch.compile`, one text encoding per prompt for the whole run, and VAE decoding in chunks.
+memory, fused q/k/v projections, `torch.compile`, one text encoding per prompt for the whole run, and VAE decoding in
+chunks.
 Each sample's initial noise comes from its own seed, so a sample comes out the same in any batch.
 """
 
@@ -15,14 +16,20 @@ from mdland.diffusion.models import PromptEmbeddings, SDComponents, ddim_schedul
 class LandmarkSampler:
     def __init__(self, components: SDComponents, controlnet, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                 eta: float = 0.0, channels_last: bool = False, compile: bool = False, vae_batch_size: int = 16):
+                 eta: float = 0.0, channels_last: bool = False, compile: bool = False, vae_batch_size: int = 16,
+                 fuse_qkv: bool = False):
         self.device, self.dtype = torch.device(device), dtype
         self.components = components.frozen_to(self.device, dtype)
         self.controlnet = controlnet.requires_grad_(False).eval().to(self.device, dtype=dtype)
         self.unet, self.vae = self.components.unet, self.components.vae
+        if fuse_qkv:  # one matmul for each self-attention's q, k and v
+            self.unet.fuse_qkv_projections()
+            self.controlnet.fuse_qkv_projections()
         if channels_last:
             for m in (self.unet, self.controlnet, self.vae):
                 m.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes for the whole run: let cuDNN pick its kernels
         if compile:
             self.unet = torch.compile(self.unet)
             self.controlnet = torch.compile(self.controlnet)

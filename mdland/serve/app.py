@@ -124,6 +124,13 @@ class LandmarkService:
         on_gpu = self.cfg.use_gpu and torch.cuda.is_available()
         self.dtype = torch.float16 if on_gpu else torch.float32
         self.net = load_detector(self.cfg.detector, device="cuda" if on_gpu else "cpu").eval().to(dtype=self.dtype)
+        if on_gpu:
+            torch.backends.cudnn.benchmark = True
+        # One forward pass before the replica reports healthy, so no request pays for kernel selection and warm-up.
+        from mdland.detector.checkpoint import predict_crops
+
+        size = self.net.arch.input_size
+        predict_crops(self.net, [np.zeros((size, size, 3), np.uint8)], [np.eye(3)], self.dtype)
         self.infer.set_max_batch_size(self.cfg.max_batch_size)
         self.infer.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
