@@ -41,13 +41,19 @@ def _train_controlnet(a: argparse.Namespace) -> None:
 
 def _serve(a: argparse.Namespace) -> None:
     import time
-    from dataclasses import asdict, replace
 
-    from mdland.config import load_config
-    from mdland.serve.app import ServeConfig, start_server
+    import yaml
 
-    cfg = replace(load_config(ServeConfig, None, a.set), detector=a.detector)
-    url = start_server(asdict(cfg), a.host, a.port)
+    from mdland.serve.app import start_server
+
+    # ServeConfig fields plus deployment options (num_replicas, ...); build_app checks every key.
+    args = {"detector": a.detector}
+    for item in a.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        args[key.strip()] = yaml.safe_load(value)
+    url = start_server(args, a.host, a.port)
     print(f"serving {a.detector} at {url}/v1/landmarks (docs: {url}/docs); Ctrl-C stops", flush=True)
     while True:
         time.sleep(3600)
@@ -195,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="ServeConfig fields: max_batch_size, batch_wait_timeout_s, max_bytes, max_pixels, use_gpu, ...")
+                   help="ServeConfig fields (max_batch_size, batch_wait_timeout_s, max_bytes, max_pixels, use_gpu, ...) "
+                        "and num_replicas / autoscaling_config / ray_actor_options")
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("bench", help="speed against a named baseline, in the same process")

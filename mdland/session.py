@@ -109,6 +109,14 @@ def import_deepspeed(on_gpu: bool):
     return deepspeed
 
 
+def check_precision(precision: str, zero_stage: int, use_gpu: bool) -> None:
+    """Fail fast on a precision / ZeRO stage pair the trainers cannot run."""
+    if zero_stage not in (0, 1, 2):
+        raise ValueError(f"zero_stage: {zero_stage} is not supported; choose 0, 1 or 2")
+    if training_dtype(precision, use_gpu) == torch.bfloat16 and zero_stage == 0:
+        raise ValueError("zero_stage: bf16 training needs ZeRO stage 1 or 2 (stage 0 keeps no fp32 master weights)")
+
+
 def training_dtype(precision: str, on_gpu: bool) -> torch.dtype:
     """The dtype training computes in: `auto` is bf16 on GPU, fp32 on CPU."""
     if precision not in PRECISIONS:
@@ -125,7 +133,10 @@ def deepspeed_engine(model: torch.nn.Module, *, batch_size: int, optimizer: dict
     op has to compile on the node. `optimizer`: {"type": "Adam" or "AdamW", "lr": ..., other torch.optim args}."""
     deepspeed = import_deepspeed(on_gpu)
     bf16 = dtype == torch.bfloat16
+    full = {}
     if bf16:
+        # DeepSpeed would start its fp32 master copy from the bf16-rounded weights: keep the originals to restore.
+        full = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
         model.to(dtype)  # buffers too (BatchNorm statistics): DeepSpeed casts only the parameters
     kind = optimizer["type"]
     params = {k: v for k, v in optimizer.items() if k != "type"}
@@ -144,6 +155,12 @@ def deepspeed_engine(model: torch.nn.Module, *, batch_size: int, optimizer: dict
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad], config=config)
+    if full:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for name, param in engine.module.named_parameters():
+            if name in full:
+                safe_set_full_fp32_param(param, full[name])
     return engine
 
 

@@ -58,6 +58,10 @@ def test_bad_configs_fail_fast(tmp_path, faces_dir):
         check(controlnet=str(tmp_path))
     with pytest.raises(ValueError, match="resolution: must be a multiple of 64"):
         check(resolution=100)
+    with pytest.raises(ValueError, match="bf16 training needs ZeRO stage 1 or 2"):
+        check(precision="bf16", zero_stage=0)
+    with pytest.raises(ValueError, match="zero_stage: 3 is not supported"):
+        check(zero_stage=3)
     with pytest.raises(ValueError, match="stage 2 starts from stage 1's export"):
         check(stage="stage2")
     unstyled = ShardWriter(str(tmp_path / "unstyled"))
@@ -137,6 +141,22 @@ def test_bf16_training_exports_the_fp32_master_weights(tmp_path, faces_dir):
     # The optimizer's fp32 master copy went out, not the module's bf16 working weights.
     assert sum(not torch.equal(v, v.bfloat16().float()) for v in weights.values()) > 50
     assert history(result["checkpoint"])[-1]["probe_loss"] > 0
+
+
+def test_bf16_engine_starts_its_master_copy_from_the_fp32_weights():
+    from mdland.session import deepspeed_engine, master_weights, set_single_process_env
+
+    set_single_process_env()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16))
+    original = {k: v.clone() for k, v in net.state_dict().items()}
+    engine = deepspeed_engine(net, batch_size=2, optimizer={"type": "Adam", "lr": 1e-3}, zero_stage=1,
+                              dtype=torch.bfloat16, on_gpu=False)
+    weights = master_weights(engine)
+    for name in ("0.weight", "0.bias", "1.weight"):
+        assert torch.equal(weights[name], original[name]), name
+    assert engine.module[0].weight.dtype == torch.bfloat16
+    assert not torch.equal(engine.module[0].weight.float(), original["0.weight"])  # only the working copy is rounded
 
 
 def test_each_rank_and_resumed_step_draws_its_own_noise():

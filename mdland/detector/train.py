@@ -29,7 +29,7 @@ from mdland.detector.metrics import nme
 from mdland.detector.model import ARCHS, normalised_to_pixels
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
-from mdland.session import (PRECISIONS, LocalSession, RaySession, deepspeed_engine, launch, master_weights,
+from mdland.session import (LocalSession, RaySession, check_precision, deepspeed_engine, launch, master_weights,
                             training_dtype)
 
 log = get_logger(__name__)
@@ -63,8 +63,7 @@ def check_config(cfg: DetectorTrainConfig) -> tuple[int, int]:
     """Fail before any worker starts; returns the number of training faces and the network's input size."""
     if not cfg.data:
         raise ValueError("data: no training datasets given")
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision: unknown precision {cfg.precision!r}; choose one of {PRECISIONS}")
+    check_precision(cfg.precision, cfg.zero_stage, cfg.use_gpu)
     if cfg.init is None and cfg.arch not in ARCHS:
         raise ValueError(f"arch: unknown detector architecture {cfg.arch!r}; choose one of {sorted(ARCHS)}")
     # Reads and checks the weights now, not on every worker later.

@@ -4,8 +4,8 @@ One `train_func` runs on every Ray Train worker (or alone, in one plain process,
 text encoder (bf16 on GPU), a trainable ControlNet wrapped by DeepSpeed (ZeRO stage 2; bf16 with fp32 master weights
 on GPU, fp32 on CPU), DDPM noise and an MSE loss on the noise. Stage 1 trains with empty prompts; stage 2 starts from
 stage 1's export and trains with style prompts, a share of them blanked so classifier-free guidance works.
-Checkpoints (DeepSpeed state, a diffusers `save_pretrained` export, a validation grid and the loss curve) go to
-`storage_path/name/checkpoint_NNNNNN`; a re-run with the same name resumes from the latest one.
+Checkpoints (DeepSpeed state, a diffusers-format export of the fp32 master weights, a validation grid and the loss
+curve) go to `storage_path/name/checkpoint_NNNNNN`; a re-run with the same name resumes from the latest one.
 """
 
 import json
@@ -33,7 +33,7 @@ from mdland.landmarks.edits import fit_in_frame, sample_edits
 from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
-from mdland.session import (PRECISIONS, LocalSession, RaySession, deepspeed_engine, endless, launch,
+from mdland.session import (LocalSession, RaySession, check_precision, deepspeed_engine, endless, launch,
                             master_weights, reseed, training_dtype)
 
 log = get_logger(__name__)
@@ -79,8 +79,7 @@ def check_config(cfg: ControlNetTrainConfig) -> int:
     check_model_dir(cfg.model)
     if cfg.controlnet and not storage.exists(storage.join(cfg.controlnet, "config.json")):
         raise ValueError(f"controlnet: {cfg.controlnet} is not a ControlNet export (no config.json)")
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision: unknown precision {cfg.precision!r}; choose one of {PRECISIONS}")
+    check_precision(cfg.precision, cfg.zero_stage, cfg.use_gpu)
     if cfg.resolution % 64:
         raise ValueError(f"resolution: must be a multiple of 64, got {cfg.resolution}")
     for name in ("batch_size", "gradient_accumulation", "max_steps", "checkpoint_every", "log_every", "num_workers"):

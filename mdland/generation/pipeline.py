@@ -1,7 +1,8 @@
 """`mdland generate`: the synthetic set as a resumable Ray Data pipeline.
 
 pending shard indices -> plan + edit + render (CPU tasks) -> generation actors (one model each, loaded once;
-one GPU each with `use_gpu`) -> one shard assembler (writes each shard atomically once all its rows are in)
+one GPU each with `use_gpu`) -> PNG encoding (CPU tasks) -> one shard assembler (writes each shard atomically once
+all its rows are in)
 -> manifest.json. Shards that exist are complete (writes are atomic), so a re-run writes only the missing ones.
 """
 
@@ -215,7 +216,8 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], landmarks: np.ndarray
     ds = ds.map_batches(GenerationActor, fn_constructor_kwargs={"config": config}, batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                         num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor)
-    ds = ds.map_batches(encode_images, batch_format="numpy", batch_size=None, num_cpus=0.25)
+    # Resources unlike the assembler's, so Ray Data does not fuse these tasks into that single actor.
+    ds = ds.map_batches(encode_images, batch_format="numpy", batch_size=None, num_cpus=0.5)
     # One assembler sees every row, so each shard is written exactly once, whichever actor drew its rows.
     ds = ds.map_batches(ShardAssembler, fn_constructor_kwargs={"config": config}, batch_size=None,
                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)

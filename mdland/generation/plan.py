@@ -22,6 +22,10 @@ from mdland.landmarks.render import render_landmarks
 DEFAULT_STYLES = str(Path(__file__).with_name("styles.yaml"))
 
 
+# Raised whenever the sampler's output for a planned sample changes, so a folder of older samples is not resumed.
+SAMPLER_VERSION = 2
+
+
 @dataclass
 class GenerateConfig:
     source: str = ""  # shard dataset whose landmark sets are edited (local or s3://)
@@ -46,7 +50,7 @@ class GenerateConfig:
     dtype: str = "float16"  # on GPU: float16 or bfloat16 (always float32 on CPU)
     channels_last: bool = True
     compile: bool = False  # torch.compile the UNet and ControlNet (GPU)
-    fuse_qkv: bool = True  # fused q/k/v projections in the attention layers (GPU)
+    fuse_qkv: bool = True  # fused q/k/v projections in the UNet's attention layers (GPU)
     vae_batch_size: int = 16
     max_shards: int | None = None  # stop after this many new shards (for trial runs)
     detector: str | None = None  # a detector checkpoint: score each image by its NME against its landmarks
@@ -67,6 +71,7 @@ class GenerateConfig:
                 "detector", "min_alignment")
         ident = {k: getattr(self, k) for k in keys}
         ident["styles_file"] = load_styles(self.styles_file, self.styles)
+        ident["sampler"] = SAMPLER_VERSION
         return ident
 
 

@@ -2,7 +2,7 @@
 
 With the fast options off it computes what `StableDiffusionControlNetPipeline` computes for the same seeds (one CPU
 generator per sample, DDIM, both guidance halves in one batch); the fast options are half precision, channels-last
-memory, fused q/k/v projections, `torch.compile`, one text encoding per prompt for the whole run, and VAE decoding in
+memory, fused q/k/v projections in the UNet, `torch.compile`, one text encoding per prompt for the whole run, and VAE decoding in
 chunks.
 Each sample's initial noise comes from its own seed, so a sample comes out the same in any batch.
 """
@@ -22,9 +22,8 @@ class LandmarkSampler:
         self.components = components.frozen_to(self.device, dtype)
         self.controlnet = controlnet.requires_grad_(False).eval().to(self.device, dtype=dtype)
         self.unet, self.vae = self.components.unet, self.components.vae
-        if fuse_qkv:  # one matmul for each self-attention's q, k and v
+        if fuse_qkv:  # one matmul for each UNet self-attention's q, k and v (diffusers fuses no ControlNet)
             self.unet.fuse_qkv_projections()
-            self.controlnet.fuse_qkv_projections()
         if channels_last:
             for m in (self.unet, self.controlnet, self.vae):
                 m.to(memory_format=torch.channels_last)

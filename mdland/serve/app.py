@@ -126,11 +126,13 @@ class LandmarkService:
         self.net = load_detector(self.cfg.detector, device="cuda" if on_gpu else "cpu").eval().to(dtype=self.dtype)
         if on_gpu:
             torch.backends.cudnn.benchmark = True
-        # One forward pass before the replica reports healthy, so no request pays for kernel selection and warm-up.
+        # Forward passes before the replica reports healthy, so no request pays for warm-up (on GPU, for cuDNN's
+        # kernel choice at every batch size it will see).
         from mdland.detector.checkpoint import predict_crops
 
         size = self.net.arch.input_size
-        predict_crops(self.net, [np.zeros((size, size, 3), np.uint8)], [np.eye(3)], self.dtype)
+        for n in range(1, self.cfg.max_batch_size + 1) if on_gpu else [1]:
+            predict_crops(self.net, [np.zeros((size, size, 3), np.uint8)] * n, [np.eye(3)] * n, self.dtype)
         self.infer.set_max_batch_size(self.cfg.max_batch_size)
         self.infer.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
@@ -138,7 +140,9 @@ class LandmarkService:
     async def infer(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, int]]:
         from mdland.detector.checkpoint import predict_crops
 
-        points = predict_crops(self.net, [crop for crop, _ in items], [m for _, m in items], self.dtype)
+        # In a thread: the event loop keeps taking requests (and queueing the next batch) while this one runs.
+        points = await asyncio.to_thread(predict_crops, self.net, [crop for crop, _ in items], [m for _, m in items],
+                                         self.dtype)
         return [(p, len(items)) for p in points]
 
     async def answer(self, data: bytes, box, index: int | None = None) -> dict:
