@@ -54,3 +54,24 @@ def test_bf16_detector_training_on_gpu(faces, tmp_path):
                               learning_rate=1e-3, use_gpu=True, storage_path=str(tmp_path), name="gpu")
     result = run_training(cfg, local=True)
     assert result["epoch"] == 2 and np.isfinite(result["best_val_nme"])
+
+
+def test_generation_pipeline_on_gpu_writes_the_planned_set(faces, tmp_path):
+    # With use_gpu the actors hand uint8 images to separate CPU encode tasks.
+    import ray
+
+    from mdland.data.shards import decode_image, read_dataset
+    from mdland.generation.pipeline import run_generation
+    from mdland.generation.plan import GenerateConfig
+
+    torch.manual_seed(0)
+    build_controlnet(build_preset("tiny")).save_pretrained(tmp_path / "controlnet")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    out = run_generation(GenerateConfig(source=str(faces), output=str(tmp_path / "out"),
+                                        controlnet=str(tmp_path / "controlnet"), styles=["cartoon", "anime"],
+                                        images_per_style=8, resolution=64, num_inference_steps=4, rows_per_shard=8,
+                                        batch_size=4, use_gpu=True))
+    table = read_dataset(str(tmp_path / "out"))
+    assert out["complete"] and table.num_rows == 16
+    assert decode_image(table.column("image")[0].as_py()).shape == (64, 64, 3)

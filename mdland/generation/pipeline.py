@@ -1,8 +1,8 @@
 """`mdland generate`: the synthetic set as a resumable Ray Data pipeline.
 
 pending shard indices -> plan + edit + render (CPU tasks) -> generation actors (one model each, loaded once;
-one GPU each with `use_gpu`) -> PNG encoding (CPU tasks) -> one shard assembler (writes each shard atomically once
-all its rows are in)
+one GPU each with `use_gpu`) -> PNG encoding (CPU tasks, with GPUs) -> one shard assembler (writes each shard
+atomically once all its rows are in)
 -> manifest.json. Shards that exist are complete (writes are atomic), so a re-run writes only the missing ones.
 """
 
@@ -53,8 +53,9 @@ def build_sampler(cfg: GenerateConfig):
 
 
 class GenerationActor:
-    """Holds one sampler (and optionally a detector) for its lifetime; turns batches of conditions into uint8
-    images, each scored by the detector's NME against the landmarks it was drawn from."""
+    """Holds one sampler (and optionally a detector) for its lifetime; turns batches of conditions into images (uint8
+    on GPU, for the encode tasks; PNG on CPU), each scored by the detector's NME against the landmarks it was drawn
+    from."""
 
     def __init__(self, config: dict):
         setup_logging()
@@ -85,6 +86,8 @@ class GenerationActor:
         log.info("actor: %d images, %.2f images/s", self.done, self.done / (time.time() - self.t0))
         out = {k: v for k, v in batch.items() if k != "condition"}
         out["image"] = images
+        if not self.cfg.use_gpu:
+            out = encode_images(out)
         out["alignment"] = (self.alignment(images, landmarks_from_rows(batch["landmarks"])) if self.detector is not None
                             else np.full(len(images), np.nan, dtype=np.float32))
         return out
@@ -216,8 +219,10 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], landmarks: np.ndarray
     ds = ds.map_batches(GenerationActor, fn_constructor_kwargs={"config": config}, batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                         num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor)
-    # Resources unlike the assembler's, so Ray Data does not fuse these tasks into that single actor.
-    ds = ds.map_batches(encode_images, batch_format="numpy", batch_size=None, num_cpus=0.5)
+    if cfg.use_gpu:
+        # PNG encoding in CPU tasks, so a GPU only samples. (A CPU actor encodes its own images: tasks would only
+        # compete with it for the same cores.) Resources unlike the assembler's, so Ray Data does not fuse the two.
+        ds = ds.map_batches(encode_images, batch_format="numpy", batch_size=None, num_cpus=0.5)
     # One assembler sees every row, so each shard is written exactly once, whichever actor drew its rows.
     ds = ds.map_batches(ShardAssembler, fn_constructor_kwargs={"config": config}, batch_size=None,
                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
