@@ -31,6 +31,8 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         return str(value)
     if origin in (list, tuple) and isinstance(value, (list, tuple)):
         return list(value) if origin is list else tuple(value)
+    if origin is list and isinstance(value, str):  # one item may be given alone
+        return [value]
     return value
 
 

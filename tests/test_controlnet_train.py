@@ -41,6 +41,8 @@ def test_bad_configs_fail_fast(tmp_path, faces_dir):
         return check_config(ControlNetTrainConfig(**{**TINY, "data": faces_dir, "storage_path": str(tmp_path), **kw}))
 
     assert check() == 8
+    assert check(data=[faces_dir, faces_dir]) == 16  # several datasets, e.g. one per domain
+    assert load_config(ControlNetTrainConfig, None, [f"data={faces_dir}"]).data == [faces_dir]
     with pytest.raises(ValueError, match="not a diffusers-format Stable Diffusion directory"):
         check(model=str(tmp_path / "no-model"))
     with pytest.raises(ValueError, match="unknown preset 'sd2'"):

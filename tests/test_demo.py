@@ -1,7 +1,9 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import yaml
 from PIL import Image
 
 
@@ -26,7 +28,14 @@ def test_demo_runs_the_whole_pipeline_at_its_smallest_setting(tmp_path):
         with Image.open(report / picture) as im:
             assert im.size[0] > 50, picture
     # The data went through the storage layer: real faces, the synthetic set, the runs.
-    for folder in ("real-train", "real-test", "synthetic"):
+    for folder in ("real-train", "real-test", "multi-domain", "synthetic"):
         assert (tmp_path / "data" / folder / "manifest.json").is_file()
+    # The shipped tiny configs train on what the demo writes to demo-data/.
+    shipped = Path(__file__).parents[1] / "mdland"
+    for config in ("diffusion/configs/tiny-stage1.yaml", "diffusion/configs/tiny-stage2.yaml",
+                   "detector/configs/tiny.yaml"):
+        cfg = yaml.safe_load((shipped / config).read_text())
+        for data in [cfg["data"]] if isinstance(cfg["data"], str) else cfg["data"]:
+            assert (tmp_path / "data" / data.removeprefix("demo-data/") / "manifest.json").is_file(), (config, data)
     assert (tmp_path / "data" / "runs" / "stage2" / "controlnet" / "config.json").is_file()
     assert "| procedural-test | 4 |" in out.stdout

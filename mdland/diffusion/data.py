@@ -36,7 +36,7 @@ def prepare_batch(batch: dict, resolution: int) -> dict:
             "prompt": np.asarray([str(p) for p in batch["prompt"]], dtype=object)}
 
 
-def ray_dataset(data: str, resolution: int) -> "ray.data.Dataset":
-    """A Ray Dataset of prepared ControlNet training batches over the shards of `data`."""
-    return read_shards([data], COLUMNS).map_batches(prepare_batch, fn_kwargs={"resolution": resolution},
+def ray_dataset(datasets: list[str], resolution: int) -> "ray.data.Dataset":
+    """A Ray Dataset of prepared ControlNet training batches over the shards of `datasets`."""
+    return read_shards(datasets, COLUMNS).map_batches(prepare_batch, fn_kwargs={"resolution": resolution},
                                                     batch_format="numpy", batch_size=32)

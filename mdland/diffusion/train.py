@@ -11,7 +11,7 @@ curve) go to `storage_path/name/checkpoint_NNNNNN`; a re-run with the same name 
 import json
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -42,7 +42,7 @@ STAGES = ("stage1", "stage2")
 
 @dataclass
 class ControlNetTrainConfig:
-    data: str = ""  # shard dataset (local path or s3://)
+    data: list[str] = field(default_factory=list)  # shard datasets (local or s3://), e.g. one per domain in stage 2
     stage: str = "stage1"  # stage1: empty prompts; stage2: style prompts
     model: str = "tiny"  # a preset (tiny, sd15) or a diffusers-format SD 1.x directory (local or s3://)
     controlnet: str | None = None  # a ControlNet export to start from (stage 2: stage 1's); None: copy the UNet
@@ -69,6 +69,10 @@ class ControlNetTrainConfig:
     max_failures: int = 1
     seed: int = 0
 
+    def __post_init__(self):
+        if isinstance(self.data, str):  # one dataset may be named alone
+            self.data = [self.data] if self.data else []
+
 
 def check_config(cfg: ControlNetTrainConfig) -> int:
     """Fail fast, before any worker starts, on a config that cannot train; returns the dataset's row count."""
@@ -87,18 +91,21 @@ def check_config(cfg: ControlNetTrainConfig) -> int:
             raise ValueError(f"{name}: must be at least 1, got {getattr(cfg, name)}")
     if not cfg.data:
         raise ValueError("data: no training dataset given")
-    rows = count_rows(cfg.data)
-    if rows == 0:
-        raise ValueError(f"data: {cfg.data} is an empty dataset")
+    rows = 0
+    for data in cfg.data:
+        count = count_rows(data)
+        if count == 0:
+            raise ValueError(f"data: {data} is an empty dataset")
+        rows += count
     if cfg.stage == "stage2":
         if not cfg.controlnet:
             raise ValueError("controlnet: stage 2 starts from stage 1's export; give its path")
-        if not any(read_columns(cfg.data, ["prompt"]).column("prompt").to_pylist()):
-            raise ValueError(f"data: stage 2 trains with style prompts, but every prompt in {cfg.data} is empty "
-                             "(ingest each domain with --style / --prompt)")
+        if not any(p for d in cfg.data for p in read_columns(d, ["prompt"]).column("prompt").to_pylist()):
+            raise ValueError(f"data: stage 2 trains with style prompts, but every prompt in {', '.join(cfg.data)} is "
+                             "empty (ingest each domain with --style / --prompt)")
     if cfg.batch_size * cfg.num_workers > rows:
         raise ValueError(f"batch_size: {cfg.batch_size} x {cfg.num_workers} worker(s) is larger than the dataset "
-                         f"({rows} faces at {cfg.data})")
+                         f"({rows} faces at {', '.join(cfg.data)})")
     storage.check_writable(storage.join(cfg.storage_path, cfg.name))
     return rows
 
@@ -162,10 +169,10 @@ def diffusion_loss(components: SDComponents, controlnet: torch.nn.Module, text: 
 
 def validation_conditions(cfg: ControlNetTrainConfig) -> tuple[np.ndarray, list[str]]:
     """Held-out conditions: landmark sets from the data, each changed by two random edits, at `resolution`."""
-    table = read_shard(shard_uris(cfg.data)[0])
+    table = read_shard(shard_uris(cfg.data[0])[0])
     n = min(cfg.num_validation, table.num_rows)
     points = landmarks_array(table)[:n]
-    size = decode_image(table.column("image")[0].as_py(), cfg.data).shape[1]
+    size = decode_image(table.column("image")[0].as_py(), cfg.data[0]).shape[1]
     edited = []
     for i, p in enumerate(points):
         p = resize_points(p, (size, size), (cfg.resolution, cfg.resolution))
@@ -199,7 +206,7 @@ def train_func(config: dict) -> None:
     setup_logging()
     cfg = from_dict(ControlNetTrainConfig, config["train"])
     session = (LocalSession(cfg.storage_path, cfg.name, lambda bs, seed: local_epoch(
-        [cfg.data], COLUMNS, partial(prepare_batch, resolution=cfg.resolution), bs, seed))
+        cfg.data, COLUMNS, partial(prepare_batch, resolution=cfg.resolution), bs, seed))
         if config.get("local") else RaySession())
     on_gpu = cfg.use_gpu and torch.cuda.is_available()
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
@@ -293,10 +300,10 @@ def _checkpoint(engine, session, components, cfg, history, points, prompts, devi
 def run_training(cfg: ControlNetTrainConfig, local: bool = False) -> dict:
     """Train on Ray Train (or in this process with `local`); returns the last metrics and the export's URI."""
     local_model = cfg.model not in PRESETS
-    cfg = replace(cfg, data=storage.absolute(cfg.data), storage_path=storage.absolute(cfg.storage_path),
+    cfg = replace(cfg, data=[storage.absolute(d) for d in cfg.data], storage_path=storage.absolute(cfg.storage_path),
                   controlnet=cfg.controlnet and storage.absolute(cfg.controlnet),
                   model=storage.absolute(cfg.model) if local_model else cfg.model)
     rows = check_config(cfg)
     export = storage.join(cfg.storage_path, cfg.name, "controlnet")
-    log.info("training %s on %d faces from %s", cfg.stage, rows, cfg.data)
+    log.info("training %s on %d faces from %s", cfg.stage, rows, ", ".join(cfg.data))
     return {**launch(train_func, cfg, lambda: ray_dataset(cfg.data, cfg.resolution), local), "export": export}

@@ -66,11 +66,11 @@ class GenerateConfig:
 
     def plan_identity(self) -> dict:
         """What fixes the planned set: two runs agreeing on these write the same samples."""
-        keys = ("source", "model", "controlnet", "styles_file", "styles", "images_per_style", "seed", "resolution",
-                "num_inference_steps", "guidance_scale", "eta", "edits_per_sample", "edit_strength", "rows_per_shard",
-                "detector", "min_alignment")
+        keys = ("source", "model", "controlnet", "images_per_style", "seed", "resolution", "num_inference_steps",
+                "guidance_scale", "eta", "edits_per_sample", "edit_strength", "rows_per_shard", "detector",
+                "min_alignment")
         ident = {k: getattr(self, k) for k in keys}
-        ident["styles_file"] = load_styles(self.styles_file, self.styles)
+        ident["style_prompts"] = load_styles(self.styles_file, self.styles)  # what the styles file says, not its path
         ident["sampler"] = SAMPLER_VERSION
         return ident
 
