@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mdland.log import get_logger
-from mdland.session import set_single_process_env
+from mdland.session import set_single_process_env, training_dtype
 
 log = get_logger(__name__)
 
@@ -107,7 +107,7 @@ def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 25
 
     # mdland: the step train_func runs.
     set_single_process_env()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = training_dtype("auto", device.type == "cuda")
     c = build_preset(preset)
     controlnet = build_controlnet(c)
     cfg = replace(ControlNetTrainConfig(), batch_size=batch_size, learning_rate=1e-5, compile=compile,

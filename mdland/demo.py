@@ -106,7 +106,7 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
     stage("ingest", t)
 
     # Two workers each take a batch: keep batches within the smallest settings' data.
-    common = dict(model="tiny", data=data["real-train"], resolution=s.size, batch_size=max(1, min(4, s.train // 2)),
+    common = dict(model="tiny", data=[data["real-train"]], resolution=s.size, batch_size=max(1, min(4, s.train // 2)),
                   learning_rate=1e-3,
                   max_steps=s.controlnet_steps, checkpoint_every=s.controlnet_steps, log_every=max(1, s.controlnet_steps // 3),
                   num_validation=4, validation_steps=4, num_workers=2, cpus_per_worker=0.5, storage_path=data["runs"],
@@ -117,7 +117,7 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
     stage("stage 1", t)
     log.info("[3/8] stage 2: from stage 1's export, on the multi-domain set with style prompts")
     t = time.time()
-    stage2 = train_controlnet(ControlNetTrainConfig(**{**common, "data": data["multi-domain"]}, stage="stage2",
+    stage2 = train_controlnet(ControlNetTrainConfig(**{**common, "data": [data["multi-domain"]]}, stage="stage2",
                                                     controlnet=stage1["export"], name="stage2"))
     stage("stage 2", t)
 

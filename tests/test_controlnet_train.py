@@ -38,7 +38,7 @@ def probe_losses(hist: list[dict]) -> list[float]:
 
 def test_bad_configs_fail_fast(tmp_path, faces_dir):
     def check(**kw):
-        return check_config(ControlNetTrainConfig(**{**TINY, "data": faces_dir, "storage_path": str(tmp_path), **kw}))
+        return check_config(ControlNetTrainConfig(**{**TINY, "data": [faces_dir], "storage_path": str(tmp_path), **kw}))
 
     assert check() == 8
     assert check(data=[faces_dir, faces_dir]) == 16  # several datasets, e.g. one per domain
@@ -53,9 +53,9 @@ def test_bad_configs_fail_fast(tmp_path, faces_dir):
         check(batch_size=5, num_workers=2)
     ShardWriter(str(tmp_path / "empty")).close()
     with pytest.raises(ValueError, match="is an empty dataset"):
-        check(data=str(tmp_path / "empty"))
+        check(data=[str(tmp_path / "empty")])
     with pytest.raises(ValueError, match="no shards"):
-        check(data=str(tmp_path / "nothing-here"))
+        check(data=[str(tmp_path / "nothing-here")])
     with pytest.raises(ValueError, match="not a ControlNet export"):
         check(controlnet=str(tmp_path))
     with pytest.raises(ValueError, match="resolution: must be a multiple of 64"):
@@ -72,7 +72,7 @@ def test_bad_configs_fail_fast(tmp_path, faces_dir):
     (tmp_path / "cn").mkdir()
     (tmp_path / "cn" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="every prompt in .*unstyled is empty"):
-        check(stage="stage2", controlnet=str(tmp_path / "cn"), data=str(tmp_path / "unstyled"), batch_size=1)
+        check(stage="stage2", controlnet=str(tmp_path / "cn"), data=[str(tmp_path / "unstyled")], batch_size=1)
     (tmp_path / "c.yaml").write_text("stage: stage1\nbatch_sise: 4\n")
     with pytest.raises(ValueError, match=r"c.yaml: unknown key\(s\) \['batch_sise'\]"):
         load_config(ControlNetTrainConfig, tmp_path / "c.yaml")
@@ -91,7 +91,7 @@ def test_prompts_by_stage():
 
 def test_plain_process_overfits_resumes_exports_and_feeds_stage2(tmp_path, faces_dir):
     runs = str(tmp_path / "runs")
-    cfg = ControlNetTrainConfig(**TINY, data=faces_dir, max_steps=16, checkpoint_every=8, storage_path=runs, name="s1")
+    cfg = ControlNetTrainConfig(**TINY, data=[faces_dir], max_steps=16, checkpoint_every=8, storage_path=runs, name="s1")
     first = run_training(cfg, local=True)
     assert first["step"] == 16 and first["checkpoint"].endswith("checkpoint_000016")
     # Raising the budget resumes at the saved step rather than starting again or stopping as finished.
@@ -126,7 +126,7 @@ def test_plain_process_overfits_resumes_exports_and_feeds_stage2(tmp_path, faces
     for (name, a), b in zip(controlnet.state_dict().items(), start.state_dict().values()):
         assert torch.equal(a, b), name
     stage2 = ControlNetTrainConfig(**{**TINY, "model": str(sd_dir)}, stage="stage2", controlnet=second["export"],
-                                   data=faces_dir, max_steps=4, checkpoint_every=4, storage_path=runs, name="s2")
+                                   data=[faces_dir], max_steps=4, checkpoint_every=4, storage_path=runs, name="s2")
     result = run_training(stage2, local=True)
     moved = ControlNetModel.from_pretrained(result["export"]).state_dict()
     assert any(not torch.equal(moved[k], v) for k, v in controlnet.state_dict().items())
@@ -135,7 +135,7 @@ def test_plain_process_overfits_resumes_exports_and_feeds_stage2(tmp_path, faces
 def test_bf16_training_exports_the_fp32_master_weights(tmp_path, faces_dir):
     from diffusers import ControlNetModel
 
-    cfg = ControlNetTrainConfig(**TINY, precision="bf16", data=faces_dir, max_steps=2, checkpoint_every=2,
+    cfg = ControlNetTrainConfig(**TINY, precision="bf16", data=[faces_dir], max_steps=2, checkpoint_every=2,
                                 storage_path=str(tmp_path / "runs"), name="bf16")
     result = run_training(cfg, local=True)
     weights = ControlNetModel.from_pretrained(result["export"]).state_dict()
@@ -181,7 +181,7 @@ def test_ray_train_two_workers_checkpoints_to_s3_and_resumes(tmp_path, s3_bucket
                                       "MDLAND_CACHE")}
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
     try:
-        cfg = ControlNetTrainConfig(**TINY, data=data, max_steps=8, checkpoint_every=4, num_workers=2,
+        cfg = ControlNetTrainConfig(**TINY, data=[data], max_steps=8, checkpoint_every=4, num_workers=2,
                                     cpus_per_worker=1, storage_path=f"{s3_bucket}/runs", name="ray-s1")
         first = run_training(cfg)
         assert first["step"] == 8
@@ -237,7 +237,7 @@ def test_compiled_training_matches_eager_and_exports_plain_weights(tmp_path, fac
     assert losses[True][0] != losses[True][1]
 
     # A whole compiled run (validation grid through diffusers' pipeline included) exports plain diffusers weights.
-    result = run_training(ControlNetTrainConfig(**TINY, compile=True, data=faces_dir, max_steps=2, checkpoint_every=2,
+    result = run_training(ControlNetTrainConfig(**TINY, compile=True, data=[faces_dir], max_steps=2, checkpoint_every=2,
                                                 storage_path=str(tmp_path / "runs"), name="compiled"), local=True)
     exported = ControlNetModel.from_pretrained(result["export"]).state_dict()
     assert list(exported) == list(build_controlnet(build_preset("tiny")).state_dict())

@@ -38,7 +38,7 @@ def test_bf16_controlnet_training_on_gpu_exports_fp32(faces, tmp_path):
 
     from mdland.diffusion.train import ControlNetTrainConfig, run_training
 
-    cfg = ControlNetTrainConfig(model="tiny", data=str(faces), resolution=64, batch_size=4, max_steps=4,
+    cfg = ControlNetTrainConfig(model="tiny", data=[str(faces)], resolution=64, batch_size=4, max_steps=4,
                                 checkpoint_every=4, use_gpu=True, num_validation=2, validation_steps=2,
                                 storage_path=str(tmp_path), name="gpu")
     result = run_training(cfg, local=True)

@@ -58,10 +58,6 @@ class DetectorTrainConfig:
     max_failures: int = 1
     seed: int = 0
 
-    def __post_init__(self):
-        if isinstance(self.data, str):  # one dataset may be named alone
-            self.data = [self.data] if self.data else []
-
 
 def check_config(cfg: DetectorTrainConfig) -> tuple[int, int]:
     """Fail before any worker starts; returns the number of training faces and the network's input size."""

@@ -69,10 +69,6 @@ class ControlNetTrainConfig:
     max_failures: int = 1
     seed: int = 0
 
-    def __post_init__(self):
-        if isinstance(self.data, str):  # one dataset may be named alone
-            self.data = [self.data] if self.data else []
-
 
 def check_config(cfg: ControlNetTrainConfig) -> int:
     """Fail fast, before any worker starts, on a config that cannot train; returns the dataset's row count."""
@@ -264,11 +260,18 @@ def train_func(config: dict) -> None:
             history.append({"step": step, "probe_loss": probe_loss()})
             _checkpoint(engine, session, components, cfg, history, points, prompts, device)
             seen, t0 = 0, time.time()  # keep checkpoint time out of the throughput figure
-    with tempfile.TemporaryDirectory() as d:
-        export_controlnet(engine, d)
-        if session.rank == 0:
-            storage.copy_from_local(d, storage.join(cfg.storage_path, cfg.name, "controlnet"))
-            log.info("ControlNet exported to %s", storage.join(cfg.storage_path, cfg.name, "controlnet"))
+    # The checkpoint at max_steps published the export; a run restored past max_steps publishes what it restored.
+    if step != cfg.max_steps:
+        with tempfile.TemporaryDirectory() as d:
+            export_controlnet(engine, d)
+            if session.rank == 0:
+                _publish_export(Path(d), cfg)
+
+
+def _publish_export(local: Path, cfg: ControlNetTrainConfig) -> None:
+    uri = storage.join(cfg.storage_path, cfg.name, "controlnet")
+    storage.copy_from_local(str(local), uri)
+    log.info("ControlNet exported to %s", uri)
 
 
 def _with_prompts(batch: dict, cfg: ControlNetTrainConfig, rng: np.random.Generator) -> dict:
@@ -286,6 +289,8 @@ def _checkpoint(engine, session, components, cfg, history, points, prompts, devi
         engine.save_checkpoint(d, tag=f"step{step}", client_state={"history": history})
         metrics = {"step": step, **{k: v for r in history for k, v in r.items()}}
         export_controlnet(engine, Path(d) / "controlnet")
+        if session.rank == 0 and step == cfg.max_steps:  # the last checkpoint's export is also the run's
+            _publish_export(Path(d) / "controlnet", cfg)
         if session.rank == 0:
             (Path(d) / "history.json").write_text(json.dumps(history, indent=1))
             plot_curves(history, Path(d) / "loss.png", ("loss", "probe_loss"), f"ControlNet {cfg.stage}")

@@ -106,7 +106,6 @@ def source_landmarks(cfg: GenerateConfig) -> np.ndarray:
     if table.num_rows == 0:
         raise ValueError(f"source: {cfg.source} is an empty dataset")
     size = first_image_size(cfg.source)[0]
-    # pixel-centre coordinates scale about -0.5
     return resize_points(landmarks_array(table), (size, size), (cfg.resolution, cfg.resolution))
 
 

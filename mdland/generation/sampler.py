@@ -2,8 +2,8 @@
 
 With the fast options off it computes what `StableDiffusionControlNetPipeline` computes for the same seeds (one CPU
 generator per sample, DDIM, both guidance halves in one batch); the fast options are half precision, channels-last
-memory, fused q/k/v projections in the UNet, `torch.compile`, one text encoding per prompt for the whole run, and VAE decoding in
-chunks.
+memory, fused q/k/v projections in the UNet, `torch.compile`, one text encoding per prompt for the whole run, and VAE
+decoding in chunks.
 Each sample's initial noise comes from its own seed, so a sample comes out the same in any batch.
 """
 
