@@ -240,16 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--out", help="also write the result JSON here")
     p.set_defaults(run=_bench)
 
+    from mdland.demo import DemoSize
+
     p = sub.add_parser("demo", help="run the pipeline on the embedded default and write a report")
     p.add_argument("--out", default="demo-report")
     p.add_argument("--storage", default="demo-data", help="local folder or s3://bucket/prefix for the data")
-    p.add_argument("--train", type=int, default=96, help="procedural faces to learn from")
-    p.add_argument("--test", type=int, default=32, help="held-out faces to evaluate on")
-    p.add_argument("--steps", type=int, default=30, help="ControlNet training steps per stage")
-    p.add_argument("--styles", type=int, default=3, help="how many of the 25 styles to generate")
-    p.add_argument("--images-per-style", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=4, help="detector fine-tuning epochs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", type=int, default=DemoSize.train, help="procedural faces to learn from")
+    p.add_argument("--test", type=int, default=DemoSize.test, help="held-out faces to evaluate on")
+    p.add_argument("--steps", type=int, default=DemoSize.controlnet_steps, help="ControlNet training steps per stage")
+    p.add_argument("--styles", type=int, default=DemoSize.styles, help="how many of the 25 styles to generate")
+    p.add_argument("--images-per-style", type=int, default=DemoSize.images_per_style)
+    p.add_argument("--epochs", type=int, default=DemoSize.detector_epochs, help="detector fine-tuning epochs")
+    p.add_argument("--seed", type=int, default=DemoSize.seed)
     p.set_defaults(run=_demo)
     return parser
 

@@ -33,14 +33,14 @@ log = get_logger(__name__)
 
 @dataclass
 class DemoSize:
-    train: int = 96  # procedural faces to learn from
+    train: int = 384  # procedural faces to learn from
     test: int = 32  # held-out faces to evaluate on
     size: int = 64  # stored and model resolution
     controlnet_steps: int = 30  # per stage
     styles: int = 3  # of the 25 shipped styles
     images_per_style: int = 16
     sampling_steps: int = 10
-    detector_epochs: int = 4
+    detector_epochs: int = 6
     seed: int = 0
 
 

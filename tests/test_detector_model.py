@@ -97,3 +97,11 @@ def test_decoding_a_single_peak():
     np.testing.assert_allclose(xy[0].numpy(), [50 / 63 * 2 - 1, 10 / 63 * 2 - 1], atol=1e-6)
     np.testing.assert_allclose(xy[1].numpy(), [-1, 1], atol=1e-6)
     assert torch.equal(decode_heatmaps(torch.zeros(1, 1, 8, 8)), torch.zeros(1, 1, 2))
+
+
+def test_a_fresh_network_starts_with_background_point_and_edge_maps():
+    # Training from scratch should not spend its first epochs unlearning maps that are 0.5 everywhere.
+    torch.manual_seed(0)
+    out = STARNet(ARCHS["tiny"]).eval()(torch.randn(2, 3, 64, 64))
+    for maps in (*out.pointmaps, *out.edgemaps):
+        assert maps.mean() < 0.05 and maps.max() < 0.5
