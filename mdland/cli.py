@@ -113,7 +113,7 @@ def _evaluate(a: argparse.Namespace) -> None:
     for i, spec in enumerate(a.data):
         name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec.rstrip("/")).name, "", spec)
         sets.append((name, path, formats[i if len(formats) > 1 else 0]))
-    rows = evaluate_detector(a.detector, sets, a.out, a.skip_bad, a.batch_size)
+    rows = evaluate_detector(a.detector, sets, a.out, a.skip_bad, a.batch_size, a.threshold, a.norm)
     print(metrics_table(rows), end="")
 
 
@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval-report")
     p.add_argument("--skip-bad", action="store_true", help="log and skip bad faces instead of failing")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--norm", default="inter_ocular", choices=NORMALISATIONS)
+    p.add_argument("--threshold", type=float, default=0.10)
     p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("generate", help="the synthetic set: edited landmarks x style prompts -> shards (Ray Data)")

@@ -85,6 +85,10 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
     root = storage.absolute(storage_root)
     data = {k: storage.join(root, k) for k in ("real-train", "real-test", "multi-domain", "synthetic", "runs")}
     timings: dict[str, float] = {}
+    # A demo starts from scratch: runs of the same name would resume (and skip training), and an earlier synthetic
+    # set of another plan would be refused.
+    for folder in ("runs", "synthetic"):
+        storage.delete_folder(data[folder])
 
     def stage(name: str, t: float) -> None:
         timings[name] = round(time.time() - t, 1)
@@ -224,7 +228,7 @@ Data in <code>{html.escape(summary['storage'])}</code>; {summary['seconds']}s in
 <h2>Landmark edits (condition before / after)</h2><p>{html.escape(edits)}</p><img src="edits.png">
 <h2>Training curves</h2>
 <p>Stage 1</p><img src="{pictures['stage1_loss']}"><p>Stage 2</p><img src="{pictures['stage2_loss']}">
-<p>Stage 2 validation: held-out edited conditions and what the ControlNet draws for them</p>
+<p>Stage 2 validation: edited conditions and what the ControlNet draws for them</p>
 <img src="{pictures['stage2_validation']}">
 <p>Detector</p><img src="{pictures['detector_loss']}">
 <h2>Worst and best predictions</h2><img src="overlays-procedural-test.png">

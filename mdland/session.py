@@ -49,9 +49,10 @@ class RaySession:
 
 
 class LocalSession:
-    def __init__(self, storage_path: str, name: str, local_epoch: Callable[[int, int], Iterator[dict]]):
+    def __init__(self, storage_path: str, name: str, keep: int, local_epoch: Callable[[int, int], Iterator[dict]]):
         self.rank, self.world = 0, 1
         self.root = storage.join(storage_path, name)
+        self.keep = keep  # checkpoints kept, as Ray Train's CheckpointConfig(num_to_keep) does
         self.local_epoch = local_epoch
 
     @contextlib.contextmanager
@@ -70,7 +71,12 @@ class LocalSession:
     def report(self, metrics: dict, checkpoint_dir: str, step: int) -> None:
         uri = storage.join(self.root, f"checkpoint_{step:06d}")
         storage.copy_from_local(checkpoint_dir, uri)
-        storage.write_bytes(storage.join(self.root, "latest.json"), json.dumps({"checkpoint": uri, **metrics}).encode())
+        pointer = storage.join(self.root, "latest.json")
+        kept = json.loads(storage.read_bytes(pointer)).get("kept", []) if storage.exists(pointer) else []
+        kept = [k for k in kept if k != uri] + [uri]
+        storage.write_bytes(pointer, json.dumps({"checkpoint": uri, "kept": kept[-self.keep:], **metrics}).encode())
+        for old in kept[: -self.keep]:  # only once the pointer no longer names them
+            storage.delete_folder(old)
 
 
 def endless(session, batch_size: int, seed: int) -> Iterator[dict]:

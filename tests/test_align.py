@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from mdland.landmarks.align import (
-    crop_face, crop_from_box, crop_from_landmarks, crop_matrix, resize_points, transform_points, uncrop_points,
-    warp_image,
+    SCALE_UNIT, crop_face, crop_from_box, crop_from_landmarks, crop_matrix, resize_points, transform_points,
+    uncrop_points, warp_image,
 )
 
 
@@ -53,3 +53,16 @@ def test_resize_points_keeps_pixel_edges_in_place():
     pts = np.array([[0.0, 0.0], [63.0, 31.0], [-0.5, -0.5]])
     np.testing.assert_allclose(resize_points(pts, (64, 32), (128, 64)), [[0.5, 0.5], [126.5, 62.5], [-0.5, -0.5]])
     np.testing.assert_allclose(resize_points(resize_points(pts, (64, 32), (100, 7)), (100, 7), (64, 32)), pts)
+
+
+def test_shrinking_crops_average_instead_of_aliasing_and_keep_points_in_place():
+    image = np.zeros((1024, 1024, 3), np.uint8)
+    image[:, ::3] = 255  # 1-px white lines every 3 px: a pattern finer than the crop's pixels
+    image[400:424, 600:624] = [255, 0, 0]  # a red marker centred on (611.5, 411.5)
+    crop, points, _ = crop_face(image, np.array([[611.5, 411.5]]), (512.0, 512.0), 1024 / SCALE_UNIT, 128)
+    stripes = crop[:32, :, 1].astype(float)
+    # Near an even grey (a bilinear warp alone keeps single lines: std 120, not 12).
+    assert abs(stripes.mean() - 255 / 3) < 6 and stripes.std() < 20
+    red = np.clip(crop[..., 0].astype(float) - crop[..., 1:].max(-1), 0, None)
+    ys, xs = np.mgrid[:128, :128]
+    np.testing.assert_allclose([(red * xs).sum() / red.sum(), (red * ys).sum() / red.sum()], points[0], atol=0.3)

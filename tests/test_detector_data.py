@@ -1,7 +1,8 @@
 import numpy as np
 
-from mdland.data.procedural import draw_face, random_landmarks
-from mdland.detector.data import edge_maps, face_crop, pixels_to_unit, point_maps, to_network_input
+from mdland.data.procedural import draw_face, procedural_faces, random_landmarks
+from mdland.detector.data import (edge_maps, face_crop, pixels_to_unit, point_maps, prepare_detector_batch,
+                                  to_network_input)
 from mdland.detector.model import EDGES, normalised_to_pixels
 
 
@@ -55,3 +56,15 @@ def test_targets():
                                [[-0.5, 255.5], [127.5, 0.0]], atol=1e-4)
     x = to_network_input(np.array([[[[255, 0, 127]]]], dtype=np.uint8))
     np.testing.assert_allclose(x[0, :, 0, 0], [(127 - 127.5) / 127.5, -1, 1])  # BGR order
+
+
+def test_prepared_batches_with_and_without_training_targets():
+    faces = list(procedural_faces(3, seed=0, size=96))
+    rows = {"key": [f.key for f in faces], "image": [f.image for f in faces],
+            "landmarks": [f.landmarks.tolist() for f in faces]}
+    full = prepare_detector_batch(rows, 64, augment=False)
+    assert full["image"].shape == (3, 3, 64, 64) and full["landmarks"].shape == (3, 68, 2)
+    assert full["pointmaps"].shape == (3, 68, 16, 16) and full["edgemaps"].shape == (3, 9, 16, 16)
+    lean = prepare_detector_batch(rows, 64, augment=False, targets=False)
+    assert set(lean) == {"image", "landmarks"}
+    np.testing.assert_array_equal(lean["landmarks"], full["landmarks"])

@@ -1,6 +1,7 @@
 import numpy as np
 import torch
 
+from mdland.detector.data import edge_maps, pixels_to_unit, point_maps
 from mdland.detector.loss import awing_loss, detector_loss, heatmap_moments, star_loss
 from mdland.detector.model import ARCHS, STARNet, decode_heatmaps
 
@@ -43,8 +44,10 @@ def test_loss_decreases_when_fitting_a_batch():
     torch.manual_seed(0)
     net = STARNet(ARCHS["tiny"])
     x = torch.randn(4, 3, 64, 64)
-    target = torch.rand(4, 68, 2) * 1.6 - 0.8
-    pointmaps, edgemaps = torch.rand(4, 68, 16, 16) ** 4, torch.rand(4, 9, 16, 16) ** 4
+    points = np.random.default_rng(0).uniform(6, 58, (4, 68, 2))  # crop pixels
+    target = torch.from_numpy(np.stack([pixels_to_unit(p, 64) for p in points]))
+    pointmaps = torch.from_numpy(np.stack([point_maps(p, 64) for p in points]))
+    edgemaps = torch.from_numpy(np.stack([edge_maps(p, 64) for p in points]))
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     losses = []
     for _ in range(30):

@@ -50,6 +50,8 @@ def test_plain_process_learns_keeps_the_best_and_resumes(faces, tmp_path):
     second = run_training(cfg, local=True)
     hist = history(second["checkpoint"])
     assert [r["epoch"] for r in hist] == [0, 1, 2, 3, 4]  # resumed after epoch 3, not restarted
+    # 8 steps an epoch; like Ray Train's num_to_keep, the plain process keeps the latest keep_checkpoints (3).
+    assert sorted(p.name for p in (tmp_path / "d").glob("checkpoint_*")) == [f"checkpoint_{s:06d}" for s in (16, 24, 32)]
     nmes = [r["val_nme"] for r in hist]
     assert nmes[-1] < nmes[0] - 0.1, nmes  # validation NME falls measurably from the random start
     best = load_detector(second["best"])
@@ -67,6 +69,7 @@ def test_fine_tuning_a_finished_checkpoint_starts_at_epoch_zero(faces, tmp_path)
                               storage_path=str(tmp_path), name="ft")
     result = run_training(cfg, local=True)
     assert result["epoch"] == 1 and result["step"] == 64 // 8
+    assert os.path.exists(result["best"])  # no validation data: the latest epoch is the best known
     tuned = load_detector(storage.join(result["checkpoint"], "detector.pkl"))
     assert not torch.equal(tuned.state_dict()["pre.0.conv.weight"], net.state_dict()["pre.0.conv.weight"])
 

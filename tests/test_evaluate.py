@@ -62,6 +62,10 @@ def test_every_reader_format_gives_the_same_scores(setup):
     assert main(["evaluate", "--detector", str(root / "det.pkl"), "--data", str(root / "shards"),
                  "--out", str(root / "r2")]) == 0
     assert json.loads((root / "r2" / "metrics.json").read_text())[0]["nme"] == pytest.approx(expected, rel=1e-4)
+    assert main(["evaluate", "--detector", str(root / "det.pkl"), "--data", str(root / "shards"), "--norm", "box",
+                 "--out", str(root / "r3")]) == 0
+    by_box = json.loads((root / "r3" / "metrics.json").read_text())[0]
+    assert by_box["norm"] == "box" and by_box["nme"] == pytest.approx(nme(pred, gt, "box").mean(), rel=1e-4)
 
 
 def test_bad_faces_fail_by_name_or_are_skipped(setup, tmp_path):

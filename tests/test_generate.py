@@ -15,7 +15,7 @@ from mdland.data.shards import decode_image, landmarks_array, read_dataset, read
 from mdland.data.storage import StorageError
 from mdland.data.procedural import write_faces
 from mdland.diffusion.models import build_controlnet, build_preset, ddim_scheduler
-from mdland.generation.pipeline import run_generation
+from mdland.generation.pipeline import _check_plan, run_generation
 from mdland.generation.plan import DEFAULT_STYLES, GenerateConfig, load_styles, plan_sample, shard_rows
 from mdland.generation.sampler import LandmarkSampler, to_uint8
 from mdland.landmarks.edits import EDITS
@@ -120,11 +120,13 @@ def test_generate_into_s3(inputs, s3_bucket):
     assert storage.list_files(out, ".parquet") == [f"{out}/{shard_name(k)}" for k in range(3)]
     manifest = read_manifest(out)
     assert manifest["count"] == 24 and manifest["styles"] == {s: 8 for s in STYLES} and manifest["complete"]
+    assert manifest["weights"] == {"controlnet": storage.fingerprint(cfg.controlnet)}
     table = read_dataset(out)
     keys = table.column("key").to_pylist()
     assert keys == [f"synthetic-0-{i:09d}" for i in range(24)]
     assert len(set(table.column("seed").to_pylist())) == 24
     assert set(table.column("source").to_pylist()) == {"synthetic"}
+    assert set(table.column("model").to_pylist()) == {f"{cfg.controlnet}@{storage.fingerprint(cfg.controlnet)}"}
     assert all(len(e) == 2 for e in table.column("edits").to_pylist())
     points = landmarks_array(table)
     assert (points >= 0).all() and (points <= 63).all()
@@ -195,6 +197,17 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
         run_generation(config(inputs, str(out)))
     assert (out / "shard-000000.parquet").read_bytes() == b"earlier work"
     assert sorted(os.listdir(out)) == ["plan.json", "shard-000000.parquet"]
+    # The same plan with a ControlNet re-exported at the same path: other weights, so another plan.
+    import shutil
+
+    controlnet = tmp_path / "controlnet"
+    shutil.copytree(inputs / "controlnet", controlnet)
+    planned = config(inputs, str(tmp_path / "o"), controlnet=str(controlnet))
+    _check_plan(planned)
+    config_file = controlnet / "config.json"
+    config_file.write_text(config_file.read_text() + " ")
+    with pytest.raises(ValueError, match=r"differs in \['weights'\]"):
+        _check_plan(planned)
 
 
 def test_alignment_scores_and_filter(inputs, tmp_path):

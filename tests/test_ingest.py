@@ -120,6 +120,11 @@ def test_bad_inputs_fail_by_name_or_are_skipped(tmp_path):
     with pytest.raises(ValueError, match="source not found"):
         ingest("artface", tmp_path / "nowhere", dest, overwrite=True)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["count"] == 2
+    # A replacement that fails on its third face, two shards in, leaves the old dataset exactly as it was.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(ValueError, match="face2.png: unreadable image"):
+        ingest("artface", src, dest, overwrite=True, rows_per_shard=1)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 
 def test_a_domain_gets_its_style_and_prompt(tmp_path):

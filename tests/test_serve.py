@@ -200,3 +200,17 @@ def test_serve_config_file_builds_the_app(server, tmp_path):
     assert app.build_app(args) is not None
     with pytest.raises(ValueError, match="unknown key"):
         app.build_app({"detector": "x", "max_batch": 3})
+
+
+def test_uploads_are_read_in_the_orientation_viewers_show():
+    from mdland.serve.app import ServeConfig, decode_upload
+
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = 255  # left half white, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: shown turned 90 degrees clockwise
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, "JPEG", exif=exif, quality=95)
+    shown = decode_upload(buf.getvalue(), ServeConfig(detector="unused"))
+    assert shown.shape == (40, 20, 3)
+    assert shown[:15].mean() > 200 and shown[25:].mean() < 50  # the white half now on top

@@ -21,6 +21,36 @@ def test_write_list_read_overwrite(storage_root):
     with pytest.raises(StorageError, match="not found"):
         storage.read_bytes(a)
     storage.check_writable(storage.join(storage_root, "y"))
+    storage.write_bytes(storage.join(storage_root, "x", "sub", "c.bin"), b"c")
+    storage.delete_folder(storage.join(storage_root, "x"))
+    assert storage.list_files(storage.join(storage_root, "x")) == []
+    assert not storage.exists(storage.join(storage_root, "x", "sub", "c.bin"))
+    storage.delete_folder(storage.join(storage_root, "x"))  # already gone: fine
+
+
+def test_fingerprint_changes_when_anything_is_rewritten(storage_root):
+    folder = storage.join(storage_root, "export")
+    storage.write_bytes(storage.join(folder, "config.json"), b"{}")
+    storage.write_bytes(storage.join(folder, "sub", "weights.bin"), b"w" * 10)
+    first = storage.fingerprint(folder)
+    assert storage.fingerprint(folder) == first and storage.fingerprint(storage.join(folder, "config.json")) != first
+    storage.write_bytes(storage.join(folder, "sub", "weights.bin"), b"w" * 11)
+    assert storage.fingerprint(folder) != first
+    with pytest.raises(StorageError, match="nothing.*not found"):
+        storage.fingerprint(storage.join(storage_root, "nothing"))
+
+
+def test_a_republished_s3_model_is_copied_again(s3_bucket, tmp_path, monkeypatch):
+    from mdland.diffusion.models import local_copy
+
+    monkeypatch.setenv("MDLAND_CACHE", str(tmp_path))
+    uri = f"{s3_bucket}/runs/stage1/controlnet"
+    storage.write_bytes(f"{uri}/config.json", b"first")
+    old = local_copy(uri)
+    assert (old / "config.json").read_bytes() == b"first" and local_copy(uri) == old
+    storage.write_bytes(f"{uri}/config.json", b"second export")
+    new = local_copy(uri)
+    assert (new / "config.json").read_bytes() == b"second export" and not old.exists()
 
 
 def test_local_write_is_atomic_when_it_fails(tmp_path, monkeypatch):

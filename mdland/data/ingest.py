@@ -11,6 +11,7 @@ Each face is cropped to a square around its landmarks (or the TSV's box) and res
 moved with it.
 """
 
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,19 @@ def style_prompt(style: str) -> str:
     return shipped[style]
 
 
+def _swap_in(staging: str, dest: str, old_shards: list[str], manifest: dict) -> None:
+    """Replace the dataset at `dest` by the complete one in `staging`. The old manifest goes first, so a swap cut
+    short leaves a dataset without a manifest (incomplete), never one whose manifest describes other shards."""
+    storage.delete(storage.join(dest, MANIFEST))
+    new = [s["name"] for s in manifest["shards"]]
+    for shard in new:
+        storage.write_bytes(storage.join(dest, shard), storage.read_bytes(storage.join(staging, shard)))
+    for shard in set(old_shards) - set(new):  # shards of the old dataset the new one did not replace
+        storage.delete(storage.join(dest, shard))
+    storage.write_bytes(storage.join(dest, MANIFEST), storage.read_bytes(storage.join(staging, MANIFEST)))
+    storage.delete_folder(staging)
+
+
 def ingest(fmt: str, src: str | Path, dest: str, size: int = 256, margin: float = 1.25, rows_per_shard: int = 1000,
            skip_bad: bool = False, overwrite: bool = False, ffhq_variant: str = "image",
            image_dir: str | Path | None = None, source: str | None = None, style: str = "",
@@ -132,25 +146,32 @@ def ingest(fmt: str, src: str | Path, dest: str, size: int = 256, margin: float 
         raise ValueError(f"{src}: no usable (image, landmarks) pairs found for format {fmt!r}")
     name = source or fmt
     config = {"format": fmt, "src": str(src), "size": size, "margin": margin}
-    writer = ShardWriter(dest, rows_per_shard, config)
+    # A replacement is written beside the old dataset (in a hidden folder readers skip) and swapped in only once
+    # every face is in: a bad image halfway through leaves the old dataset as it was.
+    target = storage.join(dest, f".ingest-{uuid.uuid4().hex[:8]}") if old_shards else dest
+    writer = ShardWriter(target, rows_per_shard, config)
     skipped = []
-    for sample in tqdm(samples, desc=f"ingest {fmt}", unit="face", mininterval=2):
-        try:
-            image = load_image(sample.image_path)
-        except ValueError as e:
-            if not skip_bad:
-                raise
-            log.warning("skipped: %s", e)
-            skipped.append(str(sample.image_path))
-            continue
-        centre, scale = sample.crop or crop_from_landmarks(sample.landmarks, margin)
-        crop, points, _ = crop_face(image, sample.landmarks, centre, scale, size)
-        writer.add(Face(image=encode_image(crop), landmarks=points, key=sample.key, source=name, style=style,
-                        prompt=prompt))
-    manifest = writer.close(skipped=skipped)
-    # Shards of the replaced dataset that the new one did not overwrite would otherwise linger beside it.
-    for name in set(old_shards) - {s["name"] for s in manifest["shards"]}:
-        storage.delete(storage.join(dest, name))
+    try:
+        for sample in tqdm(samples, desc=f"ingest {fmt}", unit="face", mininterval=2):
+            try:
+                image = load_image(sample.image_path)
+            except ValueError as e:
+                if not skip_bad:
+                    raise
+                log.warning("skipped: %s", e)
+                skipped.append(str(sample.image_path))
+                continue
+            centre, scale = sample.crop or crop_from_landmarks(sample.landmarks, margin)
+            crop, points, _ = crop_face(image, sample.landmarks, centre, scale, size)
+            writer.add(Face(image=encode_image(crop), landmarks=points, key=sample.key, source=name, style=style,
+                            prompt=prompt))
+        manifest = writer.close(skipped=skipped)
+    except BaseException:
+        if target != dest:
+            storage.delete_folder(target)
+        raise
+    if target != dest:
+        _swap_in(target, dest, old_shards, manifest)
     log.info("ingested %d faces from %s into %d shard(s) at %s", manifest["count"], src, len(manifest["shards"]), dest)
     return manifest
 

@@ -19,6 +19,9 @@ from PIL import Image, UnidentifiedImageError
 
 from mdland.data import storage
 from mdland.landmarks.scheme import NUM_POINTS, check_shape
+from mdland.log import get_logger
+
+log = get_logger(__name__)
 
 FORMAT = "mdland-shards/1"
 MANIFEST = "manifest.json"
@@ -217,6 +220,8 @@ def shard_uris(root: str) -> list[str]:
     uris = storage.list_files(root, ".parquet")
     if not uris:
         raise ShardError(f"{root}: no shards (no manifest.json and no .parquet files)")
+    log.warning("%s: no manifest.json, reading its %d .parquet file(s); a set mdland wrote without one is incomplete",
+                root, len(uris))
     return uris
 
 

@@ -5,6 +5,8 @@ S3 settings come from the standard AWS environment: `AWS_ACCESS_KEY_ID`, `AWS_SE
 S3-compatible servers (MinIO, Ceph, R2, moto). Writes are atomic: a reader sees the whole object or nothing.
 """
 
+import hashlib
+import json
 import os
 import posixpath
 import uuid
@@ -160,12 +162,42 @@ def delete(uri: str) -> None:
         raise _fail(uri, "delete", e) from e
 
 
+def delete_folder(uri: str) -> None:
+    """Delete everything under `uri` (a folder or prefix); a missing folder is fine."""
+    fs, path = filesystem(uri)
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.Directory or list_files(uri):
+            fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise _fail(uri, "delete", e) from e
+
+
+def fingerprint(uri: str) -> str:
+    """A short hash of the relative paths, sizes and modification times of the file at `uri`, or of every file under
+    it: it changes whenever something there is rewritten, so caches and plans keyed on it notice a re-export."""
+    fs, path = filesystem(uri)
+    try:
+        info = fs.get_file_info(path)
+        infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(
+            pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise _fail(uri, "look up", e) from e
+    entries = sorted((i.path[len(path):], i.size, i.mtime_ns) for i in infos
+                     if i.type == pafs.FileType.File and not posixpath.basename(i.path).startswith("."))
+    if not entries:
+        raise StorageError(f"{uri}: not found")
+    return hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:16]
+
+
 def copy_to_local(uri: str, local_dir: str | os.PathLike) -> None:
     """Copy everything under `uri` (a folder or prefix) into `local_dir`."""
     fs, path = filesystem(uri)
     try:
         if fs.get_file_info(path).type == pafs.FileType.NotFound and not list_files(uri):
             raise StorageError(f"{uri}: not found")
+        Path(local_dir).mkdir(parents=True, exist_ok=True)  # copy_files makes sub-folders, not the root
         pafs.copy_files(path, str(Path(local_dir).absolute()), source_filesystem=fs,
                         destination_filesystem=pafs.LocalFileSystem())
     except StorageError:

@@ -92,7 +92,7 @@ def eval_faces(src: str, fmt: str | None = None, skip_bad: bool = False) -> list
 
 
 def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], out: str, skip_bad: bool = False,
-                      batch_size: int = 32, threshold: float = 0.10) -> list[dict]:
+                      batch_size: int = 32, threshold: float = 0.10, norm: str = "inter_ocular") -> list[dict]:
     """Run the detector over each (name, source, format) set; write metrics.json/.md, ced.png and overlays."""
     from mdland.detector.checkpoint import load_detector, predict
     from mdland.detector.data import CROP_MARGIN
@@ -112,9 +112,9 @@ def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], ou
                                  [crop_from_landmarks(f.landmarks, CROP_MARGIN) for f in chunk]))
         pred = np.concatenate(preds)
         gt = np.stack([f.landmarks for f in faces])
-        errors = nme(pred, gt)
+        errors = nme(pred, gt, norm)
         curves[name] = errors
-        rows.append({"name": name, **summarise(errors, threshold=threshold).as_dict()})
+        rows.append({"name": name, **summarise(errors, norm, threshold).as_dict()})
         write_overlays(faces, pred, errors, out_dir / f"overlays-{name}.png")
     (out_dir / "metrics.json").write_text(json.dumps(rows, indent=1))
     (out_dir / "metrics.md").write_text(metrics_table(rows))

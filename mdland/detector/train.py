@@ -103,7 +103,8 @@ def train_func(config: dict) -> None:
     net = load_detector(cfg.init, cfg.arch, device).train()
     size = net.arch.input_size
     prepare = partial(prepare_detector_batch, size=size, augment=cfg.augment)
-    session = (LocalSession(cfg.storage_path, cfg.name, lambda bs, seed: local_epoch(cfg.data, COLUMNS, prepare, bs, seed))
+    session = (LocalSession(cfg.storage_path, cfg.name, cfg.keep_checkpoints,
+                            lambda bs, seed: local_epoch(cfg.data, COLUMNS, prepare, bs, seed))
                if config.get("local") else RaySession())
     engine = deepspeed_engine(net, batch_size=cfg.batch_size, zero_stage=cfg.zero_stage, dtype=dtype, on_gpu=on_gpu,
                               optimizer={"type": "Adam", "lr": cfg.learning_rate})
@@ -116,7 +117,8 @@ def train_func(config: dict) -> None:
     val = None
     if session.rank == 0 and cfg.val_data:
         table = read_dataset(cfg.val_data).select(COLUMNS)
-        val = prepare_detector_batch({c: table.column(c).to_pylist() for c in COLUMNS}, size, augment=False)
+        val = prepare_detector_batch({c: table.column(c).to_pylist() for c in COLUMNS}, size, augment=False,
+                                     targets=False)
         if not history:
             history.append({"step": 0, "epoch": 0, "val_nme": validation_nme(engine.module, val, device, dtype)})
             log.info("validation NME before training: %.4f", history[-1]["val_nme"])
@@ -139,7 +141,7 @@ def train_func(config: dict) -> None:
         if val is not None:
             record["val_nme"] = validation_nme(engine.module, val, device, dtype)
         history.append(record)
-        improved = val is not None and record["val_nme"] < best
+        improved = val is None or record["val_nme"] < best  # with nothing to validate on, the latest is the best known
         best = min(best, record.get("val_nme", best))
         _checkpoint(engine, session, cfg, history, epoch, best, improved)
 
@@ -157,9 +159,10 @@ def _checkpoint(engine, session, cfg: DetectorTrainConfig, history: list, epoch:
             plot_curves(history, Path(d) / "loss.png", ("loss", "val_nme"), "detector fine-tuning")
             if improved:
                 save_checkpoint(engine.module, storage.join(cfg.storage_path, cfg.name, "best", "detector.pkl"),
-                                weights, epoch=epoch, val_nme=last["val_nme"])
+                                weights, epoch=epoch, **{k: last[k] for k in ("val_nme",) if k in last})
+            validated = "val_nme" in last
             log.info("epoch %d: loss %.4f, validation NME %s%s", epoch, last["loss"],
-                     f"{last['val_nme']:.4f}" if "val_nme" in last else "n/a", " (best)" if improved else "")
+                     f"{last['val_nme']:.4f}" if validated else "n/a", " (best)" if improved and validated else "")
         session.report({k: v for k, v in last.items()} | {"best_val_nme": best}, d, engine.global_steps)
 
 

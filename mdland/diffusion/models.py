@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,14 +147,19 @@ def _cache_root() -> Path:
 
 
 def local_copy(uri: str) -> Path:
-    """A local directory holding `uri`: the path itself, or for `s3://` a copy made once per node (file-locked)."""
+    """A local directory holding `uri`: the path itself, or for `s3://` a copy made once per node (file-locked) and
+    made again when anything under `uri` changes (a re-published export), older copies of it removed."""
     if not storage.is_s3(uri):
         return Path(uri)
-    target = _cache_root() / "models" / hashlib.sha1(uri.encode()).hexdigest()[:16]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{target}.lock", "w") as lock:
+    models = _cache_root() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha1(uri.encode()).hexdigest()[:16]
+    target = models / f"{name}-{storage.fingerprint(uri)}"
+    with open(models / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / ".complete").exists():
+            for stale in models.glob(f"{name}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
             storage.copy_to_local(uri, target)
             (target / ".complete").write_text(uri)
     return target

@@ -201,7 +201,7 @@ def train_func(config: dict) -> None:
     """The training loop of one worker. `config`: {"train": ControlNetTrainConfig fields, "local": bool}."""
     setup_logging()
     cfg = from_dict(ControlNetTrainConfig, config["train"])
-    session = (LocalSession(cfg.storage_path, cfg.name, lambda bs, seed: local_epoch(
+    session = (LocalSession(cfg.storage_path, cfg.name, cfg.keep_checkpoints, lambda bs, seed: local_epoch(
         cfg.data, COLUMNS, partial(prepare_batch, resolution=cfg.resolution), bs, seed))
         if config.get("local") else RaySession())
     on_gpu = cfg.use_gpu and torch.cuda.is_available()

@@ -102,7 +102,7 @@ class ShardAssembler:
         self.cfg = from_dict(GenerateConfig, config)
         # Keyed by sample index, so a row delivered twice (a retried task) counts once.
         self.rows: dict[int, dict[int, Face | None]] = defaultdict(dict)
-        self.model = self.cfg.controlnet
+        self.model = f"{self.cfg.controlnet}@{storage.fingerprint(self.cfg.controlnet)}"  # path@version
 
     def rejects(self, score: float) -> bool:
         return self.cfg.min_alignment is not None and not np.isnan(score) and score > self.cfg.min_alignment
@@ -202,7 +202,7 @@ def run_generation(cfg: GenerateConfig) -> dict:
         return {"complete": False, "missing": len(remaining), "total": cfg.total, "images_per_s": steady}
     shards = [_shard_summary(u) for u in storage.list_files(cfg.output, ".parquet")]
     manifest = write_manifest(cfg.output, shards, asdict(cfg), complete=True, model=cfg.model,
-                              controlnet=cfg.controlnet, planned=cfg.total)
+                              controlnet=cfg.controlnet, weights=cfg.plan_identity()["weights"], planned=cfg.total)
     log.info("complete: %d images, %s", manifest["count"], manifest["styles"])
     return {"complete": True, "count": manifest["count"], "total": cfg.total, "images_per_s": steady}
 

@@ -72,6 +72,11 @@ class GenerateConfig:
         ident = {k: getattr(self, k) for k in keys}
         ident["style_prompts"] = load_styles(self.styles_file, self.styles)  # what the styles file says, not its path
         ident["sampler"] = SAMPLER_VERSION
+        # Paths alone do not name weights: a run that goes on re-publishes its export at the same path.
+        from mdland.diffusion.models import PRESETS
+
+        ident["weights"] = {k: storage.fingerprint(getattr(self, k)) for k in ("model", "controlnet", "detector")
+                            if getattr(self, k) and getattr(self, k) not in PRESETS}
         return ident
 
 

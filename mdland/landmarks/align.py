@@ -44,13 +44,20 @@ def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 
 def warp_image(image: np.ndarray | Image.Image, matrix: np.ndarray, size: int) -> np.ndarray:
     """Resample `image` through `matrix` (source -> output pixels) into a size x size RGB array, black outside."""
-    src = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    src = (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).convert("RGB")
+    # Shrinking by 2x or more: average f x f blocks first, or the bilinear warp aliases (a 1024 px photo into a
+    # 256 crop would keep one pixel in four). Reduced pixel j is centred on source pixel j * f + (f - 1) / 2.
+    factor = int(1 / np.sqrt(abs(np.linalg.det(matrix[:2, :2]))))
+    if factor >= 2:
+        src = src.reduce(factor)
+        offset = (factor - 1) / 2
+        matrix = matrix @ np.array([[factor, 0.0, offset], [0.0, factor, offset], [0.0, 0.0, 1.0]])
     inv = np.linalg.inv(matrix)
     # PIL samples output pixel (x, y) at its centre (x + 0.5, y + 0.5) in source coordinates shifted the same way,
     # so move the mapping from pixel-centre to PIL's pixel-corner convention.
     shift = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
     pil = shift @ inv @ np.linalg.inv(shift)
-    out = src.convert("RGB").transform(
+    out = src.transform(
         (size, size), Image.Transform.AFFINE, data=tuple(pil[:2].ravel()), resample=Image.Resampling.BILINEAR
     )
     return np.asarray(out)

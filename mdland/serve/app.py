@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from ray import serve
 
 from mdland.config import from_dict
@@ -57,7 +57,8 @@ def decode_upload(data: bytes, limits: ServeConfig, what: str = "image") -> np.n
         with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > limits.max_pixels:
                 raise BadInput(413, f"{what}: {im.width}x{im.height} pixels is over the {limits.max_pixels}-pixel limit")
-            return np.asarray(im.convert("RGB"))
+            # Points are given in the image as viewers show it: phone photos store it sideways with an EXIF turn.
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except BadInput:
         raise
     except Image.DecompressionBombError:
