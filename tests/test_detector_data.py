@@ -2,7 +2,7 @@ import numpy as np
 
 from mdland.data.procedural import draw_face, procedural_faces, random_landmarks
 from mdland.detector.data import (edge_maps, face_crop, pixels_to_unit, point_maps, prepare_detector_batch,
-                                  to_network_input)
+                                  texture_augment, to_network_input)
 from mdland.detector.model import EDGES, normalised_to_pixels
 
 
@@ -68,3 +68,16 @@ def test_prepared_batches_with_and_without_training_targets():
     lean = prepare_detector_batch(rows, 64, augment=False, targets=False)
     assert set(lean) == {"image", "landmarks"}
     np.testing.assert_array_equal(lean["landmarks"], full["landmarks"])
+
+
+def test_texture_augmentation_at_stars_rates():
+    crop = draw_face(random_landmarks(np.random.default_rng(0), 64), "flat_cartoon", 64, np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    outs = [texture_augment(crop, rng) for _ in range(300)]
+    assert all(o.shape == crop.shape and o.dtype == np.uint8 for o in outs)
+    grey = np.mean([np.array_equal(o[..., 0], o[..., 1]) and np.array_equal(o[..., 1], o[..., 2]) for o in outs])
+    unchanged = np.mean([np.array_equal(o, crop) for o in outs])
+    assert 0.13 < grey < 0.27  # STAR's grey rate, 0.2
+    assert 0.14 < unchanged < 0.30  # none of the five applied: 0.6 x 0.7 x 0.8 x 0.8 x 0.8 = 0.215
+    np.testing.assert_array_equal(texture_augment(crop, np.random.default_rng(5)),
+                                  texture_augment(crop, np.random.default_rng(5)))

@@ -44,7 +44,8 @@ class DetectorTrainConfig:
     epochs: int = 10
     batch_size: int = 32  # per worker
     learning_rate: float = 1e-4
-    augment: bool = True
+    augment: bool = True  # STAR's flip and geometry
+    texture: bool = True  # and, with augment, STAR's texture augmentation (occlusion, blur, gamma, noise, grey)
     star_w: float = 1.0
     zero_stage: int = 1
     precision: str = "auto"  # auto: bf16 on GPU (fp32 master weights), fp32 on CPU
@@ -102,7 +103,7 @@ def train_func(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # the same random start on every worker
     net = load_detector(cfg.init, cfg.arch, device).train()
     size = net.arch.input_size
-    prepare = partial(prepare_detector_batch, size=size, augment=cfg.augment)
+    prepare = partial(prepare_detector_batch, size=size, augment=cfg.augment, texture=cfg.texture)
     session = (LocalSession(cfg.storage_path, cfg.name, cfg.keep_checkpoints,
                             lambda bs, seed: local_epoch(cfg.data, COLUMNS, prepare, bs, seed))
                if config.get("local") else RaySession())
@@ -176,7 +177,7 @@ def run_training(cfg: DetectorTrainConfig, local: bool = False) -> dict:
 
     def dataset():
         return read_shards(cfg.data, COLUMNS).map_batches(
-            prepare_detector_batch, fn_kwargs={"size": size, "augment": cfg.augment}, batch_format="numpy",
+            prepare_detector_batch, fn_kwargs={"size": size, "augment": cfg.augment, "texture": cfg.texture}, batch_format="numpy",
             batch_size=32)
 
     return {**launch(train_func, cfg, dataset, local), "best": best}
