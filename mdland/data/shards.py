@@ -240,9 +240,10 @@ def read_columns(root: str, columns: list[str]) -> pa.Table:
         except (pa.ArrowInvalid, KeyError) as e:
             raise ShardError(f"{uri}: cannot read columns {columns} ({e})") from None
     table = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], SCHEMA.field(c).type) for c in columns})
-    if "landmarks" in columns and table.num_rows and not np.isfinite(landmarks_array(table)).all():
-        bad = int(np.argmax(~np.isfinite(landmarks_array(table)).reshape(table.num_rows, -1).all(axis=1)))
-        raise ShardError(f"{root}: face {bad}: landmarks are not finite")
+    if "landmarks" in columns and table.num_rows:
+        finite = np.isfinite(landmarks_array(table)).reshape(table.num_rows, -1).all(axis=1)
+        if not finite.all():
+            raise ShardError(f"{root}: face {int(np.argmin(finite))}: landmarks are not finite")
     return table
 
 

@@ -1,6 +1,6 @@
 """Detector inputs and targets, as STAR prepares them: a square crop around the face (centre and scale), optional
-flip / rotation / scale / shift and texture (occlusion, blur, gamma, noise, grey) augmentation, BGR pixels scaled to [-1, 1], landmarks in [-1, 1], Gaussian point
-maps and edge maps at a quarter of the input size."""
+flip / rotation / scale / shift and texture (occlusion, blur, gamma, noise, grey) augmentation, BGR pixels scaled to
+[-1, 1], landmarks in [-1, 1], Gaussian point maps and edge maps at a quarter of the input size."""
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter

@@ -94,6 +94,11 @@ def validation_nme(net, batch: dict, device, dtype) -> float:
     return float(nme(np.concatenate(preds), normalised_to_pixels(torch.from_numpy(batch["landmarks"]), size).numpy()).mean())
 
 
+def training_batches(cfg: DetectorTrainConfig, size: int) -> partial:
+    """The one preparation of training rows, for Ray Data's map and for the plain-process epochs alike."""
+    return partial(prepare_detector_batch, size=size, augment=cfg.augment, texture=cfg.texture)
+
+
 def train_func(config: dict) -> None:
     setup_logging()
     cfg = from_dict(DetectorTrainConfig, config["train"])
@@ -103,7 +108,7 @@ def train_func(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # the same random start on every worker
     net = load_detector(cfg.init, cfg.arch, device).train()
     size = net.arch.input_size
-    prepare = partial(prepare_detector_batch, size=size, augment=cfg.augment, texture=cfg.texture)
+    prepare = training_batches(cfg, size)
     session = (LocalSession(cfg.storage_path, cfg.name, cfg.keep_checkpoints,
                             lambda bs, seed: local_epoch(cfg.data, COLUMNS, prepare, bs, seed))
                if config.get("local") else RaySession())
@@ -153,6 +158,7 @@ def _checkpoint(engine, session, cfg: DetectorTrainConfig, history: list, epoch:
         engine.save_checkpoint(d, tag=f"epoch{epoch}", client_state={"history": history, "epoch": epoch,
                                                                      "best_nme": best})
         last = history[-1]
+        validated = "val_nme" in last
         weights = master_weights(engine)
         if session.rank == 0:
             save_checkpoint(engine.module, str(Path(d) / "detector.pkl"), weights, epoch=epoch)
@@ -160,8 +166,7 @@ def _checkpoint(engine, session, cfg: DetectorTrainConfig, history: list, epoch:
             plot_curves(history, Path(d) / "loss.png", ("loss", "val_nme"), "detector fine-tuning")
             if improved:
                 save_checkpoint(engine.module, storage.join(cfg.storage_path, cfg.name, "best", "detector.pkl"),
-                                weights, epoch=epoch, **{k: last[k] for k in ("val_nme",) if k in last})
-            validated = "val_nme" in last
+                                weights, epoch=epoch, **({"val_nme": last["val_nme"]} if validated else {}))
             log.info("epoch %d: loss %.4f, validation NME %s%s", epoch, last["loss"],
                      f"{last['val_nme']:.4f}" if validated else "n/a", " (best)" if improved and validated else "")
         session.report({k: v for k, v in last.items()} | {"best_val_nme": best}, d, engine.global_steps)
@@ -176,8 +181,7 @@ def run_training(cfg: DetectorTrainConfig, local: bool = False) -> dict:
     log.info("fine-tuning the detector on %d faces from %s", rows, cfg.data)
 
     def dataset():
-        return read_shards(cfg.data, COLUMNS).map_batches(
-            prepare_detector_batch, fn_kwargs={"size": size, "augment": cfg.augment, "texture": cfg.texture}, batch_format="numpy",
-            batch_size=32)
+        return read_shards(cfg.data, COLUMNS).map_batches(training_batches(cfg, size), batch_format="numpy",
+                                                          batch_size=32)
 
     return {**launch(train_func, cfg, dataset, local), "best": best}

@@ -143,8 +143,8 @@ def _plan_rows(row: dict, config: dict, landmarks) -> list[dict]:
     return shard_rows(cfg, int(row["shard"]), load_styles(cfg.styles_file, cfg.styles), points)
 
 
-def _check_plan(cfg: GenerateConfig) -> None:
-    """An output folder belongs to one plan: refuse to mix samples of another into it."""
+def _check_plan(cfg: GenerateConfig) -> dict:
+    """An output folder belongs to one plan: refuse to mix samples of another into it. Returns the plan's identity."""
     uri = storage.join(cfg.output, PLAN)
     ident = cfg.plan_identity()
     if storage.exists(uri):
@@ -155,6 +155,7 @@ def _check_plan(cfg: GenerateConfig) -> None:
                              "use a new output folder")
     else:
         storage.write_bytes(uri, json.dumps(ident, indent=1).encode())
+    return ident
 
 
 def pending_shards(cfg: GenerateConfig) -> list[int]:
@@ -189,7 +190,7 @@ def run_generation(cfg: GenerateConfig) -> dict:
         raise ValueError("images_per_style, rows_per_shard and batch_size must be at least 1")
     landmarks = source_landmarks(cfg)
     storage.check_writable(cfg.output)
-    _check_plan(cfg)
+    plan = _check_plan(cfg)
     pending = pending_shards(cfg)
     if cfg.max_shards is not None:
         pending = pending[: cfg.max_shards]
@@ -202,7 +203,7 @@ def run_generation(cfg: GenerateConfig) -> dict:
         return {"complete": False, "missing": len(remaining), "total": cfg.total, "images_per_s": steady}
     shards = [_shard_summary(u) for u in storage.list_files(cfg.output, ".parquet")]
     manifest = write_manifest(cfg.output, shards, asdict(cfg), complete=True, model=cfg.model,
-                              controlnet=cfg.controlnet, weights=cfg.plan_identity()["weights"], planned=cfg.total)
+                              controlnet=cfg.controlnet, weights=plan["weights"], planned=cfg.total)
     log.info("complete: %d images, %s", manifest["count"], manifest["styles"])
     return {"complete": True, "count": manifest["count"], "total": cfg.total, "images_per_s": steady}
 
