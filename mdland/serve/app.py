@@ -146,17 +146,23 @@ class LandmarkService:
                                          self.dtype)
         return [(p, len(items)) for p in points]
 
-    async def answer(self, data: bytes, box, index: int | None = None) -> dict:
-        """One face: decode, crop, batched forward pass. `index` names the image's place in a batch request."""
-        t0 = time.perf_counter()
-        image = await asyncio.to_thread(decode_upload, data, self.cfg, "image" if index is None else f"images[{index}]")
+    def _decode_and_crop(self, data: bytes, box, index: int | None) -> tuple[tuple[int, int], tuple, np.ndarray,
+                                                                            np.ndarray]:
+        """Decode and crop one upload: ((width, height), box, crop, source->crop matrix)."""
+        image = decode_upload(data, self.cfg, "image" if index is None else f"images[{index}]")
         box = parse_box(box, image.shape[1], image.shape[0], "box" if index is None else f"boxes[{index}]")
         size = self.net.arch.input_size
         matrix = crop_matrix(*crop_from_box(box), size)
-        crop = await asyncio.to_thread(warp_image, image, matrix, size)
+        return (image.shape[1], image.shape[0]), box, warp_image(image, matrix, size), matrix
+
+    async def answer(self, data: bytes, box, index: int | None = None) -> dict:
+        """One face: decode and crop (in a thread), batched forward pass. `index` names the image's place in a
+        batch request."""
+        t0 = time.perf_counter()
+        image_size, box, crop, matrix = await asyncio.to_thread(self._decode_and_crop, data, box, index)
         points, batch = await self.infer((crop, matrix))
         return {"landmarks": np.round(points.astype(np.float64), 3).tolist(), "box": list(box),
-                "image_size": [image.shape[1], image.shape[0]], "model": self.cfg.detector, "batch_size": batch,
+                "image_size": list(image_size), "model": self.cfg.detector, "batch_size": batch,
                 "time_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
     @api.get("/healthz")
