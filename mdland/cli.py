@@ -42,17 +42,11 @@ def _train_controlnet(a: argparse.Namespace) -> None:
 def _serve(a: argparse.Namespace) -> None:
     import time
 
-    import yaml
-
+    from mdland.config import parse_overrides
     from mdland.serve.app import start_server
 
     # ServeConfig fields plus deployment options (num_replicas, ...); build_app checks every key.
-    args = {"detector": a.detector}
-    for item in a.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected key=value")
-        args[key.strip()] = yaml.safe_load(value)
+    args = {"detector": a.detector, **parse_overrides(a.set)}
     url = start_server(args, a.host, a.port)
     print(f"serving {a.detector} at {url}/v1/landmarks (docs: {url}/docs); Ctrl-C stops", flush=True)
     while True:

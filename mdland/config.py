@@ -59,9 +59,16 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: invalid YAML ({e})") from None
-    for item in overrides or []:
+    data.update(parse_overrides(overrides or []))
+    return from_dict(cls, data, str(path or "config"))
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`key=value` command-line overrides as a mapping, values parsed as YAML scalars."""
+    data = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r}: expected key=value")
         data[key.strip()] = yaml.safe_load(value)
-    return from_dict(cls, data, str(path or "config"))
+    return data

@@ -75,3 +75,11 @@ def test_bad_input_exits_2_with_a_message(tmp_path):
     assert out.returncode == 2
     assert "mdland ingest: error:" in out.stderr and "missing: source not found" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_malformed_override_is_a_clear_error(capsys, tmp_path):
+    # One parser for `--set key=value`, whether it feeds a config (train-detector) or Serve's options.
+    assert main(["train-detector", "--config", "tiny", "--set", "epochs"]) == 2
+    assert "override 'epochs': expected key=value" in capsys.readouterr().err
+    assert main(["serve", "--detector", str(tmp_path / "d.pkl"), "--set", "max_batch_size"]) == 2
+    assert "override 'max_batch_size': expected key=value" in capsys.readouterr().err
