@@ -1,5 +1,6 @@
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -172,7 +173,27 @@ def test_each_rank_and_resumed_step_draws_its_own_noise():
     assert torch.equal(draws[0], draws[3])
 
 
-def test_ray_train_two_workers_checkpoints_to_s3_and_resumes(tmp_path, s3_bucket):
+def kill_a_worker_after(marker: str, killed: list) -> None:
+    """Once `marker` exists (and Ray Train has had time to register the checkpoint it belongs to), SIGKILL one Ray
+    Train worker process, as a lost node would; its pid goes into `killed`."""
+    import psutil
+
+    deadline = time.time() + 300
+    while not storage.exists(marker):
+        if time.time() > deadline:
+            return
+        time.sleep(0.2)
+    time.sleep(5)  # Ray Train's controller polls its workers every 2 s: let it take the report in
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if (proc.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"):
+            proc.kill()
+            killed.append(proc.pid)
+            return
+
+
+def test_ray_train_two_workers_checkpoints_to_s3_survive_a_lost_worker_and_resume(tmp_path, s3_bucket):
+    import threading
+
     import ray
 
     data = f"{s3_bucket}/faces"
@@ -181,21 +202,34 @@ def test_ray_train_two_workers_checkpoints_to_s3_and_resumes(tmp_path, s3_bucket
                                       "MDLAND_CACHE")}
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
     try:
-        cfg = ControlNetTrainConfig(**TINY, data=[data], max_steps=8, checkpoint_every=4, num_workers=2,
+        cfg = ControlNetTrainConfig(**TINY, data=[data], max_steps=16, checkpoint_every=4, num_workers=2,
                                     cpus_per_worker=1, storage_path=f"{s3_bucket}/runs", name="ray-s1")
+        killed = []
+        killer = threading.Thread(target=kill_a_worker_after,
+                                  args=(f"{s3_bucket}/runs/ray-s1/checkpoint_000004/history.json", killed),
+                                  daemon=True)
+        killer.start()
         first = run_training(cfg)
-        assert first["step"] == 8
-        ckpt = f"{s3_bucket}/runs/ray-s1/checkpoint_000008"
-        names = storage.list_files(ckpt) + storage.list_files(f"{ckpt}/step8")
+        killer.join()
+        assert first["step"] == 16 and len(killed) == 1
+        # FailureConfig restarted the workers from a checkpoint, not from step 0: one resume, and one unbroken run
+        # of logged steps across it.
+        ckpt = f"{s3_bucket}/runs/ray-s1/checkpoint_000016"
+        hist = history(ckpt)
+        resumed = [r["step"] for r in hist if r.get("resumed")]
+        assert len(resumed) == 1 and 4 <= resumed[0] < 16 and resumed[0] % 4 == 0, resumed
+        assert [r["step"] for r in hist if "loss" in r] == list(range(2, 17, 2))
+        names = storage.list_files(ckpt) + storage.list_files(f"{ckpt}/step16")
         # DeepSpeed ZeRO-2 state from both ranks, merged into one checkpoint, plus rank 0's export and pictures.
         assert any(n.endswith("zero_pp_rank_0_mp_rank_00_optim_states.pt") for n in names)
         assert any(n.endswith("zero_pp_rank_1_mp_rank_00_optim_states.pt") for n in names)
         assert storage.exists(f"{ckpt}/controlnet/config.json") and storage.exists(f"{ckpt}/validation.png")
-        cfg.max_steps = 12
+        cfg.max_steps = 20
         second = run_training(cfg)
-        assert second["step"] == 12
-        hist = history(f"{s3_bucket}/runs/ray-s1/checkpoint_000012")
-        assert [r["step"] for r in hist if "loss" in r] == list(range(2, 13, 2))
+        assert second["step"] == 20
+        hist = history(f"{s3_bucket}/runs/ray-s1/checkpoint_000020")
+        assert [r["step"] for r in hist if r.get("resumed")] == resumed + [16]
+        assert [r["step"] for r in hist if "loss" in r] == list(range(2, 21, 2))
         probes = probe_losses(hist)
         assert probes[-1] < probes[0], probes
         assert storage.exists(f"{s3_bucket}/runs/ray-s1/controlnet/diffusion_pytorch_model.safetensors")

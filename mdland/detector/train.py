@@ -119,6 +119,7 @@ def train_func(config: dict) -> None:
         if restored:
             _, client = engine.load_checkpoint(restored)
             history, epoch, best = client["history"], client["epoch"], client["best_nme"]
+            history.append({"step": engine.global_steps, "epoch": epoch, "resumed": True})
             log.info("resumed after epoch %d (best validation NME %.4f)", epoch, best)
     val = None
     if session.rank == 0 and cfg.val_data:

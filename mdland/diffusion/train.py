@@ -215,7 +215,7 @@ def train_func(config: dict) -> None:
     with session.latest_checkpoint() as restored:
         if restored:
             _, client = engine.load_checkpoint(restored)
-            history = client["history"]
+            history = client["history"] + [{"step": engine.global_steps, "resumed": True}]
             log.info("resumed from step %d", engine.global_steps)
     step = engine.global_steps
     reseed(cfg.seed, session.rank, step)
@@ -287,7 +287,7 @@ def _checkpoint(engine, session, components, cfg, history, points, prompts, devi
     step = engine.global_steps
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=f"step{step}", client_state={"history": history})
-        metrics = {"step": step, **{k: v for r in history for k, v in r.items()}}
+        metrics = {"step": step, **{k: v for r in history for k, v in r.items() if k != "resumed"}}
         export_controlnet(engine, Path(d) / "controlnet")
         if session.rank == 0 and step == cfg.max_steps:  # the last checkpoint's export is also the run's
             _publish_export(Path(d) / "controlnet", cfg)
