@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdland", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    metric_options = argparse.ArgumentParser(add_help=False)  # shared by evaluate and evaluate-preds
+    metric_options.add_argument("--norm", default="inter_ocular", choices=NORMALISATIONS,
+                                help="NME normaliser: outer eye corners (default), pupils or box size")
+    metric_options.add_argument("--threshold", type=float, default=0.10, help="FR / AUC threshold on the NME")
 
     p = sub.add_parser("ingest", help="turn an annotated image folder into shards")
     p.add_argument("--format", required=True, choices=FORMATS)
@@ -154,12 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--condition", action="store_true", help="also show each face's condition image")
     p.set_defaults(run=_render)
 
-    p = sub.add_parser("evaluate-preds", help="NME / FR / AUC and a CED plot from prediction and truth files")
+    p = sub.add_parser("evaluate-preds", parents=[metric_options], help="NME / FR / AUC and a CED plot from prediction and truth files")
     p.add_argument("pred", help="folder of .pts/.txt, an (N,68,2) .npy, or a shard dataset")
     p.add_argument("gt", help="same kinds as PRED; faces are paired by key (file stem, row index, `key` column)")
     p.add_argument("--out", help="folder for metrics.json, metrics.md and ced.png")
-    p.add_argument("--norm", default="inter_ocular", choices=NORMALISATIONS)
-    p.add_argument("--threshold", type=float, default=0.10)
     p.add_argument("--name", default="predictions")
     p.set_defaults(run=_evaluate_preds)
 
@@ -175,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="run train_func in this process, without Ray (debugging)")
     p.set_defaults(run=_train_detector)
 
-    p = sub.add_parser("evaluate", help="NME / FR@10%% / AUC@10%%, CED plot and overlays of a detector on eval sets")
+    p = sub.add_parser("evaluate", parents=[metric_options], help="NME / FR@10%% / AUC@10%%, CED plot and overlays of a detector on eval sets")
     p.add_argument("--detector", required=True, help="detector checkpoint (.pkl: STAR's or mdland's), local or s3://")
     p.add_argument("--data", required=True, action="append", metavar="[NAME=]PATH",
                    help="an evaluation set: shard dataset, or a raw folder with --format (repeatable)")
@@ -183,8 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval-report")
     p.add_argument("--skip-bad", action="store_true", help="log and skip bad faces instead of failing")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--norm", default="inter_ocular", choices=NORMALISATIONS)
-    p.add_argument("--threshold", type=float, default=0.10)
     p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("generate", help="the synthetic set: edited landmarks x style prompts -> shards (Ray Data)")
