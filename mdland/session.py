@@ -7,6 +7,7 @@ process, checkpoints are copied to `storage_path/name/checkpoint_NNNNNN` and `la
 
 import contextlib
 import json
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 
@@ -88,7 +89,6 @@ def endless(session, batch_size: int, seed: int) -> Iterator[dict]:
 
 def set_single_process_env() -> None:
     """What torch.distributed / DeepSpeed need to run as a world of one outside Ray Train."""
-    import os
     import socket
 
     with socket.socket() as s:
@@ -103,8 +103,6 @@ def import_deepspeed(on_gpu: bool):
     """DeepSpeed set up for this device. On CPU it uses its CPU accelerator with gloo all-reduce rather than its
     shared-memory op: that op is JIT-compiled on first use (a compiler run on every fresh machine) and a worker
     killed mid-build leaves a lock in ~/.cache/torch_extensions that hangs every later run."""
-    import os
-
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
     import deepspeed
@@ -113,6 +111,15 @@ def import_deepspeed(on_gpu: bool):
     if not on_gpu:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
+
+
+def pick_device(use_gpu: bool) -> torch.device:
+    """This worker's GPU when asked for and present, else the CPU. On a GPU, cuDNN autotunes its convolution kernels:
+    training and benchmark batches keep one shape, so the search is paid once."""
+    if use_gpu and torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        return torch.device(f"cuda:{torch.cuda.current_device()}")
+    return torch.device("cpu")
 
 
 def check_precision(precision: str, zero_stage: int, use_gpu: bool) -> None:
@@ -144,13 +151,16 @@ def deepspeed_engine(model: torch.nn.Module, *, batch_size: int, optimizer: dict
         # DeepSpeed would start its fp32 master copy from the bf16-rounded weights: keep the originals to restore.
         full = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
         model.to(dtype)  # buffers too (BatchNorm statistics): DeepSpeed casts only the parameters
+    # With one rank there is no all-reduce to overlap, only a second gradient bucket to allocate.
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else int(
+        os.environ.get("WORLD_SIZE", "1"))
     kind = optimizer["type"]
     params = {k: v for k, v in optimizer.items() if k != "type"}
     config = {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": gradient_clipping,
-        "zero_optimization": {"stage": zero_stage, "overlap_comm": on_gpu, "contiguous_gradients": True},
+        "zero_optimization": {"stage": zero_stage, "overlap_comm": on_gpu and world > 1, "contiguous_gradients": True},
         "bf16": {"enabled": bf16},
         # DeepSpeed's "Adam" is AdamW unless adam_w_mode is off.
         "optimizer": {"type": "Adam", "params": {**params, "torch_adam": True, "adam_w_mode": kind == "AdamW",

@@ -30,7 +30,7 @@ from mdland.detector.model import ARCHS, normalised_to_pixels
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
 from mdland.session import (LocalSession, RaySession, check_precision, deepspeed_engine, launch, master_weights,
-                            training_dtype)
+                            pick_device, training_dtype)
 
 log = get_logger(__name__)
 
@@ -102,8 +102,8 @@ def training_batches(cfg: DetectorTrainConfig, size: int) -> partial:
 def train_func(config: dict) -> None:
     setup_logging()
     cfg = from_dict(DetectorTrainConfig, config["train"])
-    on_gpu = cfg.use_gpu and torch.cuda.is_available()
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
+    device = pick_device(cfg.use_gpu)
+    on_gpu = device.type == "cuda"
     dtype = training_dtype(cfg.precision, on_gpu)
     torch.manual_seed(cfg.seed)  # the same random start on every worker
     net = load_detector(cfg.init, cfg.arch, device).train()

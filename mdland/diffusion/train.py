@@ -34,7 +34,7 @@ from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
 from mdland.session import (LocalSession, RaySession, check_precision, deepspeed_engine, endless, launch,
-                            master_weights, reseed, training_dtype)
+                            master_weights, pick_device, reseed, training_dtype)
 
 log = get_logger(__name__)
 STAGES = ("stage1", "stage2")
@@ -108,12 +108,13 @@ def check_config(cfg: ControlNetTrainConfig) -> int:
 
 def controlnet_engine(components: SDComponents, controlnet: ControlNetModel, cfg: ControlNetTrainConfig,
                       device: torch.device, dtype: torch.dtype):
-    """The ControlNet under DeepSpeed (ZeRO `zero_stage`, AdamW, gradient clipping at 1 as in diffusers' example),
-    channels-last on GPU (the UNet too: its convolutions run faster so)."""
+    """The ControlNet under DeepSpeed (ZeRO `zero_stage`, AdamW, gradient clipping at 1 as in diffusers' example).
+    On GPU the frozen UNet is channels-last, and `diffusion_loss` feeds both networks channels-last inputs: ZeRO
+    re-points the ControlNet's weights into one flat buffer in the default layout, so for it the inputs are what
+    select cuDNN's channels-last kernels (its weights are converted per call, a small copy next to the activations)."""
     on_gpu = device.type == "cuda"
     controlnet.to(device).train()
     if on_gpu:
-        controlnet.to(memory_format=torch.channels_last)
         components.unet.to(memory_format=torch.channels_last)
     if cfg.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
@@ -155,6 +156,9 @@ def diffusion_loss(components: SDComponents, controlnet: torch.nn.Module, text: 
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
     noisy = scheduler.add_noise(latents, noise, t)
+    if device.type == "cuda":  # the layout cuDNN's fastest convolutions use (see controlnet_engine)
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
+        cond = cond.contiguous(memory_format=torch.channels_last)
     down, mid = controlnet(noisy, t, encoder_hidden_states=hidden, controlnet_cond=cond, return_dict=False)
     pred = components.unet(noisy, t, encoder_hidden_states=hidden,
                            down_block_additional_residuals=[d.to(dtype) for d in down],
@@ -204,8 +208,8 @@ def train_func(config: dict) -> None:
     session = (LocalSession(cfg.storage_path, cfg.name, cfg.keep_checkpoints, lambda bs, seed: local_epoch(
         cfg.data, COLUMNS, partial(prepare_batch, resolution=cfg.resolution), bs, seed))
         if config.get("local") else RaySession())
-    on_gpu = cfg.use_gpu and torch.cuda.is_available()
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
+    device = pick_device(cfg.use_gpu)
+    on_gpu = device.type == "cuda"
     dtype = training_dtype(cfg.precision, on_gpu)
     components = load_components(cfg.model, seed=cfg.seed)
     torch.manual_seed(cfg.seed)  # the same new ControlNet weights on every rank
@@ -250,8 +254,8 @@ def train_func(config: dict) -> None:
             continue  # inside a gradient-accumulation cycle
         step = engine.global_steps
         if step % cfg.log_every == 0 or step == cfg.max_steps:
+            mean_loss = float(torch.stack(losses).float().mean())  # waits for the device: time after it
             rate = seen / (time.time() - t0)
-            mean_loss = float(torch.stack(losses).float().mean())
             history.append({"step": step, "loss": mean_loss, "samples_per_s": rate})
             if session.rank == 0:
                 log.info("step %d/%d loss %.4f %.1f samples/s", step, cfg.max_steps, mean_loss, rate)
