@@ -6,6 +6,8 @@
 - `generate`: mdland's sampler (half precision, channels-last, batched guidance, optional torch.compile) against
   diffusers' `StableDiffusionControlNetPipeline` on the same modules, seeds and settings; images/s and ratio. With
   `--pipeline`, also the Ray Data pipeline's steady images/s against the bare sampler, and the time for 10k images.
+- `write`: how many generated images/s the generation pipeline's one shard assembler writes (and PNG encoding runs
+  per core), on this machine's CPU: the ceiling of one `mdland generate` job, in GPUs' worth.
 - `detector`: batched images/s and single-image latency of the STAR network (fp16 on GPU, fp32 on CPU).
 - `serve`: end-to-end requests/s and p50/p95 latency over HTTP (Ray Serve, concurrent loopback clients) against
   in-process batched inference of the same checkpoint; also single-request p50 latency.
@@ -215,6 +217,61 @@ def _bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance,
     return {"pipeline_images_per_s": round(rate, 3) if rate else None,
             "pipeline_vs_bare_sampler": round(rate / bare, 3) if rate else None,
             "projected_10k_images_min": round(10_000 / rate / 60, 1) if rate else None}
+
+
+def bench_write(images: str = "faces", count: int = 4000, rows_per_shard: int = 1000, batch_size: int = 64,
+                output: str | None = None) -> dict:
+    """The shard assembler's and PNG encoding's images/s on generated-size images: procedural `faces` (compress like
+    drawings) or `noise` (incompressible, the heaviest PNGs). Shards go to `output` (local or s3://; a temporary
+    folder by default)."""
+    import tempfile
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from mdland.data.procedural import procedural_faces
+    from mdland.data.shards import decode_image
+    from mdland.diffusion.models import build_controlnet, build_preset
+    from mdland.generation.pipeline import ShardAssembler, encode_images
+    from mdland.generation.plan import GenerateConfig
+
+    if images not in ("faces", "noise"):
+        raise ValueError(f"images: expected faces or noise, got {images!r}")
+    size = 256
+    if images == "noise":
+        pool = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    else:
+        pool = np.stack([decode_image(f.image) for f in procedural_faces(batch_size, seed=0, size=size)])
+    with tempfile.TemporaryDirectory() as d:
+        build_controlnet(build_preset("tiny")).save_pretrained(f"{d}/controlnet")  # the id the rows carry
+        cfg = GenerateConfig(output=output or f"{d}/out", controlnet=f"{d}/controlnet", styles=["cartoon"],
+                             images_per_style=count, rows_per_shard=rows_per_shard, batch_size=batch_size)
+        assembler = ShardAssembler(asdict(cfg), total=count)
+        batches = []
+        for start in range(0, count, batch_size):
+            index = np.arange(start, min(start + batch_size, count))
+            n = len(index)
+            batches.append({
+                "index": index, "shard": index // rows_per_shard, "seed": index,
+                "key": np.array([f"synthetic-0-{i:09d}" for i in index], dtype=object),
+                "prompt": np.array(["a portrait of cartoon style"] * n, dtype=object),
+                "style": np.array(["cartoon"] * n, dtype=object),
+                "edits": np.array(["chubby,open_eyes"] * n, dtype=object),
+                "edit_params": np.array(["[]"] * n, dtype=object),
+                "landmarks": np.zeros((n, 68, 2), np.float32), "alignment": np.full(n, np.nan, np.float32),
+                "image": pool[:n]})
+        t0 = time.perf_counter()
+        encoded = [encode_images(b) for b in batches]
+        t1 = time.perf_counter()
+        written = [int(s) for b in encoded for s in assembler(b)["shard"]]
+        t2 = time.perf_counter()
+    png_bytes = float(np.mean([len(x) for b in encoded for x in b["image"]]))
+    rate = count / (t2 - t1)
+    return {"benchmark": "write", "device": _device_name(torch.device("cpu")), "images": images, "count": count,
+            "shards_written": len(written), "png_kib": round(png_bytes / 1024, 1),
+            "encode_images_per_s_per_core": round(count / (t1 - t0), 1), "assembler_images_per_s": round(rate, 1),
+            "assembler_mib_per_s": round(rate * png_bytes / 2**20, 1),
+            "h100s_at_32_images_per_s": round(rate / 32, 1)}
 
 
 def bench_detector(arch: str = "star-300w", batch_size: int = 32, repeats: int = 5, warmup: int = 2) -> dict:

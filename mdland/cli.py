@@ -71,6 +71,8 @@ def _bench(a: argparse.Namespace) -> None:
         result = bench.bench_detector(a.arch, a.batch_size, a.repeats, a.warmup)
     elif a.what == "serve":
         result = bench.bench_serve(a.arch, a.requests, a.clients, a.batch_size)
+    elif a.what == "write":
+        result = bench.bench_write(a.images, a.count, a.rows_per_shard, a.batch_size, a.output)
     else:
         result = bench.bench_generate(a.preset, a.batch_size, a.resolution, a.steps, a.guidance, a.repeats,
                                       a.compile, a.pipeline, a.pipeline_images)
@@ -232,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=16, help="max_batch_size of the replica and the in-process batch")
     b.add_argument("--requests", type=int, default=200, help="requests in the load run")
     b.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    b = bench.add_parser("write", help="the generation pipeline's shard assembler and PNG encoding, images/s on CPU")
+    b.add_argument("--images", default="faces", choices=["faces", "noise"], help="what the 256x256 PNGs hold")
+    b.add_argument("--count", type=int, default=4000)
+    b.add_argument("--rows-per-shard", type=int, default=1000)
+    b.add_argument("--batch-size", type=int, default=64, help="rows per batch handed to the assembler")
+    b.add_argument("--output", help="where the shards go (local or s3://; default: a temporary folder)")
     for b in bench.choices.values():
         b.add_argument("--out", help="also write the result JSON here")
     p.set_defaults(run=_bench)

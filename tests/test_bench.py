@@ -53,3 +53,18 @@ def test_bench_serve_runs_http_against_in_process(tmp_path):
     assert r["errors"] == 0 and r["http_requests_per_s"] > 0 and r["in_process_images_per_s"] > 0
     assert r["ratio"] == round(r["http_requests_per_s"] / r["in_process_images_per_s"], 3)
     assert 0 < r["p50_ms"] <= r["p95_ms"]
+
+
+def test_bench_write_assembles_every_shard(tmp_path):
+    import pyarrow.parquet as pq
+
+    out, shards = tmp_path / "write.json", tmp_path / "shards"
+    assert main(["bench", "write", "--images", "noise", "--count", "80", "--rows-per-shard", "32", "--batch-size", "16",
+                 "--output", str(shards), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    files = sorted(shards.glob("*.parquet"))
+    assert r["shards_written"] == len(files) == 3
+    assert [pq.read_metadata(f).num_rows for f in files] == [32, 32, 16]
+    assert r["png_kib"] > 150  # noise does not compress: ~192 KiB of pixels per 256x256 image
+    assert r["assembler_images_per_s"] > 0 and r["encode_images_per_s_per_core"] > 0
+    assert r["h100s_at_32_images_per_s"] == round(r["assembler_images_per_s"] / 32, 1)

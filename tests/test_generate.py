@@ -188,6 +188,8 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
         run_generation(config(inputs, "s3://mdland-missing-bucket/out"))
     with pytest.raises(ValueError, match="not a ControlNet export"):
         run_generation(config(inputs, str(tmp_path / "o"), controlnet=str(tmp_path)))
+    with pytest.raises(ValueError, match="source: no source dataset given"):
+        run_generation(config(inputs, str(tmp_path / "o"), source=""))
     # An output folder that holds another plan is refused before anything is written to it.
     out = tmp_path / "taken"
     out.mkdir()
@@ -206,6 +208,21 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
     _check_plan(planned)
     config_file = controlnet / "config.json"
     config_file.write_text(config_file.read_text() + " ")
+    # No shard written yet: the new plan replaces the old (a launch that wrote nothing fixes nothing).
+    replaced = _check_plan(planned)
+    assert json.loads((tmp_path / "o" / "plan.json").read_text()) == replaced
+    (tmp_path / "o" / "shard-000000.parquet").write_bytes(b"earlier work")
+    config_file.write_text(config_file.read_text() + " ")
+    with pytest.raises(ValueError, match=r"differs in \['weights'\]"):  # with a shard written, the plan is fixed
+        _check_plan(planned)
+    # The same for a source re-ingested at the same path: the planned rows would take other landmark sets.
+    source = tmp_path / "source"
+    shutil.copytree(inputs / "src", source)
+    planned = config(inputs, str(tmp_path / "p"), source=str(source))
+    _check_plan(planned)
+    (tmp_path / "p" / "shard-000000.parquet").write_bytes(b"earlier work")
+    manifest = source / "manifest.json"
+    manifest.write_text(manifest.read_text() + " ")
     with pytest.raises(ValueError, match=r"differs in \['weights'\]"):
         _check_plan(planned)
 
@@ -247,7 +264,7 @@ def test_assembler_counts_a_row_delivered_twice_once(inputs, tmp_path):
     from mdland.generation.pipeline import ShardAssembler
 
     cfg = config(inputs, str(tmp_path / "out"), styles=["cartoon"], images_per_style=3, rows_per_shard=3)
-    assembler = ShardAssembler(asdict(cfg))
+    assembler = ShardAssembler(asdict(cfg), total=3)
 
     def rows(indices):
         n = len(indices)

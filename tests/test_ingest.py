@@ -144,3 +144,51 @@ def test_a_domain_gets_its_style_and_prompt(tmp_path):
     assert not storage.exists(str(tmp_path / "bad" / "manifest.json"))
     ingest("artface", src, str(tmp_path / "plain"), size=64)
     assert set(read_dataset(str(tmp_path / "plain")).column("prompt").to_pylist()) == {""}
+
+
+def test_degenerate_landmarks_are_named_and_skippable(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    faces = make_faces(2)
+    for name, image, points in faces:
+        Image.fromarray(image).save(src / f"{name}.png")
+    write_pts(src / "face0.pts", faces[0][2])
+    write_pts(src / "face1.pts", np.full((68, 2), 5.0, np.float32))  # every point in one place: no face box
+    with pytest.raises(ValueError, match=r"face1.png: degenerate face box"):
+        ingest("artface", src, str(tmp_path / "out"))
+    assert not any((tmp_path / "out").glob("*.parquet"))
+    assert ingest("artface", src, str(tmp_path / "out"), skip_bad=True)["count"] == 1
+
+
+def test_a_swap_cut_short_is_refused_by_readers_and_redone(tmp_path, monkeypatch):
+    from mdland.data.shards import ShardError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, image, points in make_faces(3):
+        Image.fromarray(image).save(src / f"{name}.png")
+        write_pts(src / f"{name}.pts", points)
+    dest = str(tmp_path / "out")
+    ingest("artface", src, dest, size=64, rows_per_shard=1, source="old")
+    real_write = storage.write_bytes
+    shards_swapped = []
+
+    def crash_on_second_shard(uri, data):  # the process dies while moving the new shards into place
+        if uri.startswith(dest + "/shard-"):
+            shards_swapped.append(uri)
+            if len(shards_swapped) == 2:
+                raise KeyboardInterrupt
+        real_write(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", crash_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        ingest("artface", src, dest, size=64, rows_per_shard=1, source="new", overwrite=True)
+    monkeypatch.setattr(storage, "write_bytes", real_write)
+    with pytest.raises(ShardError, match="cut short while swapping"):  # one new shard and two old ones
+        read_dataset(dest)
+    with pytest.raises(ValueError, match="pass overwrite"):
+        ingest("artface", src, dest, size=64, rows_per_shard=1, source="new")
+    ingest("artface", src, dest, size=64, rows_per_shard=1, source="new", overwrite=True)
+    assert read_dataset(dest).column("source").to_pylist() == ["new"] * 3
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "manifest.json", "shard-000000.parquet", "shard-000001.parquet", "shard-000002.parquet"]

@@ -118,3 +118,6 @@ def test_star_tsv_errors_name_row_and_field(tmp_path):
     path.write_text("a.jpg\t1,2\n")
     with pytest.raises(ValueError, match="t.tsv:1: expected at least 6"):
         read_star_tsv(path)
+    write_star_tsv(path, [StarRow("a.jpg", POINTS, 1.0, (1, 2)), StarRow("b.jpg", POINTS, 0.0, (1, 2))])
+    with pytest.raises(ValueError, match="t.tsv:3: scale must be positive, got 0.0"):
+        read_star_tsv(path)

@@ -47,6 +47,10 @@ def test_bad_rows_are_named(tmp_path):
     with pytest.raises(ShardError, match=r"bad.parquet: row 2: landmarks are not finite"):
         write_shard(str(tmp_path / "bad.parquet"), bad)
     assert not (tmp_path / "bad.parquet").exists()
+    style = table.schema.get_field_index("style")
+    unstyled = table.set_column(style, "style", pa.array(["a", None, "c"], type=table.schema.field("style").type))
+    with pytest.raises(ShardError, match=r"unstyled.parquet: row 1: style is missing"):  # the manifest counts styles
+        write_shard(str(tmp_path / "unstyled.parquet"), unstyled)
     faces[1].image = b"not an image"
     uri = str(tmp_path / "s.parquet")
     write_shard(uri, faces)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from PIL import Image, UnidentifiedImageError
 
 from mdland.data import storage
-from mdland.data.shards import MANIFEST, Face, ShardWriter, encode_image, read_manifest
+from mdland.data.shards import MANIFEST, SWAPPING, Face, ShardWriter, encode_image
 from mdland.landmarks.align import crop_face, crop_from_landmarks
 from mdland.landmarks.io import read_ffhq_json, read_pts, read_star_tsv, read_txt
 from mdland.log import get_logger
@@ -115,8 +115,9 @@ def style_prompt(style: str) -> str:
 
 
 def _swap_in(staging: str, dest: str, old_shards: list[str], manifest: dict) -> None:
-    """Replace the dataset at `dest` by the complete one in `staging`. The old manifest goes first, so a swap cut
-    short leaves a dataset without a manifest (incomplete), never one whose manifest describes other shards."""
+    """Replace the dataset at `dest` by the complete one in `staging`. A marker stays in `dest` until the new
+    manifest is in: readers refuse a swap cut short (old and new shards mixed), and the next ingest redoes it."""
+    storage.write_bytes(storage.join(dest, SWAPPING), staging.encode())
     storage.delete(storage.join(dest, MANIFEST))
     new = [s["name"] for s in manifest["shards"]]
     for shard in new:
@@ -124,6 +125,7 @@ def _swap_in(staging: str, dest: str, old_shards: list[str], manifest: dict) -> 
     for shard in set(old_shards) - set(new):  # shards of the old dataset the new one did not replace
         storage.delete(storage.join(dest, shard))
     storage.write_bytes(storage.join(dest, MANIFEST), storage.read_bytes(storage.join(staging, MANIFEST)))
+    storage.delete(storage.join(dest, SWAPPING))
     storage.delete_folder(staging)
 
 
@@ -134,25 +136,36 @@ def ingest(fmt: str, src: str | Path, dest: str, size: int = 256, margin: float 
     """Crop, resize and write SRC's faces as shards under DEST; returns the manifest. `style` names the faces'
     domain (stage 2's multi-domain sets); `prompt` defaults to that style's prompt in the shipped styles file."""
     prompt = style_prompt(style) if prompt is None else prompt
-    old_shards: list[str] = []
-    if storage.exists(storage.join(dest, MANIFEST)):
-        if not overwrite:
-            raise ValueError(f"{dest}: already holds a dataset (manifest.json); pass overwrite to replace it")
-        old_shards = [s["name"] for s in read_manifest(dest)["shards"]]
+    marker = storage.join(dest, SWAPPING)
+    cut_short = storage.exists(marker)
+    replacing = cut_short or storage.exists(storage.join(dest, MANIFEST))
+    if replacing and not overwrite:
+        raise ValueError(f"{dest}: already holds a dataset (manifest.json); pass overwrite to replace it")
     storage.check_writable(dest)
-    # Read every landmark file before writing anything, so bad annotations fail before any shard is written.
-    samples = list(iter_samples(fmt, src, skip_bad, ffhq_variant, image_dir))
+    # Read every landmark file and place every crop before writing anything, so bad annotations fail before any
+    # shard is written.
+    samples = []
+    for sample in iter_samples(fmt, src, skip_bad, ffhq_variant, image_dir):
+        try:
+            samples.append((sample, sample.crop or crop_from_landmarks(sample.landmarks, margin)))
+        except ValueError as e:
+            if not skip_bad:
+                raise ValueError(f"{sample.image_path}: {e}") from None
+            log.warning("skipped: %s: %s", sample.image_path, e)
     if not samples:
         raise ValueError(f"{src}: no usable (image, landmarks) pairs found for format {fmt!r}")
     name = source or fmt
     config = {"format": fmt, "src": str(src), "size": size, "margin": margin}
     # A replacement is written beside the old dataset (in a hidden folder readers skip) and swapped in only once
     # every face is in: a bad image halfway through leaves the old dataset as it was.
-    target = storage.join(dest, f".ingest-{uuid.uuid4().hex[:8]}") if old_shards else dest
+    if cut_short:  # the staging folder of the swap that was cut short
+        storage.delete_folder(storage.read_bytes(marker).decode())
+    old_shards = [u.rsplit("/", 1)[-1] for u in storage.list_files(dest, ".parquet")] if replacing else []
+    target = storage.join(dest, f".ingest-{uuid.uuid4().hex[:8]}") if replacing else dest
     writer = ShardWriter(target, rows_per_shard, config)
     skipped = []
     try:
-        for sample in tqdm(samples, desc=f"ingest {fmt}", unit="face", mininterval=2):
+        for sample, (centre, scale) in tqdm(samples, desc=f"ingest {fmt}", unit="face", mininterval=2):
             try:
                 image = load_image(sample.image_path)
             except ValueError as e:
@@ -161,7 +174,6 @@ def ingest(fmt: str, src: str | Path, dest: str, size: int = 256, margin: float 
                 log.warning("skipped: %s", e)
                 skipped.append(str(sample.image_path))
                 continue
-            centre, scale = sample.crop or crop_from_landmarks(sample.landmarks, margin)
             crop, points, _ = crop_face(image, sample.landmarks, centre, scale, size)
             writer.add(Face(image=encode_image(crop), landmarks=points, key=sample.key, source=name, style=style,
                             prompt=prompt))

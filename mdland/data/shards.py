@@ -25,6 +25,7 @@ log = get_logger(__name__)
 
 FORMAT = "mdland-shards/1"
 MANIFEST = "manifest.json"
+SWAPPING = ".swapping"  # present while ingest --overwrite replaces a dataset's shards (names the staging folder)
 
 SCHEMA = pa.schema(
     [
@@ -138,7 +139,7 @@ def validate_table(table: pa.Table, name: str, decode: bool = False) -> None:
     if values.size != table.num_rows * NUM_POINTS * 2 or np.isnan(values).any() or np.isinf(values).any():
         bad = int(np.argmax(~np.isfinite(values))) // (NUM_POINTS * 2)
         raise ShardError(f"{name}: row {bad}: landmarks are not finite")
-    for col in ("image", "seed", "key"):
+    for col in ("image", "seed", "key", "style", "source", "model"):
         arr = table.column(col).combine_chunks()
         if arr.null_count:
             raise ShardError(f"{name}: row {_first_null(arr)}: {col} is missing")
@@ -215,6 +216,9 @@ def read_manifest(root: str) -> dict:
 
 def shard_uris(root: str) -> list[str]:
     """The dataset's shards: from its manifest, or every `*.parquet` under `root` when there is none."""
+    if storage.exists(storage.join(root, SWAPPING)):
+        raise ShardError(f"{root}: an `ingest --overwrite` was cut short while swapping in a new set, so old and new "
+                         "shards are mixed; run that ingest again")
     if storage.exists(storage.join(root, MANIFEST)):
         return [storage.join(root, s["name"]) for s in read_manifest(root)["shards"]]
     uris = storage.list_files(root, ".parquet")

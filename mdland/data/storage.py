@@ -184,8 +184,10 @@ def fingerprint(uri: str) -> str:
             pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as e:
         raise _fail(uri, "look up", e) from e
+    # Hidden files and folders (unfinished writes, ingest's staging folder) are not part of what is there.
     entries = sorted((i.path[len(path):], i.size, i.mtime_ns) for i in infos
-                     if i.type == pafs.FileType.File and not posixpath.basename(i.path).startswith("."))
+                     if i.type == pafs.FileType.File
+                     and not any(part.startswith(".") for part in i.path[len(path):].split("/")))
     if not entries:
         raise StorageError(f"{uri}: not found")
     return hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:16]

@@ -97,9 +97,10 @@ class ShardAssembler:
     """Collects generated rows by shard and writes each shard, atomically, as soon as all its rows are in
     (leaving out the pairs the alignment filter rejects)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, total: int):
         setup_logging()
         self.cfg = from_dict(GenerateConfig, config)
+        self.total = total  # from the driver, which read the styles file
         # Keyed by sample index, so a row delivered twice (a retried task) counts once.
         self.rows: dict[int, dict[int, Face | None]] = defaultdict(dict)
         self.model = f"{self.cfg.controlnet}@{storage.fingerprint(self.cfg.controlnet)}"  # path@version
@@ -108,7 +109,7 @@ class ShardAssembler:
         return self.cfg.min_alignment is not None and not np.isnan(score) and score > self.cfg.min_alignment
 
     def expected(self, shard: int) -> int:
-        return min(self.cfg.rows_per_shard, self.cfg.total - shard * self.cfg.rows_per_shard)
+        return min(self.cfg.rows_per_shard, self.total - shard * self.cfg.rows_per_shard)
 
     def __call__(self, batch: dict) -> dict:
         points = landmarks_from_rows(batch["landmarks"])
@@ -135,26 +136,27 @@ def encode_images(batch: dict) -> dict:
     return {**batch, "image": np.array([encode_image(im) for im in batch["image"]], dtype=object)}
 
 
-def _plan_rows(row: dict, config: dict, landmarks) -> list[dict]:
+def _plan_rows(row: dict, config: dict, styles: list[dict], landmarks) -> list[dict]:
     import ray
 
-    cfg = from_dict(GenerateConfig, config)
     points = ray.get(landmarks) if isinstance(landmarks, ray.ObjectRef) else landmarks
-    return shard_rows(cfg, int(row["shard"]), load_styles(cfg.styles_file, cfg.styles), points)
+    return shard_rows(from_dict(GenerateConfig, config), int(row["shard"]), styles, points)
 
 
 def _check_plan(cfg: GenerateConfig) -> dict:
     """An output folder belongs to one plan: refuse to mix samples of another into it. Returns the plan's identity."""
     uri = storage.join(cfg.output, PLAN)
     ident = cfg.plan_identity()
-    if storage.exists(uri):
-        existing = json.loads(storage.read_bytes(uri))
-        if existing != ident:
+    existing = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+    if existing == ident:
+        return ident
+    if existing is not None:
+        if storage.list_files(cfg.output, ".parquet"):
             changed = sorted(k for k in ident if existing.get(k) != ident[k])
             raise ValueError(f"output: {cfg.output} holds a different plan (differs in {changed}); "
                              "use a new output folder")
-    else:
-        storage.write_bytes(uri, json.dumps(ident, indent=1).encode())
+        log.info("%s: replacing the plan of an earlier run that wrote no shard", cfg.output)
+    storage.write_bytes(uri, json.dumps(ident, indent=1).encode())
     return ident
 
 
@@ -175,6 +177,8 @@ def run_generation(cfg: GenerateConfig) -> dict:
                   controlnet=storage.absolute(cfg.controlnet), styles_file=storage.absolute(cfg.styles_file),
                   model=cfg.model if cfg.model in PRESETS else storage.absolute(cfg.model),
                   detector=cfg.detector and storage.absolute(cfg.detector))
+    if not cfg.source:
+        raise ValueError("source: no source dataset given")
     if not cfg.output:
         raise ValueError("output: no output location given")
     if not cfg.controlnet or not storage.exists(storage.join(cfg.controlnet, "config.json")):
@@ -196,7 +200,7 @@ def run_generation(cfg: GenerateConfig) -> dict:
         pending = pending[: cfg.max_shards]
     log.info("plan: %d styles x %d = %d samples in %d shards; %d to generate", len(styles), cfg.images_per_style,
              cfg.total, cfg.num_shards, len(pending))
-    steady = _run_pipeline(cfg, pending, landmarks) if pending else None
+    steady = _run_pipeline(cfg, pending, styles, landmarks) if pending else None
     remaining = pending_shards(cfg)
     if remaining:
         log.info("%d shard(s) still missing; the manifest is written once the set is complete", len(remaining))
@@ -208,7 +212,7 @@ def run_generation(cfg: GenerateConfig) -> dict:
     return {"complete": True, "count": manifest["count"], "total": cfg.total, "images_per_s": steady}
 
 
-def _run_pipeline(cfg: GenerateConfig, pending: list[int], landmarks: np.ndarray) -> float | None:
+def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], landmarks: np.ndarray) -> float | None:
     """Run the pipeline over `pending` shards; returns the steady images/s (first to last shard written)."""
     import ray
 
@@ -216,7 +220,8 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], landmarks: np.ndarray
         ray.init()
     config = asdict(cfg)
     ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))
-    ds = ds.flat_map(_plan_rows, fn_kwargs={"config": config, "landmarks": ray.put(landmarks)}, num_cpus=0.5)
+    ds = ds.flat_map(_plan_rows, fn_kwargs={"config": config, "styles": styles, "landmarks": ray.put(landmarks)},
+                     num_cpus=0.5)
     ds = ds.map_batches(GenerationActor, fn_constructor_kwargs={"config": config}, batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                         num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor)
@@ -225,10 +230,11 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], landmarks: np.ndarray
         # compete with it for the same cores.) Resources unlike the assembler's, so Ray Data does not fuse the two.
         ds = ds.map_batches(encode_images, batch_format="numpy", batch_size=None, num_cpus=0.5)
     # One assembler sees every row, so each shard is written exactly once, whichever actor drew its rows.
-    ds = ds.map_batches(ShardAssembler, fn_constructor_kwargs={"config": config}, batch_size=None,
+    total = len(styles) * cfg.images_per_style
+    ds = ds.map_batches(ShardAssembler, fn_constructor_kwargs={"config": config, "total": total}, batch_size=None,
                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
     t0, images, marks = time.time(), 0, []
-    expected = sum(min(cfg.rows_per_shard, cfg.total - k * cfg.rows_per_shard) for k in pending)
+    expected = sum(min(cfg.rows_per_shard, total - k * cfg.rows_per_shard) for k in pending)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for summary in batch["summary"]:
             images += json.loads(summary)["rows"]

@@ -72,10 +72,12 @@ class GenerateConfig:
         ident = {k: getattr(self, k) for k in keys}
         ident["style_prompts"] = load_styles(self.styles_file, self.styles)  # what the styles file says, not its path
         ident["sampler"] = SAMPLER_VERSION
-        # Paths alone do not name weights: a run that goes on re-publishes its export at the same path.
+        # Paths alone do not name weights or data: a run that goes on re-publishes its export at the same path, and
+        # a re-ingested source would give the planned rows other landmark sets.
         from mdland.diffusion.models import PRESETS
 
-        ident["weights"] = {k: storage.fingerprint(getattr(self, k)) for k in ("model", "controlnet", "detector")
+        ident["weights"] = {k: storage.fingerprint(getattr(self, k))
+                            for k in ("model", "controlnet", "detector", "source")
                             if getattr(self, k) and getattr(self, k) not in PRESETS}
         return ident
 
@@ -123,7 +125,7 @@ def plan_sample(seed: int, index: int, num_styles: int, num_source: int) -> tupl
 def shard_rows(cfg: GenerateConfig, shard: int, styles: list[dict], landmarks: np.ndarray) -> list[dict]:
     """The CPU stage for one shard: plan its samples, edit their landmarks, render their conditions."""
     start = shard * cfg.rows_per_shard
-    stop = min(start + cfg.rows_per_shard, cfg.total)
+    stop = min(start + cfg.rows_per_shard, len(styles) * cfg.images_per_style)
     rows = []
     for index in range(start, stop):
         style, source_row, seed = plan_sample(cfg.seed, index, len(styles), len(landmarks))

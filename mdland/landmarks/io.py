@@ -183,6 +183,8 @@ def read_star_tsv(path: str | Path) -> list[StarRow]:
         _floats(fields[1], 10, f"{where} (landmarks_5pts)")
         points = _floats(fields[2], 2 * NUM_POINTS, f"{where} (landmarks_target)").reshape(NUM_POINTS, 2)
         scale, cx, cy = (_floats(f, 1, f"{where} ({name})")[0] for f, name in zip(fields[3:6], STAR_TSV_HEADER[3:]))
+        if not scale > 0:
+            raise ValueError(f"{where}: scale must be positive, got {scale}")
         rows.append(StarRow(fields[0], points, float(scale), (float(cx), float(cy))))
     return rows
 
