@@ -15,7 +15,6 @@ from mdland.data.procedural import procedural_faces
 from mdland.data.shards import decode_image
 from mdland.detector.checkpoint import load_detector, predict, save_checkpoint
 from mdland.detector.model import ARCHS, STARNet
-from mdland.landmarks.align import crop_from_box
 
 LIMITS = {"max_bytes": 300_000, "max_pixels": 400 * 400, "max_images": 8}
 
@@ -43,8 +42,9 @@ def server(tmp_path_factory):
 
 def expected(net, png: bytes, box=None) -> np.ndarray:
     image = decode_image(png)
-    box = box or (0, 0, image.shape[1], image.shape[0])
-    return predict(net, [image], [crop_from_box(box)])[0]
+    x0, y0, x1, y1 = box or (0, 0, image.shape[1], image.shape[0])
+    # A box's edges in pixel-centre coordinates: the whole 96-px image is centred on pixel 47.5.
+    return predict(net, [image], [(((x0 + x1) / 2 - 0.5, (y0 + y1) / 2 - 0.5), max(x1 - x0, y1 - y0) / 200)])[0]
 
 
 def post_image(url, png, **params):
@@ -65,6 +65,9 @@ def test_single_image_matches_in_process_inference(server):
     r = requests.post(f"{url}/v1/landmarks", files={"image": ("f.png", faces[2], "image/png")},
                       data={"box": "5,5,90,90"}, timeout=60)
     np.testing.assert_allclose(r.json()["landmarks"], expected(net, faces[2], (5, 5, 90, 90)), atol=2e-3)
+    r = post_image(url, faces[3], box="-12,-8,100,98")  # a widened box may reach past the image's edges
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["landmarks"], expected(net, faces[3], (-12, -8, 100, 98)), atol=2e-3)
     model = requests.get(f"{url}/v1/model", timeout=30).json()
     assert model["points"] == 68 and model["input_size"] == 64
     assert "/v1/landmarks/batch" in requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]
@@ -103,6 +106,8 @@ def png_of(shape) -> bytes:
     ("box text", 400, "expected four numbers"),
     ("content type", 415, "content type 'text/plain'"),
     ("malformed json", 400, "JSON: malformed"),
+    ("json not utf-8", 400, "not UTF-8"),
+    ("chunked multipart", 413, "byte limit"),
     ("json shape", 400, "JSON: expected"),
     ("bad base64", 400, "not valid base64"),
     ("too many images", 413, "image limit"),
@@ -118,11 +123,18 @@ def test_bad_input_gets_a_one_line_4xx_and_the_replica_lives(server, case, statu
         "empty": lambda: post_image(url, b""),
         "huge bytes": lambda: post_image(url, b"\x89PNG" + b"0" * 400_000),
         "huge pixels": lambda: post_image(url, png_of((500, 500, 3))),
-        "box outside": lambda: post_image(url, face, box="50,50,200,200"),
+        "box outside": lambda: post_image(url, face, box="100,0,200,96"),
         "degenerate box": lambda: post_image(url, face, box="40,40,40,80"),
         "box text": lambda: post_image(url, face, box="left,top"),
         "content type": lambda: requests.post(f"{url}/v1/landmarks", data=b"x", headers={"content-type": "text/plain"}),
         "malformed json": lambda: requests.post(batch, data=b'{"images": [', headers={"content-type": "application/json"}),
+        "json not utf-8": lambda: requests.post(batch, data=b'{"images": "\xff"}',
+                                                headers={"content-type": "application/json"}),
+        # Chunked transfer declares no length: the limit holds as the body streams in.
+        "chunked multipart": lambda: requests.post(batch, data=iter([b"--b\r\nContent-Disposition: form-data; "
+                                                                     b'name="images"; filename="a.png"\r\n\r\n']
+                                                                    + [b"0" * 50_000] * 10),
+                                                   headers={"content-type": "multipart/form-data; boundary=b"}),
         "json shape": lambda: requests.post(batch, json={"pictures": []}),
         "bad base64": lambda: requests.post(batch, json={"images": [{"image": "%%%"}]}),
         "too many images": lambda: requests.post(batch, files=[("images", ("a.png", face, "image/png"))] * 9),
@@ -197,9 +209,23 @@ def test_serve_config_file_builds_the_app(server, tmp_path):
     assert spec["import_path"] == "mdland.serve.app:build_app"
     assert spec["deployments"][0]["name"] == "LandmarkDetector"
     args = {**spec["args"], "detector": str(tmp_path / "d.pkl"), "use_gpu": False}
+    with pytest.raises(ValueError, match="d.pkl: detector checkpoint not found"):  # before any replica starts
+        app.build_app(args)
+    save_checkpoint(STARNet(ARCHS["tiny"]), str(tmp_path / "d.pkl"))
     assert app.build_app(args) is not None
     with pytest.raises(ValueError, match="unknown key"):
         app.build_app({"detector": "x", "max_batch": 3})
+
+
+def test_16_bit_grey_uploads_keep_their_tones():
+    from mdland.serve.app import ServeConfig, decode_upload
+
+    ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (8, 1))
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, "PNG")
+    image = decode_upload(buf.getvalue(), ServeConfig(detector="unused"))
+    assert image.shape == (8, 32, 3) and image.dtype == np.uint8
+    np.testing.assert_allclose(image[0, :, 0], ramp[0] / 257, atol=1)  # not clipped to white
 
 
 def test_uploads_are_read_in_the_orientation_viewers_show():

@@ -7,9 +7,10 @@ GET  /healthz               200 once this replica has loaded its model
 GET  /v1/model              model id, input size, point scheme
 GET  /docs, /openapi.json   FastAPI's OpenAPI documents
 
-The face box `x0,y0,x1,y1` is in the image's pixels and is the square crop the network sees (its longer side; a tight
-landmark box should be widened by 1.25 first, as training crops were); without one the whole image is the crop.
-Points come back as 68 [x, y] pairs in the original image's pixels. Bad input gets a 4xx with one line naming the
+The face box `x0,y0,x1,y1` is in pixel-edge coordinates, as face detectors give boxes (the whole image is 0,0,W,H),
+and is the square crop the network sees (its longer side; a tight landmark box should be widened by 1.25 first, as
+training crops were); it may reach past the image's edges (the network sees black there), and without one the whole
+image is the crop. Points come back as 68 [x, y] pairs in the original image's pixels, 0-based pixel centres. Bad input gets a 4xx with one line naming the
 problem. Decoding and cropping run per request in threads; only the network's forward pass is batched.
 """
 
@@ -28,6 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ray import serve
 
 from mdland.config import from_dict
+from mdland.data import storage
 from mdland.landmarks.align import crop_from_box, crop_matrix, warp_image
 
 
@@ -58,7 +60,11 @@ def decode_upload(data: bytes, limits: ServeConfig, what: str = "image") -> np.n
             if im.width * im.height > limits.max_pixels:
                 raise BadInput(413, f"{what}: {im.width}x{im.height} pixels is over the {limits.max_pixels}-pixel limit")
             # Points are given in the image as viewers show it: phone photos store it sideways with an EXIF turn.
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: RGB conversion would clip it to white
+                grey = np.clip(np.asarray(im, dtype=np.float64) / 257, 0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
+            return np.asarray(im.convert("RGB"))
     except BadInput:
         raise
     except Image.DecompressionBombError:
@@ -67,6 +73,8 @@ def decode_upload(data: bytes, limits: ServeConfig, what: str = "image") -> np.n
         raise BadInput(400, f"{what}: not an image ({type(e).__name__})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadInput(400, f"{what}: truncated or corrupt image ({str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+    except Exception as e:  # decoders of rarer formats raise other kinds (NotImplementedError, TypeError, ...)
+        raise BadInput(400, f"{what}: undecodable image ({type(e).__name__})") from None
 
 
 def parse_box(box: str | list | None, width: int, height: int, what: str = "box") -> tuple[float, ...]:
@@ -81,23 +89,27 @@ def parse_box(box: str | list | None, width: int, height: int, what: str = "box"
     x0, y0, x1, y1 = values
     if x1 - x0 < 2 or y1 - y0 < 2:
         raise BadInput(400, f"{what}: degenerate box {values} (x1 > x0 and y1 > y0 needed)")
-    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
         raise BadInput(400, f"{what}: box {values} is outside the {width}x{height} image")
     return (x0, y0, x1, y1)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes (before reading it all)."""
+async def limited_stream(request: Request, limit: int):
+    """The request body's chunks, refused with 413 as soon as they pass `limit` bytes (a declared length first, and
+    the running count for chunked uploads, which declare none)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise BadInput(413, f"body: {declared} bytes is over the {limit}-byte limit")
-    chunks, size = [], 0
+    size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise BadInput(413, f"body: over the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        yield chunk
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    return b"".join([chunk async for chunk in limited_stream(request, limit)])
 
 
 api = FastAPI(title="mdland landmark detector", description=__doc__)
@@ -152,7 +164,9 @@ class LandmarkService:
         image = decode_upload(data, self.cfg, "image" if index is None else f"images[{index}]")
         box = parse_box(box, image.shape[1], image.shape[0], "box" if index is None else f"boxes[{index}]")
         size = self.net.arch.input_size
-        matrix = crop_matrix(*crop_from_box(box), size)
+        (cx, cy), scale = crop_from_box(box)
+        # Box edges -> the pixel-centre coordinates points and crops use (pixel i spans [i - 0.5, i + 0.5]).
+        matrix = crop_matrix((cx - 0.5, cy - 0.5), scale, size)
         return (image.shape[1], image.shape[0]), box, warp_image(image, matrix, size), matrix
 
     async def answer(self, data: bytes, box, index: int | None = None) -> dict:
@@ -183,11 +197,11 @@ class LandmarkService:
             data = await read_body(request, self.cfg.max_bytes)
         elif kind == "multipart/form-data":
             form = await self._form(request)
-            upload = form.get("image")
-            if upload is None or isinstance(upload, str):
+            uploads = form.get("image", [])
+            if not uploads or isinstance(uploads[0], str):
                 raise BadInput(400, "multipart: no `image` file field")
-            data = await upload.read()
-            box = form.get("box", box)
+            data = uploads[0]
+            box = form.get("box", [box])[0]
         else:
             raise BadInput(415, f"content type {kind or 'missing'!r}: send image bytes (image/*) or multipart/form-data")
         return await self.answer(data, box)
@@ -200,6 +214,8 @@ class LandmarkService:
             try:
                 items = json.loads(body)["images"]
                 pairs = [(base64.b64decode(item["image"], validate=True), item.get("box")) for item in items]
+            except UnicodeDecodeError:
+                raise BadInput(400, "JSON: the body is not UTF-8") from None
             except json.JSONDecodeError as e:
                 raise BadInput(400, f"JSON: malformed at line {e.lineno} column {e.colno} ({e.msg})") from None
             except (KeyError, TypeError, AttributeError):
@@ -208,11 +224,11 @@ class LandmarkService:
                 raise BadInput(400, "JSON: an `image` is not valid base64") from None
         elif kind == "multipart/form-data":
             form = await self._form(request)
-            files = form.getlist("images")
-            boxes = form.getlist("boxes") or [None] * len(files)
+            files = form.get("images", [])
+            boxes = form.get("boxes") or [None] * len(files)
             if len(boxes) != len(files):
                 raise BadInput(400, f"multipart: {len(boxes)} boxes for {len(files)} images")
-            pairs = [(await f.read(), b) for f, b in zip(files, boxes) if not isinstance(f, str)]
+            pairs = [(f, b) for f, b in zip(files, boxes) if not isinstance(f, str)]
         else:
             raise BadInput(415, f"content type {kind or 'missing'!r}: send multipart/form-data or application/json")
         if not pairs:
@@ -221,14 +237,22 @@ class LandmarkService:
             raise BadInput(413, f"batch: {len(pairs)} images is over the {self.cfg.max_images}-image limit")
         return {"results": list(await asyncio.gather(*(self.answer(data, b, i) for i, (data, b) in enumerate(pairs))))}
 
-    async def _form(self, request: Request):
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.cfg.max_bytes:
-            raise BadInput(413, f"body: {declared} bytes is over the {self.cfg.max_bytes}-byte limit")
+    async def _form(self, request: Request) -> dict[str, list[bytes | str]]:
+        """A multipart body as {field: [file bytes or text, ...]}, held to `max_bytes` as it streams in."""
+        from starlette.formparsers import MultiPartParser
+
+        parser = MultiPartParser(request.headers, limited_stream(request, self.cfg.max_bytes),
+                                 max_files=self.cfg.max_images + 1, max_fields=self.cfg.max_images + 1)
         try:
-            return await request.form()
+            form = await parser.parse()
+        except BadInput:
+            raise
         except Exception as e:  # the multipart parser's own errors
             raise BadInput(400, f"multipart: malformed ({type(e).__name__})") from None
+        try:
+            return {k: [v if isinstance(v, str) else await v.read() for v in form.getlist(k)] for k in form.keys()}
+        finally:
+            await form.close()
 
 
 def build_app(args: dict) -> serve.Application:
@@ -239,6 +263,8 @@ def build_app(args: dict) -> serve.Application:
     cfg = from_dict(ServeConfig, args)
     if not cfg.detector:
         raise ValueError("detector: no checkpoint given")
+    if not storage.exists(cfg.detector):
+        raise ValueError(f"detector: {cfg.detector}: detector checkpoint not found")
     if cfg.use_gpu:
         options.setdefault("ray_actor_options", {}).setdefault("num_gpus", 1)
     # Serve admits only this many requests per replica at once (default 5): at least two full batches, so a batch
