@@ -107,8 +107,14 @@ def _evaluate(a: argparse.Namespace) -> None:
         raise ValueError("give one --format for all sets or one per --data")
     sets = []
     for i, spec in enumerate(a.data):
-        name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec.rstrip("/")).name, "", spec)
+        name, _, path = spec.partition("=")
+        if not path or "/" in name or ":" in name:  # no NAME= (a path may hold "=", as in s3://b/year=2024)
+            name, path = Path(spec.rstrip("/")).name, spec
         sets.append((name, path, formats[i if len(formats) > 1 else 0]))
+    names = [name for name, _, _ in sets]
+    if len(set(names)) < len(names):
+        raise ValueError(f"--data: two sets named {sorted({n for n in names if names.count(n) > 1})}; "
+                         "name them with NAME=PATH")
     rows = evaluate_detector(a.detector, sets, a.out, a.skip_bad, a.batch_size, a.threshold, a.norm)
     print(metrics_table(rows), end="")
 

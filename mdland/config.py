@@ -24,10 +24,16 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         return value.lower() in ("true", "1", "yes")
     if kind in (int, float) and not isinstance(value, bool):
         try:
-            return kind(value)
+            number = kind(value)
         except (TypeError, ValueError):
             raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+        if kind is int and isinstance(value, float) and value != number:  # 2.7 epochs is a typo, not 2
+            raise ValueError(f"{where}: expected int, got {value!r}")
+        return number
     if kind is str:
+        # An empty YAML value is None: as a path it would become the file "None".
+        if value is None or isinstance(value, (list, dict)):
+            raise ValueError(f"{where}: expected text, got {value!r}")
         return str(value)
     if origin in (list, tuple) and isinstance(value, (list, tuple)):
         return list(value) if origin is list else tuple(value)
@@ -59,6 +65,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: invalid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys, got a {type(data).__name__}")
     data.update(parse_overrides(overrides or []))
     return from_dict(cls, data, str(path or "config"))
 

@@ -83,3 +83,10 @@ def test_a_malformed_override_is_a_clear_error(capsys, tmp_path):
     assert "override 'epochs': expected key=value" in capsys.readouterr().err
     assert main(["serve", "--detector", str(tmp_path / "d.pkl"), "--set", "max_batch_size"]) == 2
     assert "override 'max_batch_size': expected key=value" in capsys.readouterr().err
+    assert main(["train-detector", "--config", "tiny", "--set", "epochs=2.7"]) == 2  # not silently 2 epochs
+    assert "epochs: expected int, got 2.7" in capsys.readouterr().err
+    assert main(["train-detector", "--config", "tiny", "--set", "name="]) == 2  # not a run named "None"
+    assert "name: expected text, got None" in capsys.readouterr().err
+    (tmp_path / "list.yaml").write_text("- epochs: 3\n")
+    assert main(["train-detector", "--config", str(tmp_path / "list.yaml")]) == 2
+    assert "list.yaml: expected a mapping of config keys, got a list" in capsys.readouterr().err

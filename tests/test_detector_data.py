@@ -4,6 +4,8 @@ from mdland.data.procedural import draw_face, procedural_faces, random_landmarks
 from mdland.detector.data import (edge_maps, face_crop, pixels_to_unit, point_maps, prepare_detector_batch,
                                   texture_augment, to_network_input)
 from mdland.detector.model import EDGES, normalised_to_pixels
+from mdland.landmarks.align import transform_points
+from mdland.landmarks.scheme import flip_landmarks
 
 
 def marked_face(seed=0):
@@ -27,11 +29,16 @@ def test_augmented_crops_move_pixels_and_landmarks_together():
     image, points = marked_face()
     flips = 0
     for seed in range(12):
-        crop, moved, _ = face_crop(image, points, 128, np.random.default_rng(seed))
+        crop, moved, matrix = face_crop(image, points, 128, np.random.default_rng(seed))
         np.testing.assert_allclose(red_centre(crop), moved[30], atol=0.7)
         # After a flip the image's left eye (36-41) is still the one on the image's left.
         assert moved[36:42, 0].mean() < moved[42:48, 0].mean() + 1e-3 or abs(moved[36, 0] - moved[45, 0]) < 5
-        flips += moved[0, 0] > moved[16, 0]
+        # Mapped back to the source, the points are the original ones, or (after a flip) the mirrored ones.
+        back = transform_points(moved, np.linalg.inv(matrix))
+        flipped = np.allclose(back, flip_landmarks(points, image.shape[1]), atol=1e-3)
+        assert flipped or np.allclose(back, points, atol=1e-3)
+        flips += flipped
+    assert 2 <= flips <= 10, flips  # flipped about half the time
     crop, moved, _ = face_crop(image, points, 128)
     box = moved.max(0) - moved.min(0)
     assert abs(box.max() - 128 / 1.25) < 0.5  # the landmark box fills 1 / 1.25 of the crop

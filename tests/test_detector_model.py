@@ -85,8 +85,16 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
     buf = io.BytesIO()
     torch.save({"net": state, "arch": {"input_size": 64, "nstack": 2, "nlevels": 2, "channels": 32}}, buf)
     (tmp_path / "partial.pkl").write_bytes(buf.getvalue())
-    with pytest.raises(ValueError, match="partial.pkl: weights do not fit the STAR network"):
+    with pytest.raises(ValueError, match=r"partial.pkl: weights do not fit the STAR network \(Missing key.*pre.0.conv.bias"):
         load_detector(str(tmp_path / "partial.pkl"))
+    # STAR's WFLW model has 98 heatmaps per stack: say so, not just that loading failed.
+    wflw = {k: (torch.zeros(98, *v.shape[1:]) if k.startswith("out_heatmaps.") and v.ndim and v.shape[0] == 68 else v)
+            for k, v in STARNet(ARCHS["tiny"]).state_dict().items()}
+    buf = io.BytesIO()
+    torch.save({"net": wflw, "arch": {"input_size": 64, "nstack": 2, "nlevels": 2, "channels": 32}}, buf)
+    (tmp_path / "wflw.pkl").write_bytes(buf.getvalue())
+    with pytest.raises(ValueError, match="wflw.pkl: a 98-point model; mdland detects the 68-point scheme"):
+        load_detector(str(tmp_path / "wflw.pkl"))
 
 
 def test_decoding_a_single_peak():

@@ -66,6 +66,21 @@ def test_every_reader_format_gives_the_same_scores(setup):
                  "--out", str(root / "r3")]) == 0
     by_box = json.loads((root / "r3" / "metrics.json").read_text())[0]
     assert by_box["norm"] == "box" and by_box["nme"] == pytest.approx(nme(pred, gt, "box").mean(), rel=1e-4)
+    # A path holding "=" (hive-style prefixes) is a path, not NAME=PATH.
+    hive = root / "year=2024"
+    hive.symlink_to(root / "shards")
+    assert main(["evaluate", "--detector", str(root / "det.pkl"), "--data", str(hive), "--out", str(root / "r4")]) == 0
+    assert json.loads((root / "r4" / "metrics.json").read_text())[0]["name"] == "year=2024"
+
+
+def test_bad_evaluate_arguments_fail_before_inference(setup, capsys):
+    root, _ = setup
+    args = ["evaluate", "--detector", str(root / "det.pkl"), "--out", str(root / "never")]
+    assert main(args + ["--data", str(root / "shards"), "--data", f"{root}/../{root.name}/shards"]) == 2
+    assert "two sets named ['shards']" in capsys.readouterr().err
+    assert main(args + ["--data", str(root / "shards"), "--threshold", "0.0999"]) == 2
+    assert "threshold: 0.0999 / 0.0001 must be an even whole number" in capsys.readouterr().err
+    assert not (root / "never").exists()
 
 
 def test_bad_faces_fail_by_name_or_are_skipped(setup, tmp_path):

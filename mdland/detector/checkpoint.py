@@ -61,7 +61,11 @@ def load_detector(uri: str | None, arch: str = "star-300w", device: str | torch.
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{uri}: weights do not fit the STAR network ({str(e).splitlines()[0]})") from None
+        points = state.get("out_heatmaps.0.conv.weight")
+        if points is not None and points.shape[0] != 68:  # e.g. STAR's 98-point WFLW or 29-point COFW models
+            raise ValueError(f"{uri}: a {points.shape[0]}-point model; mdland detects the 68-point scheme") from None
+        detail = [line.strip() for line in str(e).splitlines()[1:] if line.strip()][:1]
+        raise ValueError(f"{uri}: weights do not fit the STAR network ({detail[0] if detail else e})") from None
     return net.to(device)
 
 

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from mdland.data.ingest import iter_samples, load_image
 from mdland.data.shards import decode_image, landmarks_array, read_dataset
-from mdland.detector.metrics import nme, plot_ced, summarise
+from mdland.detector.metrics import check_threshold, nme, plot_ced, summarise
 from mdland.landmarks.io import LANDMARK_SUFFIXES, read_landmark_file
 from mdland.landmarks.render import draw_landmarks, image_grid
 from mdland.log import get_logger
@@ -97,6 +97,8 @@ def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], ou
     from mdland.detector.checkpoint import load_detector, predict
     from mdland.detector.data import CROP_MARGIN
     from mdland.landmarks.align import crop_from_landmarks
+
+    check_threshold(threshold)
 
     net = load_detector(detector).eval()
     out_dir = Path(out)

@@ -54,14 +54,20 @@ def simpson(y: np.ndarray, dx: float) -> float:
     return float(dx / 3 * (y[0] + y[-1] + 4 * y[1:-1:2].sum() + 2 * y[2:-1:2].sum()))
 
 
+def check_threshold(threshold: float, step: float = 1e-4) -> int:
+    """The CED's number of steps up to `threshold`; Simpson's rule needs it even (checked before any inference)."""
+    intervals = int(round(threshold / step))
+    if intervals < 2 or intervals % 2:
+        raise ValueError(f"threshold: {threshold} / {step} must be an even whole number >= 2 (Simpson's rule)")
+    return intervals
+
+
 def ced(nmes: np.ndarray, threshold: float = 0.10, step: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
     """(thresholds, share of faces with NME <= threshold) on 0, step, ..., threshold."""
     nmes = np.asarray(nmes, dtype=np.float64)
     if nmes.size == 0:
         raise ValueError("no NME values to summarise")
-    intervals = int(round(threshold / step))
-    if intervals < 2 or intervals % 2:
-        raise ValueError(f"threshold / step must be an even whole number >= 2, got {threshold}/{step}")
+    intervals = check_threshold(threshold, step)
     xs = np.linspace(0.0, threshold, intervals + 1)
     ys = np.searchsorted(np.sort(nmes), xs, side="right") / nmes.size
     return xs, ys

@@ -160,7 +160,9 @@ class EdgeToPoints(nn.Module):
 
 
 def decode_heatmaps(heatmaps: torch.Tensor) -> torch.Tensor:
-    """(B, N, H, W) non-negative maps -> (B, N, 2) (x, y) weighted means over a [-1, 1] pixel-centre grid."""
+    """(B, N, H, W) non-negative maps -> (B, N, 2) (x, y) weighted means over a [-1, 1] pixel-centre grid, in float32
+    (bf16's 8-bit mantissa would put the sums, and so the points, up to half a crop pixel off)."""
+    heatmaps = heatmaps.float()
     h, w = heatmaps.shape[-2:]
     rows = pixel_ramp(h, heatmaps.device).view(h, 1).to(heatmaps.dtype)
     cols = pixel_ramp(w, heatmaps.device).view(1, w).to(heatmaps.dtype)
