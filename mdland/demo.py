@@ -67,6 +67,24 @@ def _copy_picture(uri: str, path: Path) -> str:
     return path.name
 
 
+DEMO_MARKER = ".mdland-demo"
+
+
+def _claim_storage(root: str) -> None:
+    """Mark `root` as the demo's, or refuse it when it holds files of something else (the demo replaces its
+    folders there, and `--storage s3://bucket` must never wipe a real synthetic set)."""
+    marker = storage.join(root, DEMO_MARKER)
+    if storage.exists(marker):
+        return
+    try:
+        storage.fingerprint(root)
+    except storage.StorageError:  # nothing there yet
+        storage.write_bytes(marker, b"written by mdland demo: its folders here are replaced on every run\n")
+        return
+    raise ValueError(f"--storage {root}: holds files the demo did not write, and the demo replaces its folders "
+                     "there; give it an empty folder (or one an earlier demo used)")
+
+
 def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: DemoSize = DemoSize()) -> dict:
     import ray
 
@@ -86,7 +104,8 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
     data = {k: storage.join(root, k) for k in ("real-train", "real-test", "multi-domain", "synthetic", "runs")}
     timings: dict[str, float] = {}
     # A demo starts from scratch: runs of the same name would resume (and skip training), and an earlier synthetic
-    # set of another plan would be refused.
+    # set of another plan would be refused. It deletes only in a folder it has claimed as its own.
+    _claim_storage(root)
     for folder in ("runs", "synthetic"):
         storage.delete_folder(data[folder])
 

@@ -39,3 +39,14 @@ def test_demo_runs_the_whole_pipeline_at_its_smallest_setting(tmp_path):
             assert (tmp_path / "data" / data.removeprefix("demo-data/") / "manifest.json").is_file(), (config, data)
     assert (tmp_path / "data" / "runs" / "stage2" / "controlnet" / "config.json").is_file()
     assert "| procedural-test | 4 |" in out.stdout
+
+
+def test_demo_never_wipes_storage_it_did_not_write(tmp_path, capsys):
+    from mdland.cli import main
+
+    real = tmp_path / "bucket" / "synthetic"
+    real.mkdir(parents=True)
+    (real / "shard-000000.parquet").write_bytes(b"someone's synthetic set")
+    assert main(["demo", "--storage", str(tmp_path / "bucket"), "--out", str(tmp_path / "report")]) == 2
+    assert "holds files the demo did not write" in capsys.readouterr().err
+    assert (real / "shard-000000.parquet").read_bytes() == b"someone's synthetic set"
