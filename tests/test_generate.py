@@ -120,7 +120,8 @@ def test_generate_into_s3(inputs, s3_bucket):
     assert storage.list_files(out, ".parquet") == [f"{out}/{shard_name(k)}" for k in range(3)]
     manifest = read_manifest(out)
     assert manifest["count"] == 24 and manifest["styles"] == {s: 8 for s in STYLES} and manifest["complete"]
-    assert manifest["weights"] == {"controlnet": storage.fingerprint(cfg.controlnet)}
+    assert manifest["weights"] == {"controlnet": storage.fingerprint(cfg.controlnet),
+                                   "source": storage.fingerprint(cfg.source)}
     table = read_dataset(out)
     keys = table.column("key").to_pylist()
     assert keys == [f"synthetic-0-{i:09d}" for i in range(24)]
