@@ -30,6 +30,18 @@ def make_faces(n=3):
     return out
 
 
+def artface_folder(tmp_path, n: int, points: bool = True):
+    """`make_faces(n)` saved as PNGs in tmp_path/src, each with its .pts unless `points` is off; (src, faces)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    faces = make_faces(n)
+    for name, image, pts in faces:
+        Image.fromarray(image).save(src / f"{name}.png")
+        if points:
+            write_pts(src / f"{name}.pts", pts)
+    return src, faces
+
+
 def check_marker(manifest, dest, size, count):
     assert manifest["count"] == count
     table = read_dataset(dest)
@@ -90,11 +102,7 @@ def test_star_tsv_uses_its_own_crop(tmp_path):
 
 
 def test_bad_inputs_fail_by_name_or_are_skipped(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    faces = make_faces(3)
-    for name, image, points in faces:
-        Image.fromarray(image).save(src / f"{name}.png")
+    src, faces = artface_folder(tmp_path, 3, points=False)
     write_pts(src / "face0.pts", faces[0][2])
     (src / "face1.pts").write_text("version: 1\nn_points: 68\n{\n" + "1 2\n" * 60 + "}\n")
     dest = str(tmp_path / "out")
@@ -128,11 +136,7 @@ def test_bad_inputs_fail_by_name_or_are_skipped(tmp_path):
 
 
 def test_a_domain_gets_its_style_and_prompt(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    for name, image, points in make_faces(2):
-        Image.fromarray(image).save(src / f"{name}.png")
-        write_pts(src / f"{name}.pts", points)
+    src, _ = artface_folder(tmp_path, 2)
     ingest("artface", src, str(tmp_path / "cari"), size=64, style="caricature")
     table = read_dataset(str(tmp_path / "cari"))
     assert table.column("style").to_pylist() == ["caricature"] * 2
@@ -147,11 +151,7 @@ def test_a_domain_gets_its_style_and_prompt(tmp_path):
 
 
 def test_degenerate_landmarks_are_named_and_skippable(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    faces = make_faces(2)
-    for name, image, points in faces:
-        Image.fromarray(image).save(src / f"{name}.png")
+    src, faces = artface_folder(tmp_path, 2, points=False)
     write_pts(src / "face0.pts", faces[0][2])
     write_pts(src / "face1.pts", np.full((68, 2), 5.0, np.float32))  # every point in one place: no face box
     with pytest.raises(ValueError, match=r"face1.png: degenerate face box"):
@@ -163,11 +163,7 @@ def test_degenerate_landmarks_are_named_and_skippable(tmp_path):
 def test_a_swap_cut_short_is_refused_by_readers_and_redone(tmp_path, monkeypatch):
     from mdland.data.shards import ShardError
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for name, image, points in make_faces(3):
-        Image.fromarray(image).save(src / f"{name}.png")
-        write_pts(src / f"{name}.pts", points)
+    src, _ = artface_folder(tmp_path, 3)
     dest = str(tmp_path / "out")
     ingest("artface", src, dest, size=64, rows_per_shard=1, source="old")
     real_write = storage.write_bytes
