@@ -38,15 +38,15 @@ def _torch_dtype(cfg: GenerateConfig, on_gpu: bool):
 
 def build_sampler(cfg: GenerateConfig):
     """The sampler a generation actor holds: SD parts + the ControlNet export, on this worker's device."""
-    import torch
-
     from mdland.diffusion.models import build_controlnet, load_components
     from mdland.generation.sampler import LandmarkSampler
+    from mdland.session import pick_device
 
-    on_gpu = cfg.use_gpu and torch.cuda.is_available()
+    device = pick_device(cfg.use_gpu)
+    on_gpu = device.type == "cuda"
     components = load_components(cfg.model, seed=cfg.seed)
     controlnet = build_controlnet(components, cfg.controlnet)
-    return LandmarkSampler(components, controlnet, "cuda" if on_gpu else "cpu", _torch_dtype(cfg, on_gpu),
+    return LandmarkSampler(components, controlnet, device, _torch_dtype(cfg, on_gpu),
                            cfg.num_inference_steps, cfg.guidance_scale, cfg.eta, channels_last=cfg.channels_last and on_gpu,
                            compile=cfg.compile and on_gpu, vae_batch_size=cfg.vae_batch_size,
                            fuse_qkv=cfg.fuse_qkv and on_gpu)

@@ -10,8 +10,9 @@ GET  /docs, /openapi.json   FastAPI's OpenAPI documents
 The face box `x0,y0,x1,y1` is in pixel-edge coordinates, as face detectors give boxes (the whole image is 0,0,W,H),
 and is the square crop the network sees (its longer side; a tight landmark box should be widened by 1.25 first, as
 training crops were); it may reach past the image's edges (the network sees black there), and without one the whole
-image is the crop. Points come back as 68 [x, y] pairs in the original image's pixels, 0-based pixel centres. Bad input gets a 4xx with one line naming the
-problem. Decoding and cropping run per request in threads; only the network's forward pass is batched.
+image is the crop. Points come back as 68 [x, y] pairs in the original image's pixels, 0-based pixel centres. Bad
+input gets a 4xx with one line naming the problem. Decoding and cropping run per request in threads; only the
+network's forward pass is batched.
 """
 
 import asyncio
@@ -132,13 +133,13 @@ class LandmarkService:
         import torch
 
         from mdland.detector.checkpoint import load_detector
+        from mdland.session import pick_device
 
         self.cfg = from_dict(ServeConfig, config)
-        on_gpu = self.cfg.use_gpu and torch.cuda.is_available()
+        device = pick_device(self.cfg.use_gpu)  # on a GPU, with cuDNN autotuning
+        on_gpu = device.type == "cuda"
         self.dtype = torch.float16 if on_gpu else torch.float32
-        self.net = load_detector(self.cfg.detector, device="cuda" if on_gpu else "cpu").eval().to(dtype=self.dtype)
-        if on_gpu:
-            torch.backends.cudnn.benchmark = True
+        self.net = load_detector(self.cfg.detector, device=device).eval().to(dtype=self.dtype)
         # Forward passes before the replica reports healthy, so no request pays for warm-up (on GPU, for cuDNN's
         # kernel choice at every batch size it will see).
         from mdland.detector.checkpoint import predict_crops
