@@ -97,7 +97,10 @@ def test_bad_faces_fail_by_name_or_are_skipped(setup, tmp_path):
             "--out", str(tmp_path / "r")]
     assert main(args) == 2
     assert main(args + ["--skip-bad"]) == 0
-    assert json.loads((tmp_path / "r" / "metrics.json").read_text())[0]["count"] == 2
+    row = json.loads((tmp_path / "r" / "metrics.json").read_text())[0]
+    assert row["count"] == 2 and sorted(m.split(": ")[0] for m in row["skipped"]) == sorted(
+        str(src / f"{f.key}{suffix}") for f, suffix in ((faces[0], ".png"), (faces[1], ".pts"), (faces[2], ".png")))
+    assert "bad: 3 bad face(s) skipped" in (tmp_path / "r" / "metrics.md").read_text()
     for name, message in ((faces[0].key, "image without a landmark file"), (faces[1].key, "expected 68 points"),
                           (faces[2].key, "unreadable image")):
         only = tmp_path / name  # one good face beside the bad one: the error names the bad one

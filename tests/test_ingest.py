@@ -67,6 +67,9 @@ def test_sidecar_formats(tmp_path, storage_root, fmt):
             write_pts(src / "landmarks" / f"{name}.pts", points)
         else:
             write_txt(src / "landmarks" / f"{name}.txt", points)
+    # Datasets ship text files that are not landmarks: they have no image and are ignored.
+    (src / "README.txt").write_text("CariFace test split\nlandmarks in landmarks/\n")
+    (src / "landmarks" / "list.txt").write_text("".join(f"{n}\n" for n, _, _ in make_faces()))
     dest = storage.join(storage_root, fmt)
     manifest = ingest(fmt, src, dest, size=128, rows_per_shard=2)
     assert len(manifest["shards"]) == 2 and manifest["sources"] == {fmt: 3}
@@ -119,7 +122,8 @@ def test_bad_inputs_fail_by_name_or_are_skipped(tmp_path):
     ingest("artface", src, dest, skip_bad=True, overwrite=True, rows_per_shard=1)
     assert len(list((tmp_path / "out").glob("*.parquet"))) == 2
     manifest = ingest("artface", src, dest, skip_bad=True, overwrite=True)
-    assert manifest["count"] == 2 and manifest["skipped"] == [str(src / "face2.png")]
+    assert manifest["count"] == 2 and len(manifest["skipped"]) == 1
+    assert manifest["skipped"][0].startswith(f"{src / 'face2.png'}: unreadable image")
     assert len(list((tmp_path / "out").glob("*.parquet"))) == 1  # the replaced dataset's extra shard is gone
     with pytest.raises(ValueError, match="already holds a dataset"):
         ingest("artface", src, dest)
@@ -157,7 +161,24 @@ def test_degenerate_landmarks_are_named_and_skippable(tmp_path):
     with pytest.raises(ValueError, match=r"face1.png: degenerate face box"):
         ingest("artface", src, str(tmp_path / "out"))
     assert not any((tmp_path / "out").glob("*.parquet"))
-    assert ingest("artface", src, str(tmp_path / "out"), skip_bad=True)["count"] == 1
+    manifest = ingest("artface", src, str(tmp_path / "out"), skip_bad=True)
+    assert manifest["count"] == 1 and len(manifest["skipped"]) == 1
+    assert manifest["skipped"][0].startswith(f"{src / 'face1.png'}: degenerate face box")
+
+
+def test_every_skipped_face_is_named_in_the_manifest(tmp_path):
+    src, faces = artface_folder(tmp_path, 3, points=False)
+    write_pts(src / "face0.pts", faces[0][2])
+    write_pts(src / "face1.pts", np.full((68, 2), 5.0, np.float32))  # found when the crop is placed
+    (src / "face2.pts").write_text("version: 1\n{\n1 2\n}\n")  # found when the files are paired
+    write_pts(src / "face3.pts", faces[0][2])  # landmarks without an image
+    (src / "notes.pts").write_text("not landmarks, and no image: ignored")
+    manifest = ingest("artface", src, str(tmp_path / "out"), skip_bad=True)
+    assert manifest["count"] == 1
+    assert [m.split(": ", 1) for m in manifest["skipped"]] == [
+        [str(src / "face3.pts"), "landmark file without an image"],
+        [str(src / "face1.png"), "degenerate face box (5, 5, 5, 5): no width or no height"],
+        [str(src / "face2.pts"), "expected 68 points, found 1"]]
 
 
 def test_a_swap_cut_short_is_refused_by_readers_and_redone(tmp_path, monkeypatch):

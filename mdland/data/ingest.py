@@ -53,8 +53,9 @@ def _by_stem(root: Path, suffixes: set[str]) -> dict[str, Path]:
 
 
 def iter_samples(fmt: str, src: str | Path, skip_bad: bool = False, ffhq_variant: str = "image",
-                 image_dir: str | Path | None = None) -> Iterator[Sample]:
-    """The (image, landmarks) pairs of SRC in format `fmt`; bad ones raise, or are logged and skipped."""
+                 image_dir: str | Path | None = None, skipped: list[str] | None = None) -> Iterator[Sample]:
+    """The (image, landmarks) pairs of SRC in format `fmt`; bad ones raise, or are logged, added to `skipped` and
+    left out. A sidecar-style file with no image that does not read as landmarks (a README.txt) is ignored."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown ingest format {fmt!r}; choose one of {FORMATS}")
     src = Path(src)
@@ -65,12 +66,19 @@ def iter_samples(fmt: str, src: str | Path, skip_bad: bool = False, ffhq_variant
         if not skip_bad:
             raise ValueError(message)
         log.warning("skipped: %s", message)
+        if skipped is not None:
+            skipped.append(message)
 
     if fmt in _SIDECAR_READERS:
         readers = _SIDECAR_READERS[fmt]
         images = _by_stem(src, IMAGE_SUFFIXES)
         marks = _by_stem(src, set(readers))
         for stem in sorted(marks.keys() - images.keys()):
+            try:
+                readers[marks[stem].suffix.lower()](marks[stem])
+            except ValueError as e:
+                log.info("ignored (no image, not a landmark file): %s", e)
+                continue
             bad(f"{marks[stem]}: landmark file without an image")
         for stem, image in images.items():
             if stem not in marks:
@@ -144,14 +152,16 @@ def ingest(fmt: str, src: str | Path, dest: str, size: int = 256, margin: float 
     storage.check_writable(dest)
     # Read every landmark file and place every crop before writing anything, so bad annotations fail before any
     # shard is written.
-    samples = []
-    for sample in iter_samples(fmt, src, skip_bad, ffhq_variant, image_dir):
+    samples, skipped = [], []  # skipped: one message per face left out, naming its file, kept in the manifest
+    for sample in iter_samples(fmt, src, skip_bad, ffhq_variant, image_dir, skipped):
         try:
             samples.append((sample, sample.crop or crop_from_landmarks(sample.landmarks, margin)))
         except ValueError as e:
+            message = f"{sample.image_path}: {e}"
             if not skip_bad:
-                raise ValueError(f"{sample.image_path}: {e}") from None
-            log.warning("skipped: %s: %s", sample.image_path, e)
+                raise ValueError(message) from None
+            log.warning("skipped: %s", message)
+            skipped.append(message)
     if not samples:
         raise ValueError(f"{src}: no usable (image, landmarks) pairs found for format {fmt!r}")
     name = source or fmt
@@ -163,7 +173,6 @@ def ingest(fmt: str, src: str | Path, dest: str, size: int = 256, margin: float 
     old_shards = [u.rsplit("/", 1)[-1] for u in storage.list_files(dest, ".parquet")] if replacing else []
     target = storage.join(dest, f".ingest-{uuid.uuid4().hex[:8]}") if replacing else dest
     writer = ShardWriter(target, rows_per_shard, config)
-    skipped = []
     try:
         for sample, (centre, scale) in tqdm(samples, desc=f"ingest {fmt}", unit="face", mininterval=2):
             try:
@@ -172,7 +181,7 @@ def ingest(fmt: str, src: str | Path, dest: str, size: int = 256, margin: float 
                 if not skip_bad:
                     raise
                 log.warning("skipped: %s", e)
-                skipped.append(str(sample.image_path))
+                skipped.append(str(e))
                 continue
             crop, points, _ = crop_face(image, sample.landmarks, centre, scale, size)
             writer.add(Face(image=encode_image(crop), landmarks=points, key=sample.key, source=name, style=style,

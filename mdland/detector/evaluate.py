@@ -61,7 +61,9 @@ def metrics_table(rows: list[dict]) -> str:
     lines = [f"| set | faces | NME (%) | FR@{t:g}% (%) | AUC@{t:g}% |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['count']} | {r['nme'] * 100:.2f} | {r['fr'] * 100:.2f} | {r['auc']:.4f} |")
-    return "\n".join(lines) + "\n"
+    notes = [f"{r['name']}: {len(r['skipped'])} bad face(s) skipped (listed in metrics.json)" for r in rows
+             if r.get("skipped")]
+    return "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in notes)
 
 
 @dataclass
@@ -71,21 +73,25 @@ class EvalFace:
     landmarks: np.ndarray
 
 
-def eval_faces(src: str, fmt: str | None = None, skip_bad: bool = False) -> list[EvalFace]:
+def eval_faces(src: str, fmt: str | None = None, skip_bad: bool = False,
+               skipped: list[str] | None = None) -> list[EvalFace]:
     """Faces of an evaluation set: a shard dataset, or a raw folder in an ingest format (artface, cariface, ...).
-    Bad faces (no landmarks, wrong point count, unreadable image) fail naming the file, or are logged and skipped."""
+    Bad faces (no landmarks, wrong point count, unreadable image) fail naming the file, or are logged, added to
+    `skipped` and left out."""
     if fmt is None:
         table = read_dataset(src)
         return [EvalFace(k, decode_image(im, f"{src}: {k}"), p) for k, im, p in
                 zip(table.column("key").to_pylist(), table.column("image").to_pylist(), landmarks_array(table))]
     faces = []
-    for sample in iter_samples(fmt, src, skip_bad=skip_bad):
+    for sample in iter_samples(fmt, src, skip_bad=skip_bad, skipped=skipped):
         try:
             faces.append(EvalFace(sample.key, load_image(sample.image_path), sample.landmarks))
         except ValueError as e:
             if not skip_bad:
                 raise
             log.warning("skipped: %s", e)
+            if skipped is not None:
+                skipped.append(str(e))
     if not faces:
         raise ValueError(f"{src}: no faces to evaluate")
     return faces
@@ -105,7 +111,8 @@ def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], ou
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, curves = [], {}
     for name, src, fmt in sets:
-        faces = eval_faces(src, fmt, skip_bad)
+        skipped: list[str] = []
+        faces = eval_faces(src, fmt, skip_bad, skipped)
         preds = []
         for start in tqdm(range(0, len(faces), batch_size), desc=f"evaluate {name}", unit="batch", mininterval=2):
             chunk = faces[start : start + batch_size]
@@ -116,7 +123,7 @@ def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], ou
         gt = np.stack([f.landmarks for f in faces])
         errors = nme(pred, gt, norm)
         curves[name] = errors
-        rows.append({"name": name, **summarise(errors, norm, threshold).as_dict()})
+        rows.append({"name": name, **summarise(errors, norm, threshold).as_dict(), "skipped": skipped})
         write_overlays(faces, pred, errors, out_dir / f"overlays-{name}.png")
     (out_dir / "metrics.json").write_text(json.dumps(rows, indent=1))
     (out_dir / "metrics.md").write_text(metrics_table(rows))

@@ -21,7 +21,7 @@ def crop_from_box(box: tuple[float, float, float, float], margin: float = 1.0) -
     """(centre, scale) of a face box (x0, y0, x1, y1), its longer side widened by `margin`."""
     x0, y0, x1, y1 = map(float, box)
     if not (x1 > x0 and y1 > y0):
-        raise ValueError(f"degenerate face box {box}")
+        raise ValueError(f"degenerate face box ({x0:g}, {y0:g}, {x1:g}, {y1:g}): no width or no height")
     return ((x0 + x1) / 2, (y0 + y1) / 2), max(x1 - x0, y1 - y0) * margin / SCALE_UNIT
 
 
