@@ -57,6 +57,8 @@ def test_bad_configs_fail_fast(tmp_path, faces_dir):
         check(data=[str(tmp_path / "empty")])
     with pytest.raises(ValueError, match="no shards"):
         check(data=[str(tmp_path / "nothing-here")])
+    with pytest.raises(ValueError, match=r"all be local or all in S3.*s3://bucket/faces \(s3\)"):
+        check(data=[faces_dir, "s3://bucket/faces"])  # before any storage is read
     with pytest.raises(ValueError, match="not a ControlNet export"):
         check(controlnet=str(tmp_path))
     with pytest.raises(ValueError, match="resolution: must be a multiple of 64"):

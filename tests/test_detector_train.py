@@ -34,6 +34,8 @@ def test_bad_configs_fail_fast(faces, tmp_path):
     assert check() == (64, 64)  # faces, and the tiny network's input size
     with pytest.raises(ValueError, match="no training datasets"):
         check(data=[])
+    with pytest.raises(ValueError, match=r"all be local or all in S3 .*; got s3://b/synthetic \(s3\), .*train \(local\)"):
+        check(data=["s3://b/synthetic", str(faces / "train")])
     with pytest.raises(ValueError, match=r"batch_size: 40 x 2 worker\(s\) is larger than the training set"):
         check(batch_size=40, num_workers=2)
     with pytest.raises(ValueError, match="unknown detector architecture"):

@@ -23,12 +23,21 @@ def count_rows(data: str) -> int:
     return sum(pq.ParquetFile(fs.open_input_file(storage.filesystem(u)[1])).metadata.num_rows for u in uris)
 
 
+def check_one_filesystem(datasets: list[str]) -> None:
+    """Training datasets are read as one set of files, so they must all be local or all in S3."""
+    kinds = {d: "s3" if storage.is_s3(d) else "local" for d in datasets}
+    if len(set(kinds.values())) > 1:
+        raise ValueError("data: datasets must all be local or all in S3 (they are read as one set of files); got "
+                         + ", ".join(f"{d} ({k})" for d, k in kinds.items()))
+
+
 def read_shards(datasets: list[str], columns: list[str]) -> "ray.data.Dataset":
     """A Ray Dataset over the shards of one or more training datasets (all on one filesystem), its files read in a
     new random order each epoch (no all-to-all barrier): with the workers' local shuffle buffers, batches mix faces
     from across the set."""
     import ray.data
 
+    check_one_filesystem(datasets)
     uris = [u for d in datasets for u in shard_uris(d)]
     fs, _ = storage.filesystem(uris[0])
     return ray.data.read_parquet([storage.filesystem(u)[1] for u in uris], filesystem=fs,

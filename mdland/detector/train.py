@@ -20,7 +20,7 @@ import torch
 
 from mdland.config import from_dict
 from mdland.data import storage
-from mdland.data.datasets import count_rows, local_epoch, read_shards
+from mdland.data.datasets import check_one_filesystem, count_rows, local_epoch, read_shards
 from mdland.data.shards import read_dataset
 from mdland.detector.checkpoint import load_detector, save_checkpoint
 from mdland.detector.data import COLUMNS, prepare_detector_batch
@@ -64,6 +64,7 @@ def check_config(cfg: DetectorTrainConfig) -> tuple[int, int]:
     """Fail before any worker starts; returns the number of training faces and the network's input size."""
     if not cfg.data:
         raise ValueError("data: no training datasets given")
+    check_one_filesystem(cfg.data)
     check_precision(cfg.precision, cfg.zero_stage, cfg.use_gpu)
     if cfg.init is None and cfg.arch not in ARCHS:
         raise ValueError(f"arch: unknown detector architecture {cfg.arch!r}; choose one of {sorted(ARCHS)}")

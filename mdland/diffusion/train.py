@@ -24,7 +24,7 @@ from PIL import Image
 from mdland.config import from_dict
 from mdland.data import storage
 from mdland.data.shards import decode_image, landmarks_array, read_columns, read_shard, shard_uris
-from mdland.data.datasets import count_rows, local_epoch
+from mdland.data.datasets import check_one_filesystem, count_rows, local_epoch
 from mdland.diffusion.data import COLUMNS, prepare_batch, ray_dataset
 from mdland.diffusion.models import (PRESETS, PromptEmbeddings, SDComponents, build_controlnet, check_model_dir,
                                      ddim_scheduler, load_components)
@@ -87,6 +87,7 @@ def check_config(cfg: ControlNetTrainConfig) -> int:
             raise ValueError(f"{name}: must be at least 1, got {getattr(cfg, name)}")
     if not cfg.data:
         raise ValueError("data: no training dataset given")
+    check_one_filesystem(cfg.data)
     rows = 0
     for data in cfg.data:
         count = count_rows(data)
