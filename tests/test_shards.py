@@ -47,6 +47,15 @@ def test_bad_rows_are_named(tmp_path):
     with pytest.raises(ShardError, match=r"bad.parquet: row 2: landmarks are not finite"):
         write_shard(str(tmp_path / "bad.parquet"), bad)
     assert not (tmp_path / "bad.parquet").exists()
+    nested = lm.tolist()
+    nested[2][7] = None  # a point, not a coordinate, missing: later rows' values would shift by one point
+    bad = table.set_column(2, "landmarks", pa.array(nested, type=table.schema.field("landmarks").type))
+    with pytest.raises(ShardError, match=r"bad.parquet: row 2: landmark 7 is missing"):
+        write_shard(str(tmp_path / "bad.parquet"), bad)
+    nested[2][7], nested[1][3] = [1.0, 1.0], [1.0, None]
+    bad = table.set_column(2, "landmarks", pa.array(nested, type=table.schema.field("landmarks").type))
+    with pytest.raises(ShardError, match=r"bad.parquet: row 1: landmarks are not finite"):
+        write_shard(str(tmp_path / "bad.parquet"), bad)
     style = table.schema.get_field_index("style")
     unstyled = table.set_column(style, "style", pa.array(["a", None, "c"], type=table.schema.field("style").type))
     with pytest.raises(ShardError, match=r"unstyled.parquet: row 1: style is missing"):  # the manifest counts styles

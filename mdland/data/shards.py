@@ -135,8 +135,12 @@ def validate_table(table: pa.Table, name: str, decode: bool = False) -> None:
     landmarks = table.column("landmarks").combine_chunks()
     if landmarks.null_count:
         raise ShardError(f"{name}: row {_first_null(landmarks)}: landmarks are missing")
-    values = landmarks.flatten().flatten().to_numpy(zero_copy_only=False)
-    if values.size != table.num_rows * NUM_POINTS * 2 or np.isnan(values).any() or np.isinf(values).any():
+    points = landmarks.flatten()
+    if points.null_count:  # a null point would shift every later row's values by one point
+        row, point = divmod(_first_null(points), NUM_POINTS)
+        raise ShardError(f"{name}: row {row}: landmark {point} is missing")
+    values = points.flatten().to_numpy(zero_copy_only=False)  # null coordinates come out as NaN
+    if not np.isfinite(values).all():
         bad = int(np.argmax(~np.isfinite(values))) // (NUM_POINTS * 2)
         raise ShardError(f"{name}: row {bad}: landmarks are not finite")
     for col in ("image", "seed", "key", "style", "source", "model"):
