@@ -263,7 +263,7 @@ def bench_write(images: str = "faces", count: int = 4000, rows_per_shard: int = 
         t0 = time.perf_counter()
         encoded = [encode_images(b) for b in batches]
         t1 = time.perf_counter()
-        written = [int(s) for b in encoded for s in assembler(b)["shard"]]
+        written = [int(s) for b in encoded for s in assembler.add(b)["shard"]]
         t2 = time.perf_counter()
     png_bytes = float(np.mean([len(x) for b in encoded for x in b["image"]]))
     rate = count / (t2 - t1)

@@ -112,7 +112,7 @@ def test_generate_into_s3(inputs, s3_bucket):
                                       "MDLAND_CACHE")}
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
     try:
-        cfg = config(inputs, out)
+        cfg = config(inputs, out, num_assemblers=2)  # shards 0 and 2 meet in one, shard 1 in the other
         result = run_generation(cfg)
         assert (result["complete"], result["count"], result["total"]) == (True, 24, 24)
     finally:
@@ -149,7 +149,7 @@ def test_killed_run_then_rerun_gives_exactly_the_plan(inputs, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)  # a relative output path: Ray's workers run elsewhere and must still find it
     out = "out"
     cfg = config(inputs, out, images_per_style=12, rows_per_shard=3, num_inference_steps=30, batch_size=3,
-                 styles=STYLES)  # 36 samples in 12 shards
+                 styles=STYLES, num_assemblers=3)  # 36 samples in 12 shards
     overrides = [f"{k}={json.dumps(v)}" for k, v in cfg.__dict__.items() if v is not None]
     proc = subprocess.Popen([sys.executable, "-m", "mdland", "generate", "--set", *overrides],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -276,8 +276,8 @@ def test_assembler_counts_a_row_delivered_twice_once(inputs, tmp_path):
                 "style": np.array(["cartoon"] * n), "edits": np.array(["chubby"] * n),
                 "edit_params": np.array(["[]"] * n), "seed": np.array(indices)}
 
-    assert len(assembler(rows([0, 1]))["shard"]) == 0
-    assert len(assembler(rows([1]))["shard"]) == 0  # a retried task's duplicate: still two distinct rows
-    assert list(assembler(rows([2]))["shard"]) == [0]
+    assert len(assembler.add(rows([0, 1]))["shard"]) == 0
+    assert len(assembler.add(rows([1]))["shard"]) == 0  # a retried task's duplicate: still two distinct rows
+    assert list(assembler.add(rows([2]))["shard"]) == [0]
     table = read_dataset(str(tmp_path / "out"))
     assert table.column("key").to_pylist() == ["00000000", "00000001", "00000002"]

@@ -1,9 +1,9 @@
 """`mdland generate`: the synthetic set as a resumable Ray Data pipeline.
 
 pending shard indices -> plan + edit + render (CPU tasks) -> generation actors (one model each, loaded once;
-one GPU each with `use_gpu`) -> PNG encoding (CPU tasks, with GPUs) -> one shard assembler (writes each shard
-atomically once all its rows are in)
--> manifest.json. Shards that exist are complete (writes are atomic), so a re-run writes only the missing ones.
+one GPU each with `use_gpu`) -> CPU tasks that PNG-encode (with GPUs) and hand each row to the shard assembler that
+owns its shard (shard mod N; each writes a shard atomically once all its rows are in) -> manifest.json.
+Shards that exist are complete (writes are atomic), so a re-run writes only the missing ones.
 """
 
 import json
@@ -111,7 +111,8 @@ class ShardAssembler:
     def expected(self, shard: int) -> int:
         return min(self.cfg.rows_per_shard, self.total - shard * self.cfg.rows_per_shard)
 
-    def __call__(self, batch: dict) -> dict:
+    def add(self, batch: dict) -> dict:
+        """Take rows of this assembler's shards; returns the shards this completed and wrote, with summaries."""
         points = landmarks_from_rows(batch["landmarks"])
         for i in range(len(batch["index"])):
             shard = int(batch["shard"][i])
@@ -134,6 +135,21 @@ class ShardAssembler:
 def encode_images(batch: dict) -> dict:
     """uint8 images -> PNG bytes, in CPU tasks, so a generation actor goes straight on to its next batch."""
     return {**batch, "image": np.array([encode_image(im) for im in batch["image"]], dtype=object)}
+
+
+def deliver_rows(batch: dict, assemblers: list, encode: bool) -> dict:
+    """Hand each row (PNG-encoded first if `encode`) to the assembler that owns its shard (shard mod N), so every
+    shard is written exactly once, whichever actor drew its rows; returns the shards written."""
+    import ray
+
+    if encode:
+        batch = encode_images(batch)
+    owner = np.asarray(batch["shard"]) % len(assemblers)
+    calls = [assemblers[a].add.remote({k: v[owner == a] for k, v in batch.items()})
+             for a in np.unique(owner)]
+    written = ray.get(calls)
+    return {"shard": np.concatenate([np.zeros(0, np.int64)] + [w["shard"] for w in written]),
+            "summary": np.concatenate([np.zeros(0, object)] + [w["summary"] for w in written])}
 
 
 def _plan_rows(row: dict, config: dict, styles: list[dict], landmarks) -> list[dict]:
@@ -225,22 +241,27 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], l
     ds = ds.map_batches(GenerationActor, fn_constructor_kwargs={"config": config}, batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                         num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor)
-    if cfg.use_gpu:
-        # PNG encoding in CPU tasks, so a GPU only samples. (A CPU actor encodes its own images: tasks would only
-        # compete with it for the same cores.) Resources unlike the assembler's, so Ray Data does not fuse the two.
-        ds = ds.map_batches(encode_images, batch_format="numpy", batch_size=None, num_cpus=0.5)
-    # One assembler sees every row, so each shard is written exactly once, whichever actor drew its rows.
+    # Plain actors, not a Ray Data stage, so that each shard's rows meet in one of them. One keeps up with about
+    # 20-50 GPUs (`mdland bench write`), hence one per 16 generation actors by default.
     total = len(styles) * cfg.images_per_style
-    ds = ds.map_batches(ShardAssembler, fn_constructor_kwargs={"config": config, "total": total}, batch_size=None,
-                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+    count = cfg.num_assemblers or -(-cfg.num_actors // 16)
+    assemblers = [ray.remote(ShardAssembler).options(num_cpus=0.25).remote(config, total) for _ in range(count)]
+    # With GPUs, these tasks also PNG-encode, so a GPU only samples. (A CPU actor encodes its own images: the tasks
+    # would only compete with it for the same cores.)
+    ds = ds.map_batches(deliver_rows, fn_kwargs={"assemblers": assemblers, "encode": cfg.use_gpu},
+                        batch_format="numpy", batch_size=None, num_cpus=0.5 if cfg.use_gpu else 0.25)
     t0, images, marks = time.time(), 0, []
     expected = sum(min(cfg.rows_per_shard, total - k * cfg.rows_per_shard) for k in pending)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for summary in batch["summary"]:
-            images += json.loads(summary)["rows"]
-            marks.append((time.time(), images))
-            log.info("wrote %s: %d/%d images of this run, %.2f images/s overall", json.loads(summary)["name"],
-                     images, expected, images / (time.time() - t0))
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for summary in batch["summary"]:
+                images += json.loads(summary)["rows"]
+                marks.append((time.time(), images))
+                log.info("wrote %s: %d/%d images of this run, %.2f images/s overall", json.loads(summary)["name"],
+                         images, expected, images / (time.time() - t0))
+    finally:
+        for assembler in assemblers:
+            ray.kill(assembler)
     if len(marks) < 2:
         return None
     return (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])

@@ -45,6 +45,7 @@ class GenerateConfig:
     rows_per_shard: int = 1000
     batch_size: int = 64  # images per sampler call
     num_actors: int = 1  # generation actors (one model each; one GPU each with use_gpu)
+    num_assemblers: int | None = None  # shard writers; None: one per 16 generation actors
     use_gpu: bool = False
     cpus_per_actor: float = 0.5
     dtype: str = "float16"  # on GPU: float16 or bfloat16 (always float32 on CPU)
