@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from mdland.cli import main
 
 
@@ -67,4 +69,5 @@ def test_bench_write_assembles_every_shard(tmp_path):
     assert [pq.read_metadata(f).num_rows for f in files] == [32, 32, 16]
     assert r["png_kib"] > 150  # noise does not compress: ~192 KiB of pixels per 256x256 image
     assert r["assembler_images_per_s"] > 0 and r["encode_images_per_s_per_core"] > 0
-    assert r["h100s_at_32_images_per_s"] == round(r["assembler_images_per_s"] / 32, 1)
+    # Both are rounded from the same unrounded rate, so they may differ in the last digit.
+    assert r["h100s_at_32_images_per_s"] == pytest.approx(r["assembler_images_per_s"] / 32, abs=0.06)
