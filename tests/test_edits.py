@@ -56,6 +56,19 @@ def test_specific_directions():
     assert np.linalg.norm(out[4] - out[12]) > np.linalg.norm(p[4] - p[12])
 
 
+def test_shift_eyes_moves_both_eyes_as_its_params_say():
+    from mdland.landmarks.edits import face_axes
+    from mdland.landmarks.scheme import PARTS, inter_ocular
+
+    for i, p in enumerate(faces(10)):
+        out, params = EDITS["shift_eyes"](p, np.random.default_rng(i), 1.0)
+        right, up = face_axes(p)
+        iod = inter_ocular(p)
+        for part, sign in (("eye_left", -1), ("eye_right", 1)):
+            moved = (out[list(PARTS[part])] - p[list(PARTS[part])]).mean(axis=0) / iod
+            np.testing.assert_allclose([moved @ right, moved @ up], [sign * params["apart"], params["up"]], atol=1e-4)
+
+
 def test_sample_edits_applies_k_distinct_recorded_edits():
     p = faces(1)[0]
     seen = set()

@@ -101,18 +101,20 @@ def edit_stretch_nostrils(points: np.ndarray, rng: np.random.Generator, strength
     return _done(p, amount=float(amount))
 
 
-def _shift(p: np.ndarray, idx: list[int], dx: float, dy: float) -> None:
+def _shift(p: np.ndarray, moves: list[tuple[list[int], float, float]]) -> None:
+    """Move each group of points by (dx, dy) inter-ocular distances along the face's axes, all measured before any
+    move (moving one eye first would turn the axes and stretch the distance for the other)."""
     right, up = face_axes(p)
     iod = inter_ocular(p)
-    p[idx] += iod * (dx * right + dy * up)
+    for idx, dx, dy in moves:
+        p[idx] += iod * (dx * right + dy * up)
 
 
 def edit_shift_eyes(points: np.ndarray, rng: np.random.Generator, strength: float = 1.0):
     """Move the eyes: apart or together, and up or down, in units of the inter-ocular distance."""
     p = _start(points)
     apart, dy = strength * rng.uniform(-0.06, 0.06), strength * rng.uniform(-0.06, 0.06)
-    _shift(p, _idx("eye_left"), -apart, dy)
-    _shift(p, _idx("eye_right"), apart, dy)
+    _shift(p, [(_idx("eye_left"), -apart, dy), (_idx("eye_right"), apart, dy)])
     return _done(p, apart=float(apart), up=float(dy))
 
 
@@ -120,7 +122,7 @@ def edit_shift_nose(points: np.ndarray, rng: np.random.Generator, strength: floa
     """Move the whole nose sideways and up or down."""
     p = _start(points)
     dx, dy = strength * rng.uniform(-0.08, 0.08), strength * rng.uniform(-0.06, 0.06)
-    _shift(p, _idx("nose_bridge", "nose_lower"), dx, dy)
+    _shift(p, [(_idx("nose_bridge", "nose_lower"), dx, dy)])
     return _done(p, right=float(dx), up=float(dy))
 
 
@@ -128,7 +130,7 @@ def edit_shift_mouth(points: np.ndarray, rng: np.random.Generator, strength: flo
     """Move the whole mouth sideways and up or down."""
     p = _start(points)
     dx, dy = strength * rng.uniform(-0.1, 0.1), strength * rng.uniform(-0.1, 0.1)
-    _shift(p, _idx("mouth_outer", "mouth_inner"), dx, dy)
+    _shift(p, [(_idx("mouth_outer", "mouth_inner"), dx, dy)])
     return _done(p, right=float(dx), up=float(dy))
 
 
