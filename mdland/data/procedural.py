@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from mdland.data.shards import Face, ShardWriter, encode_image
+from mdland.landmarks.render import SHAPE_SHIFT
 from mdland.landmarks.scheme import FLIP_PERMUTATION, PARTS
 
 STYLES = ("line_art", "flat_cartoon", "painted")
@@ -82,7 +83,8 @@ def draw_face(points: np.ndarray, style: str, size: int = 256, rng: np.random.Ge
         raise ValueError(f"unknown procedural style {style!r}; choose one of {STYLES}")
     rng = rng or np.random.default_rng(0)
     ss = 2  # draw at twice the size and downsample, for anti-aliased edges
-    p = np.asarray(points, dtype=np.float64) * ss + (ss - 1) / 2
+    # Pixel-centre points in the supersampled image, moved by PIL's half pixel.
+    p = np.asarray(points, dtype=np.float64) * ss + (ss - 1) / 2 + SHAPE_SHIFT
     lw = max(1, round(size * ss / 110))
     bg = tuple(int(v) for v in rng.integers(150, 256, 3)) if style != "line_art" else (255, 255, 255)
     image = Image.new("RGB", (size * ss, size * ss), bg)

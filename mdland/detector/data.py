@@ -8,6 +8,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from mdland.data.shards import decode_image, landmarks_from_rows
 from mdland.detector.model import EDGES
 from mdland.landmarks.align import crop_from_landmarks, crop_matrix, transform_points, warp_image
+from mdland.landmarks.render import SHAPE_SHIFT
 from mdland.landmarks.scheme import flip_landmarks
 
 COLUMNS = ["key", "image", "landmarks"]
@@ -88,7 +89,7 @@ def edge_maps(points: np.ndarray, size: int) -> np.ndarray:
     out = np.zeros((len(EDGES), h, h), np.float32)
     for e, (closed, idx) in enumerate(EDGES):
         canvas = Image.new("L", (size, size))
-        line = [tuple(map(float, np.clip(points[i], 0, size - 1))) for i in idx]
+        line = [tuple(map(float, np.clip(points[i], 0, size - 1) + SHAPE_SHIFT)) for i in idx]
         ImageDraw.Draw(canvas).line(line + line[:1] if closed else line, fill=255, width=max(1, size // 256))
         out[e] = np.asarray(canvas, np.float32).reshape(h, 4, h, 4).mean(axis=(1, 3)) / 255.0
     return out

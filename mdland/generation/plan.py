@@ -23,7 +23,7 @@ DEFAULT_STYLES = str(Path(__file__).with_name("styles.yaml"))
 
 
 # Raised whenever the sampler's output for a planned sample changes, so a folder of older samples is not resumed.
-SAMPLER_VERSION = 2
+SAMPLER_VERSION = 3
 
 
 @dataclass

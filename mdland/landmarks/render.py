@@ -1,9 +1,16 @@
 """Drawing landmarks: the ControlNet condition image, overlays and image grids."""
 
+import numbers
+
 import numpy as np
 from PIL import Image, ImageDraw
 
 from mdland.landmarks.scheme import POLYLINES, check_shape
+
+# PIL rasterises at floor(coordinate), as if a pixel spanned [i, i + 1): pixel-centre points move by half a pixel
+# so that dots and lines land on their nearest pixels instead of leaning up and left.
+SHAPE_SHIFT = 0.5
+
 
 # One colour per part, far apart in RGB so the condition image tells the parts apart.
 PART_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -20,7 +27,7 @@ PART_COLOURS: dict[str, tuple[int, int, int]] = {
 
 
 def _size(size: int | tuple[int, int]) -> tuple[int, int]:
-    w, h = (size, size) if isinstance(size, int) else size
+    w, h = (size, size) if isinstance(size, numbers.Integral) else size
     if w <= 0 or h <= 0:
         raise ValueError(f"render size must be positive, got {size}")
     return int(w), int(h)
@@ -39,13 +46,13 @@ def render_landmarks(points: np.ndarray, size: int | tuple[int, int] = 256) -> n
     width = max(1, round(min(w, h) / 128))
     radius = max(1.0, min(w, h) / 128)
     for part, indices, closed in POLYLINES:
-        line = [tuple(map(float, pts[i])) for i in indices]
+        line = [tuple(map(float, pts[i] + SHAPE_SHIFT)) for i in indices]
         if closed:
             line.append(line[0])
         draw.line(line, fill=PART_COLOURS[part], width=width, joint="curve")
     for part, indices, _ in POLYLINES:
         for i in indices:
-            x, y = pts[i]
+            x, y = pts[i] + SHAPE_SHIFT
             draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=PART_COLOURS[part])
     return np.asarray(image)
 
@@ -64,7 +71,7 @@ def draw_landmarks(
     for pts, col in ((second, second_colour), (points, colour)):
         if pts is None:
             continue
-        for x, y in np.asarray(pts, dtype=np.float32):
+        for x, y in np.asarray(pts, dtype=np.float32) + SHAPE_SHIFT:
             draw.ellipse([x - r, y - r, x + r, y + r], fill=col)
     return np.asarray(canvas)
 
