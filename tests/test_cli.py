@@ -38,6 +38,8 @@ def test_ingest_and_render_from_the_command_line(tmp_path):
     assert main(["render", str(src), str(tmp_path / "raw.png"), "--format", "artface", "--count", "2"]) == 0
     with Image.open(tmp_path / "raw.png") as im:
         assert im.size == (2 * 162 + 2, 162 + 2)
+    assert main(["render", str(tmp_path / "ds"), str(tmp_path / "none.png"), "--count", "0"]) == 2
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_evaluate_preds_hand_computed(tmp_path, capsys):

@@ -112,3 +112,21 @@ def test_bad_faces_fail_by_name_or_are_skipped(setup, tmp_path):
                 (only / f"{name}{suffix}").write_bytes((src / f"{name}{suffix}").read_bytes())
         with pytest.raises(ValueError, match=f"{name}.*{message}"):
             eval_faces(str(only), "artface")
+
+
+def test_reports_go_to_s3(setup, s3_bucket, tmp_path, monkeypatch):
+    from mdland.data import storage
+
+    root, _ = setup
+    monkeypatch.chdir(tmp_path)
+    out = f"{s3_bucket}/eval/run1"
+    assert main(["evaluate", "--detector", str(root / "det.pkl"), "--data", f"art={root / 'shards'}",
+                 "--out", out]) == 0
+    assert storage.list_files(out) == [f"{out}/{n}" for n in ("ced.png", "metrics.json", "metrics.md",
+                                                             "overlays-art.png")]
+    assert json.loads(storage.read_bytes(f"{out}/metrics.json"))[0]["count"] == 5
+    assert not any(tmp_path.iterdir())  # no local folder named after the URI
+    assert main(["evaluate-preds", str(root / "shards"), str(root / "shards"), "--out", f"{s3_bucket}/p"]) == 0
+    assert json.loads(storage.read_bytes(f"{s3_bucket}/p/metrics.json"))["nme"] == 0
+    missing = "s3://no-such-bucket-mdland/eval"
+    assert main(["evaluate", "--detector", str(root / "det.pkl"), "--data", str(root / "shards"), "--out", missing]) == 2

@@ -12,6 +12,8 @@ from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
 
 def preview_pairs(src: str, count: int = 16, fmt: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Up to `count` (image, landmarks) pairs from a shard dataset, one shard file, or a raw folder in `fmt`."""
+    if count < 1:
+        raise ValueError(f"count: must be at least 1, got {count}")
     pairs: list[tuple[np.ndarray, np.ndarray]] = []
     if fmt:
         for sample in iter_samples(fmt, src):

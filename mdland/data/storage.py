@@ -9,7 +9,10 @@ import hashlib
 import json
 import os
 import posixpath
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
@@ -220,3 +223,17 @@ def check_writable(uri: str) -> None:
     probe = join(uri, f".mdland-probe-{uuid.uuid4().hex}")
     write_bytes(probe, b"")
     delete(probe)
+
+
+@contextmanager
+def staged_folder(uri: str) -> Iterator[Path]:
+    """A local folder for files that belong at `uri` (for tools that write paths: plots, images). A local `uri` is
+    the folder itself; for s3:// a temporary folder is copied there once the block succeeds."""
+    check_writable(uri)
+    if not is_s3(uri):
+        Path(uri).mkdir(parents=True, exist_ok=True)
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        yield Path(d)
+        copy_from_local(d, uri)

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from mdland.data import storage
 from mdland.data.ingest import iter_samples, load_image
 from mdland.data.shards import decode_image, landmarks_array, read_dataset
 from mdland.detector.metrics import check_threshold, nme, plot_ced, summarise
@@ -47,11 +48,10 @@ def evaluate_predictions(pred: str, gt: str, out: str | None = None, norm: str =
     errors = nme(p, g, norm)
     result = {"name": name, **summarise(errors, norm, threshold).as_dict()}
     if out:
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
-        (out_dir / "metrics.md").write_text(metrics_table([result]))
-        plot_ced({name: errors}, out_dir / "ced.png", threshold)
+        with storage.staged_folder(out) as out_dir:
+            (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+            (out_dir / "metrics.md").write_text(metrics_table([result]))
+            plot_ced({name: errors}, out_dir / "ced.png", threshold)
     return result
 
 
@@ -103,31 +103,32 @@ def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], ou
     from mdland.detector.checkpoint import load_detector, predict
     from mdland.detector.data import CROP_MARGIN
     from mdland.landmarks.align import crop_from_landmarks
+    from mdland.session import pick_device
 
     check_threshold(threshold)
 
-    net = load_detector(detector).eval()
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    net = load_detector(detector, device=pick_device(use_gpu=True)).eval()  # fp32, on a GPU when there is one
     rows, curves = [], {}
-    for name, src, fmt in sets:
-        skipped: list[str] = []
-        faces = eval_faces(src, fmt, skip_bad, skipped)
-        preds = []
-        for start in tqdm(range(0, len(faces), batch_size), desc=f"evaluate {name}", unit="batch", mininterval=2):
-            chunk = faces[start : start + batch_size]
-            # The crop comes from the ground-truth landmarks, as 300W-style evaluations (and STAR's) do.
-            preds.append(predict(net, [f.image for f in chunk],
-                                 [crop_from_landmarks(f.landmarks, CROP_MARGIN) for f in chunk]))
-        pred = np.concatenate(preds)
-        gt = np.stack([f.landmarks for f in faces])
-        errors = nme(pred, gt, norm)
-        curves[name] = errors
-        rows.append({"name": name, **summarise(errors, norm, threshold).as_dict(), "skipped": skipped})
-        write_overlays(faces, pred, errors, out_dir / f"overlays-{name}.png")
-    (out_dir / "metrics.json").write_text(json.dumps(rows, indent=1))
-    (out_dir / "metrics.md").write_text(metrics_table(rows))
-    plot_ced(curves, out_dir / "ced.png", threshold)
+    with storage.staged_folder(out) as out_dir:
+        for name, src, fmt in sets:
+            skipped: list[str] = []
+            faces = eval_faces(src, fmt, skip_bad, skipped)
+            preds = []
+            for start in tqdm(range(0, len(faces), batch_size), desc=f"evaluate {name}", unit="batch",
+                              mininterval=2):
+                chunk = faces[start : start + batch_size]
+                # The crop comes from the ground-truth landmarks, as 300W-style evaluations (and STAR's) do.
+                preds.append(predict(net, [f.image for f in chunk],
+                                     [crop_from_landmarks(f.landmarks, CROP_MARGIN) for f in chunk]))
+            pred = np.concatenate(preds)
+            gt = np.stack([f.landmarks for f in faces])
+            errors = nme(pred, gt, norm)
+            curves[name] = errors
+            rows.append({"name": name, **summarise(errors, norm, threshold).as_dict(), "skipped": skipped})
+            write_overlays(faces, pred, errors, out_dir / f"overlays-{name}.png")
+        (out_dir / "metrics.json").write_text(json.dumps(rows, indent=1))
+        (out_dir / "metrics.md").write_text(metrics_table(rows))
+        plot_ced(curves, out_dir / "ced.png", threshold)
     return rows
 
 

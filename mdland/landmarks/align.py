@@ -1,5 +1,6 @@
 """Square face crops, as STAR takes them: a centre and a scale (face size / 200 px) give a similarity transform
-onto the `size` x `size` input, corner pixel centres aligned (0 -> 0, size - 1 -> size - 1)."""
+onto the `size` x `size` input. The crop's square covers the face box edge to edge: its pixel edges, not the corner
+pixels' centres, meet the box's (a 512-pixel image shrunk to 256 takes pixel 0 to -0.25 and 511 to 255.25)."""
 
 import numpy as np
 from PIL import Image
