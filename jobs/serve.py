@@ -9,4 +9,6 @@ import sys
 from mdland.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["serve", *sys.argv[1:]]))
+    args = sys.argv[1:]
+    # On a cluster the service must be reachable from outside its node, not only on loopback.
+    sys.exit(main(["serve", *([] if "--host" in args else ["--host", "0.0.0.0"]), *args]))

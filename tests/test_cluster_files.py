@@ -37,7 +37,13 @@ def check_entrypoint(command: str) -> None:
 
 
 def test_launcher_config():
+    import json
+
+    import jsonschema
+    import ray.autoscaler
+
     c = load(ROOT / "cluster" / "aws-gpu.yaml")
+    jsonschema.validate(c, json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text()))
     for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "setup_commands",
                 "head_start_ray_commands", "worker_start_ray_commands"):
         assert key in c, key
@@ -52,6 +58,9 @@ def test_launcher_config():
     assert c["docker"]["image"] == IMAGE
     assert all("RAY_AUTH_MODE=token" in cmd for cmd in c["head_start_ray_commands"] + c["worker_start_ray_commands"]
                if "ray start" in cmd)
+    # Node commands run remotely, without the local environment: the token travels as the file Ray reads by default.
+    assert c["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "$" not in " ".join(c["head_start_ray_commands"] + c["worker_start_ray_commands"]).replace("$RAY_HEAD_IP", "")
 
 
 @pytest.mark.parametrize("path", KUBERAY, ids=[p.name for p in KUBERAY])
@@ -61,6 +70,9 @@ def test_kuberay_manifests(path):
     spec = {"RayCluster": lambda: m["spec"], "RayJob": lambda: m["spec"]["rayClusterSpec"],
             "RayService": lambda: m["spec"]["rayClusterConfig"]}[m["kind"]]()
     assert spec["rayVersion"] == __import__("ray").__version__
+    # Token auth through the operator, which alone can also give the token to a RayJob's submitter and to itself.
+    assert spec["authOptions"] == {"mode": "token"}
+    assert not [e for c in containers(spec) for e in c.get("env", []) if e["name"].startswith("RAY_AUTH")]
     assert {c["image"] for c in containers(spec)} == {IMAGE}
     workers = [c for g in spec["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]
     assert all(c["resources"]["limits"]["nvidia.com/gpu"] for c in workers)
