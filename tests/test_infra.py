@@ -36,5 +36,11 @@ def test_terraform_policy_grants_what_the_storage_layer_does():
     for action in ("s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"):
         assert f'"{action}"' in tf, action
     assert 'resource "aws_s3_bucket" "mdland"' in tf and 'resource "aws_iam_policy" "mdland_jobs"' in tf
+    # Every bucket a shipped config or cluster file names is one terraform makes (with its default prefix).
+    made = {f"mdland-{k}" for k in re.search(r'toset\(\[([^]]*)\]\)', tf).group(1).replace('"', "").split(", ")}
+    named = {m for p in [*ROOT.glob("mdland/*/configs/*.yaml"), *ROOT.glob("cluster/**/*.yaml")]
+             for m in re.findall(r"s3://([a-z0-9-]+)/", p.read_text())}
+    assert named and named <= made, named - made
+    assert "noncurrent_version_expiration" in tf
     compose = (ROOT / "infra" / "minio-compose.yaml").read_text()
     assert "minio/minio" in compose and "127.0.0.1:9000:9000" in compose

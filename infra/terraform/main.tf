@@ -1,5 +1,6 @@
-# A cloud bucket for mdland's data, runs and models, and the IAM policy its jobs need.
-#   terraform init && terraform apply -var bucket=my-mdland
+# The buckets the shipped configs name (mdland-data: shards; mdland-runs: checkpoints, exports, reports;
+# mdland-models: SD 1.x and STAR weights) and the IAM policy mdland's jobs need.
+#   terraform init && terraform apply            # or -var prefix=acme-mdland, and the same prefix in the configs
 # Attach `mdland_jobs` to the nodes' instance role (cluster launcher: IamInstanceProfile; EKS: IRSA).
 terraform {
   required_providers {
@@ -7,9 +8,10 @@ terraform {
   }
 }
 
-variable "bucket" {
+variable "prefix" {
   type        = string
-  description = "bucket name for shards, checkpoints, exports and models"
+  default     = "mdland"
+  description = "bucket names are <prefix>-data, <prefix>-runs and <prefix>-models"
 }
 
 variable "region" {
@@ -17,21 +19,44 @@ variable "region" {
   default = "us-west-2"
 }
 
+variable "noncurrent_days" {
+  type        = number
+  default     = 30
+  description = "days an overwritten or deleted object's old version is kept (checkpoints churn)"
+}
+
 provider "aws" {
   region = var.region
 }
 
 resource "aws_s3_bucket" "mdland" {
-  bucket = var.bucket
+  for_each = toset(["data", "runs", "models"])
+  bucket   = "${var.prefix}-${each.key}"
 }
 
 resource "aws_s3_bucket_versioning" "mdland" {
-  bucket = aws_s3_bucket.mdland.id
+  for_each = aws_s3_bucket.mdland
+  bucket   = each.value.id
   versioning_configuration { status = "Enabled" }
 }
 
+# Versioning guards against a bad overwrite; without expiry, every replaced checkpoint would be billed forever.
+resource "aws_s3_bucket_lifecycle_configuration" "mdland" {
+  for_each   = aws_s3_bucket.mdland
+  bucket     = each.value.id
+  depends_on = [aws_s3_bucket_versioning.mdland]
+  rule {
+    id     = "expire-old-versions"
+    status = "Enabled"
+    filter {}
+    noncurrent_version_expiration { noncurrent_days = var.noncurrent_days }
+    abort_incomplete_multipart_upload { days_after_initiation = 7 }
+  }
+}
+
 resource "aws_s3_bucket_public_access_block" "mdland" {
-  bucket                  = aws_s3_bucket.mdland.id
+  for_each                = aws_s3_bucket.mdland
+  bucket                  = each.value.id
   block_public_acls       = true
   block_public_policy     = true
   ignore_public_acls      = true
@@ -42,22 +67,22 @@ resource "aws_s3_bucket_public_access_block" "mdland" {
 data "aws_iam_policy_document" "mdland_jobs" {
   statement {
     actions   = ["s3:ListBucket", "s3:GetBucketLocation", "s3:ListBucketMultipartUploads"]
-    resources = [aws_s3_bucket.mdland.arn]
+    resources = [for b in aws_s3_bucket.mdland : b.arn]
   }
   statement {
     actions = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload",
                "s3:ListMultipartUploadParts"]
-    resources = ["${aws_s3_bucket.mdland.arn}/*"]
+    resources = [for b in aws_s3_bucket.mdland : "${b.arn}/*"]
   }
 }
 
 resource "aws_iam_policy" "mdland_jobs" {
-  name   = "mdland-jobs-${var.bucket}"
+  name   = "${var.prefix}-jobs"
   policy = data.aws_iam_policy_document.mdland_jobs.json
 }
 
-output "bucket" {
-  value = aws_s3_bucket.mdland.bucket
+output "buckets" {
+  value = [for b in aws_s3_bucket.mdland : b.bucket]
 }
 
 output "policy_arn" {
