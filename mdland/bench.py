@@ -206,7 +206,7 @@ def _bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance,
         write_faces(f"{d}/src", 32, seed=0, size=resolution)
         controlnet.save_pretrained(f"{d}/controlnet")
         use_gpu = torch.cuda.is_available()
-        cfg = GenerateConfig(source=f"{d}/src", output=f"{d}/out", model=preset, controlnet=f"{d}/controlnet",
+        cfg = GenerateConfig(source=[f"{d}/src"], output=f"{d}/out", model=preset, controlnet=f"{d}/controlnet",
                              images_per_style=-(-images // 25), resolution=resolution, num_inference_steps=steps,
                              guidance_scale=guidance, rows_per_shard=batch_size, batch_size=batch_size,
                              use_gpu=use_gpu, num_actors=max(1, torch.cuda.device_count()), compile=compile)

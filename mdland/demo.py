@@ -149,7 +149,7 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
              s.images_per_style)
     t = time.time()
     generated = run_generation(GenerateConfig(
-        source=data["real-train"], output=data["synthetic"], controlnet=stage2["export"], styles=styles,
+        source=[data["real-train"]], output=data["synthetic"], controlnet=stage2["export"], styles=styles,
         images_per_style=s.images_per_style, seed=s.seed, resolution=s.size, num_inference_steps=s.sampling_steps,
         rows_per_shard=16, batch_size=8))
     stage("generate", t)

@@ -16,7 +16,8 @@ from mdland.data.storage import StorageError
 from mdland.data.procedural import write_faces
 from mdland.diffusion.models import build_controlnet, build_preset, ddim_scheduler
 from mdland.generation.pipeline import _check_plan, run_generation
-from mdland.generation.plan import DEFAULT_STYLES, GenerateConfig, load_styles, plan_sample, shard_rows
+from mdland.generation.plan import (DEFAULT_STYLES, GenerateConfig, load_styles, plan_sample, shard_rows,
+                                   source_landmarks)
 from mdland.generation.sampler import LandmarkSampler, to_uint8
 from mdland.landmarks.edits import EDITS
 from mdland.landmarks.render import render_landmarks
@@ -43,7 +44,7 @@ def cache(tmp_path_factory, monkeypatch):
 
 
 def config(inputs, output, **kw) -> GenerateConfig:
-    base = dict(source=str(inputs / "src"), output=output, controlnet=str(inputs / "controlnet"), styles=STYLES,
+    base = dict(source=[str(inputs / "src")], output=output, controlnet=str(inputs / "controlnet"), styles=STYLES,
                 images_per_style=8, resolution=64, num_inference_steps=4, rows_per_shard=10, batch_size=4)
     return GenerateConfig(**{**base, **kw})
 
@@ -52,7 +53,8 @@ def test_plan_is_a_pure_balanced_function_of_the_config(inputs):
     assert len(load_styles(DEFAULT_STYLES)) == 25
     cfg = config(inputs, "unused")
     styles = load_styles(cfg.styles_file, cfg.styles)
-    landmarks = landmarks_array(read_dataset(cfg.source)).astype(np.float32)
+    landmarks = source_landmarks(cfg)
+    np.testing.assert_allclose(landmarks, landmarks_array(read_dataset(cfg.source[0])), atol=1e-5)  # 64 px in and out
     a, b = shard_rows(cfg, 1, styles, landmarks), shard_rows(cfg, 1, styles, landmarks)
     assert [r["index"] for r in a] == list(range(10, 20))
     for x, y in zip(a, b):
@@ -67,6 +69,23 @@ def test_plan_is_a_pure_balanced_function_of_the_config(inputs):
     assert plan_sample(1, 5, 3, 6) != plan_sample(0, 5, 3, 6)
 
 
+def test_several_sources_are_one_pool_of_landmark_sets(inputs, tmp_path):
+    from mdland.data.procedural import write_faces
+
+    write_faces(str(tmp_path / "big"), 4, seed=9, size=128)  # another domain, stored at another size
+    cfg = config(inputs, "unused", source=[str(inputs / "src"), str(tmp_path / "big")], images_per_style=40)
+    pool = source_landmarks(cfg)
+    small = landmarks_array(read_dataset(str(inputs / "src")))
+    big = landmarks_array(read_dataset(str(tmp_path / "big")))
+    assert pool.shape == (len(small) + len(big), 68, 2)
+    np.testing.assert_allclose(pool[len(small):], (big + 0.5) * 64 / 128 - 0.5, atol=1e-4)  # in output pixels
+    rows = [r for k in range(cfg.num_shards) for r in shard_rows(cfg, k, load_styles(cfg.styles_file, cfg.styles),
+                                                                   pool)]
+    assert {r["source_row"] >= len(small) for r in rows} == {True, False}  # samples drawn from both
+    assert config(inputs, "unused", source=[str(tmp_path / "big"), str(inputs / "src")]).plan_identity() != \
+        cfg.plan_identity()  # the order of the sources is part of the plan
+
+
 def test_sampler_matches_the_stock_pipeline_and_samples_stand_alone(inputs):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
@@ -74,7 +93,7 @@ def test_sampler_matches_the_stock_pipeline_and_samples_stand_alone(inputs):
     controlnet = ControlNetModel.from_pretrained(inputs / "controlnet")
     cfg = config(inputs, "unused")
     rows = shard_rows(cfg, 0, load_styles(cfg.styles_file, cfg.styles),
-                      landmarks_array(read_dataset(cfg.source)))[:3]
+                      landmarks_array(read_dataset(cfg.source[0])))[:3]
     conditions = np.stack([r["condition"] for r in rows])
     prompts, seeds = [r["prompt"] for r in rows], [r["seed"] for r in rows]
     pipe = StableDiffusionControlNetPipeline(
@@ -121,7 +140,7 @@ def test_generate_into_s3(inputs, s3_bucket):
     manifest = read_manifest(out)
     assert manifest["count"] == 24 and manifest["styles"] == {s: 8 for s in STYLES} and manifest["complete"]
     assert manifest["weights"] == {"controlnet": storage.fingerprint(cfg.controlnet),
-                                   "source": storage.fingerprint(cfg.source)}
+                                   "source": [storage.fingerprint(cfg.source[0])]}
     table = read_dataset(out)
     keys = table.column("key").to_pylist()
     assert keys == [f"synthetic-0-{i:09d}" for i in range(24)]
@@ -184,13 +203,14 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
 
     ShardWriter(str(tmp_path / "empty")).close()
     with pytest.raises(ValueError, match="is an empty dataset"):
-        run_generation(config(inputs, str(tmp_path / "o"), source=str(tmp_path / "empty")))
+        run_generation(config(inputs, str(tmp_path / "o"), source=[str(inputs / "src"), str(tmp_path / "empty")]))
     with pytest.raises(StorageError, match="the bucket does not exist"):
         run_generation(config(inputs, "s3://mdland-missing-bucket/out"))
     with pytest.raises(ValueError, match="not a ControlNet export"):
         run_generation(config(inputs, str(tmp_path / "o"), controlnet=str(tmp_path)))
-    with pytest.raises(ValueError, match="source: no source dataset given"):
-        run_generation(config(inputs, str(tmp_path / "o"), source=""))
+    for nothing in ([], [""]):
+        with pytest.raises(ValueError, match="source: no source dataset given"):
+            run_generation(config(inputs, str(tmp_path / "o"), source=nothing))
     # An output folder that holds another plan is refused before anything is written to it.
     out = tmp_path / "taken"
     out.mkdir()
@@ -219,7 +239,7 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
     # The same for a source re-ingested at the same path: the planned rows would take other landmark sets.
     source = tmp_path / "source"
     shutil.copytree(inputs / "src", source)
-    planned = config(inputs, str(tmp_path / "p"), source=str(source))
+    planned = config(inputs, str(tmp_path / "p"), source=[str(source)])
     _check_plan(planned)
     (tmp_path / "p" / "shard-000000.parquet").write_bytes(b"earlier work")
     manifest = source / "manifest.json"

@@ -68,7 +68,7 @@ def test_generation_pipeline_on_gpu_writes_the_planned_set(faces, tmp_path):
     build_controlnet(build_preset("tiny")).save_pretrained(tmp_path / "controlnet")
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
-    out = run_generation(GenerateConfig(source=str(faces), output=str(tmp_path / "out"),
+    out = run_generation(GenerateConfig(source=[str(faces)], output=str(tmp_path / "out"),
                                         controlnet=str(tmp_path / "controlnet"), styles=["cartoon", "anime"],
                                         images_per_style=8, resolution=64, num_inference_steps=4, rows_per_shard=8,
                                         batch_size=4, use_gpu=True))

@@ -189,12 +189,12 @@ def _shard_summary(uri: str) -> dict:
 
 def run_generation(cfg: GenerateConfig) -> dict:
     """Generate the planned set's missing shards, then write the manifest (when the set is complete)."""
-    cfg = replace(cfg, source=storage.absolute(cfg.source), output=storage.absolute(cfg.output),
+    cfg = replace(cfg, source=[storage.absolute(s) for s in cfg.source or []], output=storage.absolute(cfg.output),
                   controlnet=storage.absolute(cfg.controlnet), styles_file=storage.absolute(cfg.styles_file),
                   model=cfg.model if cfg.model in PRESETS else storage.absolute(cfg.model),
                   detector=cfg.detector and storage.absolute(cfg.detector))
-    if not cfg.source:
-        raise ValueError("source: no source dataset given")
+    if not cfg.source or not all(cfg.source):
+        raise ValueError(f"source: no source dataset given (got {cfg.source})")
     if not cfg.output:
         raise ValueError("output: no output location given")
     if not cfg.controlnet or not storage.exists(storage.join(cfg.controlnet, "config.json")):

@@ -28,7 +28,7 @@ SAMPLER_VERSION = 3
 
 @dataclass
 class GenerateConfig:
-    source: str = ""  # shard dataset whose landmark sets are edited (local or s3://)
+    source: list[str] = field(default_factory=list)  # shard datasets whose landmark sets are edited (local or s3://)
     output: str = ""  # where shards + manifest.json go (local or s3://)
     model: str = "tiny"  # SD 1.x: a preset or a diffusers-format directory
     controlnet: str = ""  # the stage-2 ControlNet export
@@ -78,8 +78,10 @@ class GenerateConfig:
         from mdland.diffusion.models import PRESETS
 
         ident["weights"] = {k: storage.fingerprint(getattr(self, k))
-                            for k in ("model", "controlnet", "detector", "source")
+                            for k in ("model", "controlnet", "detector")
                             if getattr(self, k) and getattr(self, k) not in PRESETS}
+        if self.source:
+            ident["weights"]["source"] = [storage.fingerprint(s) for s in self.source]
         return ident
 
 
@@ -107,14 +109,17 @@ def load_styles(path: str, subset: list[str] | None = None) -> list[dict]:
 
 
 def source_landmarks(cfg: GenerateConfig) -> np.ndarray:
-    """The source's landmark sets, in output pixels: (N, 68, 2)."""
-    if storage.exists(storage.join(cfg.source, MANIFEST)) and read_manifest(cfg.source)["count"] == 0:
-        raise ValueError(f"source: {cfg.source} is an empty dataset")
-    table = read_columns(cfg.source, ["landmarks"])
-    if table.num_rows == 0:
-        raise ValueError(f"source: {cfg.source} is an empty dataset")
-    size = first_image_size(cfg.source)[0]
-    return resize_points(landmarks_array(table), (size, size), (cfg.resolution, cfg.resolution))
+    """The source datasets' landmark sets, in output pixels, one after another in `source` order: (N, 68, 2)."""
+    sets = []
+    for source in cfg.source:
+        if storage.exists(storage.join(source, MANIFEST)) and read_manifest(source)["count"] == 0:
+            raise ValueError(f"source: {source} is an empty dataset")
+        table = read_columns(source, ["landmarks"])
+        if table.num_rows == 0:
+            raise ValueError(f"source: {source} is an empty dataset")
+        size = first_image_size(source)[0]  # each dataset at its own size
+        sets.append(resize_points(landmarks_array(table), (size, size), (cfg.resolution, cfg.resolution)))
+    return np.concatenate(sets)
 
 
 def plan_sample(seed: int, index: int, num_styles: int, num_source: int) -> tuple[int, int, int]:
