@@ -208,6 +208,9 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
         run_generation(config(inputs, "s3://mdland-missing-bucket/out"))
     with pytest.raises(ValueError, match="not a ControlNet export"):
         run_generation(config(inputs, str(tmp_path / "o"), controlnet=str(tmp_path)))
+    for name in ("num_assemblers", "num_actors", "rows_per_shard"):
+        with pytest.raises(ValueError, match=f"{name}: must be at least 1, got 0"):
+            run_generation(config(inputs, str(tmp_path / "o"), **{name: 0}))
     for nothing in ([], [""]):
         with pytest.raises(ValueError, match="source: no source dataset given"):
             run_generation(config(inputs, str(tmp_path / "o"), source=nothing))

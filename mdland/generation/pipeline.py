@@ -206,8 +206,9 @@ def run_generation(cfg: GenerateConfig) -> dict:
         from mdland.detector.checkpoint import load_detector
 
         load_detector(cfg.detector)  # a bad checkpoint fails here, before any actor starts
-    if cfg.images_per_style < 1 or cfg.rows_per_shard < 1 or cfg.batch_size < 1:
-        raise ValueError("images_per_style, rows_per_shard and batch_size must be at least 1")
+    for name in ("images_per_style", "rows_per_shard", "batch_size", "num_actors", "num_assemblers"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"{name}: must be at least 1, got {getattr(cfg, name)}")
     landmarks = source_landmarks(cfg)
     storage.check_writable(cfg.output)
     plan = _check_plan(cfg)
