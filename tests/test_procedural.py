@@ -42,7 +42,7 @@ def test_unknown_style():
         list(procedural_faces(1, styles=("oil",)))
 
 
-@pytest.mark.parametrize("size", [64, 256])
+@pytest.mark.parametrize("size", [64, 128, 256])
 def test_the_drawing_is_centred_on_the_points(size):
     """Drawing the mirrored landmarks gives the mirrored face: no half-pixel lean from PIL's rounding down."""
     points = random_landmarks(np.random.default_rng(3), size)

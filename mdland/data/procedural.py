@@ -83,9 +83,9 @@ def draw_face(points: np.ndarray, style: str, size: int = 256, rng: np.random.Ge
         raise ValueError(f"unknown procedural style {style!r}; choose one of {STYLES}")
     rng = rng or np.random.default_rng(0)
     ss = 2  # draw at twice the size and downsample, for anti-aliased edges
-    # Pixel-centre points in the supersampled image, moved by PIL's half pixel.
+    # Pixel-centre points in the supersampled image, moved by PIL's half pixel; odd line widths (see SHAPE_SHIFT).
     p = np.asarray(points, dtype=np.float64) * ss + (ss - 1) / 2 + SHAPE_SHIFT
-    lw = max(1, round(size * ss / 110))
+    lw = max(1, round(size * ss / 110)) | 1
     bg = tuple(int(v) for v in rng.integers(150, 256, 3)) if style != "line_art" else (255, 255, 255)
     image = Image.new("RGB", (size * ss, size * ss), bg)
     d = ImageDraw.Draw(image)
@@ -109,7 +109,7 @@ def draw_face(points: np.ndarray, style: str, size: int = 256, rng: np.random.Ge
         d.polygon([tuple(q) for q in p[0:17]] + _poly(p, [26, 25, 24, 23, 22, 21, 20, 19, 18, 17]), fill=skin)
         d.polygon(outline, outline=ink, width=lw)
         for part in ("brow_left", "brow_right"):
-            d.line(_poly(p, PARTS[part]), fill=hair, width=2 * lw)
+            d.line(_poly(p, PARTS[part]), fill=hair, width=2 * lw + 1)
         for eye in ("eye_left", "eye_right"):
             d.polygon(_poly(p, PARTS[eye]), fill=(250, 250, 250), outline=ink, width=lw)
             idx = list(PARTS[eye])

@@ -90,7 +90,7 @@ def edge_maps(points: np.ndarray, size: int) -> np.ndarray:
     for e, (closed, idx) in enumerate(EDGES):
         canvas = Image.new("L", (size, size))
         line = [tuple(map(float, np.clip(points[i], 0, size - 1) + SHAPE_SHIFT)) for i in idx]
-        ImageDraw.Draw(canvas).line(line + line[:1] if closed else line, fill=255, width=max(1, size // 256))
+        ImageDraw.Draw(canvas).line(line + line[:1] if closed else line, fill=255, width=2 * (size // 512) + 1)
         out[e] = np.asarray(canvas, np.float32).reshape(h, 4, h, 4).mean(axis=(1, 3)) / 255.0
     return out
 

@@ -8,7 +8,8 @@ from PIL import Image, ImageDraw
 from mdland.landmarks.scheme import POLYLINES, check_shape
 
 # PIL rasterises at floor(coordinate), as if a pixel spanned [i, i + 1): pixel-centre points move by half a pixel
-# so that dots and lines land on their nearest pixels instead of leaning up and left.
+# so that dots and lines land on their nearest pixels instead of leaning up and left. Only odd-width lines centre on
+# a pixel; an even width leans half a pixel whichever way the line's angle says, so every line width here is odd.
 SHAPE_SHIFT = 0.5
 
 
@@ -43,7 +44,7 @@ def render_landmarks(points: np.ndarray, size: int | tuple[int, int] = 256) -> n
     w, h = _size(size)
     image = Image.new("RGB", (w, h))
     draw = ImageDraw.Draw(image)
-    width = max(1, round(min(w, h) / 128))
+    width = 2 * round(min(w, h) / 256) + 1  # 3 pixels at 256
     radius = max(1.0, min(w, h) / 128)
     for part, indices, closed in POLYLINES:
         line = [tuple(map(float, pts[i] + SHAPE_SHIFT)) for i in indices]
