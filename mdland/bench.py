@@ -6,7 +6,7 @@
 - `generate`: mdland's sampler (half precision, channels-last, batched guidance, optional torch.compile) against
   diffusers' `StableDiffusionControlNetPipeline` on the same modules, seeds and settings; images/s and ratio. With
   `--pipeline`, also the Ray Data pipeline's steady images/s against the bare sampler, and the time for 10k images.
-- `write`: how many generated images/s the generation pipeline's one shard assembler writes (and PNG encoding runs
+- `write`: how many generated images/s the generation pipeline's shard assembler writes (and PNG encoding runs
   per core), on this machine's CPU: the ceiling of one `mdland generate` job, in GPUs' worth.
 - `detector`: batched images/s and single-image latency of the STAR network (fp16 on GPU, fp32 on CPU).
 - `serve`: end-to-end requests/s and p50/p95 latency over HTTP (Ray Serve, concurrent loopback clients) against

@@ -159,7 +159,7 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
     # No texture augmentation: it is for domains with occlusion and blur, and slows a few-epoch CPU run on clean
     # procedural faces (8 epochs on 384 faces: 5.2% NME with it, 3.6% without).
     detector = train_detector(DetectorTrainConfig(
-        arch="tiny", data=[data["synthetic"], data["real-train"]], val_data=data["real-test"], epochs=s.detector_epochs,
+        arch="tiny", data=[data["synthetic"], data["real-train"]], val_data=[data["real-test"]], epochs=s.detector_epochs,
         texture=False, batch_size=max(1, min(8, (s.train + generated["count"]) // 2)), learning_rate=1e-3,
         num_workers=2, cpus_per_worker=0.5, storage_path=data["runs"], name="detector", seed=s.seed, log_every=10))
     stage("fine-tune detector", t)

@@ -40,12 +40,18 @@ def test_bad_configs_fail_fast(faces, tmp_path):
         check(batch_size=40, num_workers=2)
     with pytest.raises(ValueError, match="unknown detector architecture"):
         check(arch="resnet")
+    from mdland.data.shards import ShardWriter
+
+    ShardWriter(str(tmp_path / "empty")).close()
+    assert check(val_data=[str(faces / "val"), str(faces / "val")]) == (64, 64)  # one held-out set per domain
+    with pytest.raises(ValueError, match=r"val_data: .*empty holds no faces"):
+        check(val_data=[str(faces / "val"), str(tmp_path / "empty")])
     with pytest.raises(ValueError, match="nope.pkl: detector checkpoint not found"):
         check(init=str(tmp_path / "nope.pkl"))
 
 
 def test_plain_process_learns_keeps_the_best_and_resumes(faces, tmp_path):
-    cfg = DetectorTrainConfig(**TINY, data=[str(faces / "train")], val_data=str(faces / "val"), epochs=3,
+    cfg = DetectorTrainConfig(**TINY, data=[str(faces / "train")], val_data=[str(faces / "val")], epochs=3,
                               storage_path=str(tmp_path), name="d")
     first = run_training(cfg, local=True)
     cfg.epochs = 4
@@ -81,7 +87,7 @@ def test_fine_tuning_a_finished_checkpoint_starts_at_epoch_zero(faces, tmp_path)
 def test_bf16_training_runs_batchnorm_and_saves_fp32_master_weights(faces, tmp_path):
     # bf16 is what GPUs train in; DeepSpeed runs it on CPU too, so the path (BatchNorm statistics cast with the
     # weights, fp32 master copy saved) is tested here.
-    cfg = DetectorTrainConfig(**TINY, precision="bf16", data=[str(faces / "train")], val_data=str(faces / "val"),
+    cfg = DetectorTrainConfig(**TINY, precision="bf16", data=[str(faces / "train")], val_data=[str(faces / "val")],
                               epochs=1, storage_path=str(tmp_path), name="bf16")
     result = run_training(cfg, local=True)
     blob = torch.load(io.BytesIO(storage.read_bytes(result["best"])), weights_only=True)
@@ -100,7 +106,7 @@ def test_ray_train_two_workers_lower_validation_nme(faces, tmp_path):
     ray.init(num_cpus=4, include_dashboard=False,
              runtime_env={"env_vars": {"MDLAND_CACHE": os.environ.get("MDLAND_CACHE", "")}})
     try:
-        cfg = DetectorTrainConfig(**TINY, data=[str(faces / "train")], val_data=str(faces / "val"), epochs=3,
+        cfg = DetectorTrainConfig(**TINY, data=[str(faces / "train")], val_data=[str(faces / "val")], epochs=3,
                                   num_workers=2, storage_path=str(tmp_path), name="ray-d")
         result = run_training(cfg)
     finally:

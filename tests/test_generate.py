@@ -211,6 +211,8 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
     for name in ("num_assemblers", "num_actors", "rows_per_shard"):
         with pytest.raises(ValueError, match=f"{name}: must be at least 1, got 0"):
             run_generation(config(inputs, str(tmp_path / "o"), **{name: 0}))
+    with pytest.raises(ValueError, match="empty is an empty dataset"):  # one dataset alone, as a string
+        run_generation(config(inputs, str(tmp_path / "o"), source=str(tmp_path / "empty")))
     for nothing in ([], [""]):
         with pytest.raises(ValueError, match="source: no source dataset given"):
             run_generation(config(inputs, str(tmp_path / "o"), source=nothing))
@@ -302,5 +304,7 @@ def test_assembler_counts_a_row_delivered_twice_once(inputs, tmp_path):
     assert len(assembler.add(rows([0, 1]))["shard"]) == 0
     assert len(assembler.add(rows([1]))["shard"]) == 0  # a retried task's duplicate: still two distinct rows
     assert list(assembler.add(rows([2]))["shard"]) == [0]
+    # A retried task delivering the whole shard again after it was written: not written twice, nothing held back.
+    assert len(assembler.add(rows([0, 1, 2]))["shard"]) == 0 and not assembler.rows
     table = read_dataset(str(tmp_path / "out"))
     assert table.column("key").to_pylist() == ["00000000", "00000001", "00000002"]

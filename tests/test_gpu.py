@@ -50,7 +50,7 @@ def test_bf16_controlnet_training_on_gpu_exports_fp32(faces, tmp_path):
 def test_bf16_detector_training_on_gpu(faces, tmp_path):
     from mdland.detector.train import DetectorTrainConfig, run_training
 
-    cfg = DetectorTrainConfig(arch="tiny", data=[str(faces)], val_data=str(faces), epochs=2, batch_size=8,
+    cfg = DetectorTrainConfig(arch="tiny", data=[str(faces)], val_data=[str(faces)], epochs=2, batch_size=8,
                               learning_rate=1e-3, use_gpu=True, storage_path=str(tmp_path), name="gpu")
     result = run_training(cfg, local=True)
     assert result["epoch"] == 2 and np.isfinite(result["best_val_nme"])

@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from mdland.config import from_dict
@@ -38,7 +39,7 @@ log = get_logger(__name__)
 @dataclass
 class DetectorTrainConfig:
     data: list[str] = field(default_factory=list)  # shard datasets to train on (synthetic and/or real)
-    val_data: str = ""  # held-out shards for the per-epoch NME
+    val_data: list[str] = field(default_factory=list)  # held-out shard datasets (e.g. one per domain): per-epoch NME
     init: str | None = None  # a STAR .pkl (or mdland detector.pkl) to start from; None: random
     arch: str = "star-300w"  # used when starting from scratch
     epochs: int = 10
@@ -76,8 +77,9 @@ def check_config(cfg: DetectorTrainConfig) -> tuple[int, int]:
     if cfg.batch_size * cfg.num_workers > rows:
         raise ValueError(f"batch_size: {cfg.batch_size} x {cfg.num_workers} worker(s) is larger than the "
                          f"training set ({rows} faces)")
-    if cfg.val_data and count_rows(cfg.val_data) == 0:
-        raise ValueError(f"val_data: {cfg.val_data} holds no faces")
+    for val in cfg.val_data:
+        if count_rows(val) == 0:
+            raise ValueError(f"val_data: {val} holds no faces")
     storage.check_writable(storage.join(cfg.storage_path, cfg.name))
     return rows, size
 
@@ -124,7 +126,7 @@ def train_func(config: dict) -> None:
             log.info("resumed after epoch %d (best validation NME %.4f)", epoch, best)
     val = None
     if session.rank == 0 and cfg.val_data:
-        table = read_dataset(cfg.val_data).select(COLUMNS)
+        table = pa.concat_tables([read_dataset(v).select(COLUMNS) for v in cfg.val_data])
         val = prepare_detector_batch({c: table.column(c).to_pylist() for c in COLUMNS}, size, augment=False,
                                      targets=False)
         if not history:
@@ -176,7 +178,8 @@ def _checkpoint(engine, session, cfg: DetectorTrainConfig, history: list, epoch:
 
 def run_training(cfg: DetectorTrainConfig, local: bool = False) -> dict:
     """Fine-tune on Ray Train (or in this process with `local`); returns the last metrics and the best weights."""
-    cfg = replace(cfg, data=[storage.absolute(d) for d in cfg.data], val_data=storage.absolute(cfg.val_data),
+    cfg = replace(cfg, data=[storage.absolute(d) for d in cfg.data],
+                  val_data=[storage.absolute(v) for v in cfg.val_data],
                   init=cfg.init and storage.absolute(cfg.init), storage_path=storage.absolute(cfg.storage_path))
     rows, size = check_config(cfg)
     best = storage.join(cfg.storage_path, cfg.name, "best", "detector.pkl")

@@ -103,6 +103,7 @@ class ShardAssembler:
         self.total = total  # from the driver, which read the styles file
         # Keyed by sample index, so a row delivered twice (a retried task) counts once.
         self.rows: dict[int, dict[int, Face | None]] = defaultdict(dict)
+        self.written: set[int] = set()  # rows of these that come again (a retried task) are dropped
         self.model = f"{self.cfg.controlnet}@{storage.fingerprint(self.cfg.controlnet)}"  # path@version
 
     def rejects(self, score: float) -> bool:
@@ -116,6 +117,8 @@ class ShardAssembler:
         points = landmarks_from_rows(batch["landmarks"])
         for i in range(len(batch["index"])):
             shard = int(batch["shard"][i])
+            if shard in self.written:
+                continue
             score = float(batch["alignment"][i])
             self.rows[shard][int(batch["index"][i])] = None if self.rejects(score) else Face(
                 image=batch["image"][i], landmarks=points[i],
@@ -127,6 +130,7 @@ class ShardAssembler:
         for shard in [s for s, rows in self.rows.items() if len(rows) == self.expected(s)]:
             faces = sorted((f for f in self.rows.pop(shard).values() if f is not None), key=lambda f: f.key)
             summary = write_shard(storage.join(self.cfg.output, shard_name(shard)), faces)
+            self.written.add(shard)
             written.append((shard, json.dumps(summary)))
         return {"shard": np.array([w[0] for w in written], dtype=np.int64),
                 "summary": np.array([w[1] for w in written], dtype=object)}
@@ -189,7 +193,8 @@ def _shard_summary(uri: str) -> dict:
 
 def run_generation(cfg: GenerateConfig) -> dict:
     """Generate the planned set's missing shards, then write the manifest (when the set is complete)."""
-    cfg = replace(cfg, source=[storage.absolute(s) for s in cfg.source or []], output=storage.absolute(cfg.output),
+    sources = [cfg.source] if isinstance(cfg.source, str) else cfg.source or []  # one dataset may be given alone
+    cfg = replace(cfg, source=[storage.absolute(s) for s in sources], output=storage.absolute(cfg.output),
                   controlnet=storage.absolute(cfg.controlnet), styles_file=storage.absolute(cfg.styles_file),
                   model=cfg.model if cfg.model in PRESETS else storage.absolute(cfg.model),
                   detector=cfg.detector and storage.absolute(cfg.detector))
@@ -246,14 +251,15 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], l
     # 20-50 GPUs (`mdland bench write`), hence one per 16 generation actors by default.
     total = len(styles) * cfg.images_per_style
     count = cfg.num_assemblers or -(-cfg.num_actors // 16)
-    assemblers = [ray.remote(ShardAssembler).options(num_cpus=0.25).remote(config, total) for _ in range(count)]
-    # With GPUs, these tasks also PNG-encode, so a GPU only samples. (A CPU actor encodes its own images: the tasks
-    # would only compete with it for the same cores.)
-    ds = ds.map_batches(deliver_rows, fn_kwargs={"assemblers": assemblers, "encode": cfg.use_gpu},
-                        batch_format="numpy", batch_size=None, num_cpus=0.5 if cfg.use_gpu else 0.25)
     t0, images, marks = time.time(), 0, []
     expected = sum(min(cfg.rows_per_shard, total - k * cfg.rows_per_shard) for k in pending)
+    assemblers = []
     try:
+        assemblers += [ray.remote(ShardAssembler).options(num_cpus=0.25).remote(config, total) for _ in range(count)]
+        # With GPUs, these tasks also PNG-encode, so a GPU only samples. (A CPU actor encodes its own images: the
+        # tasks would only compete with it for the same cores.)
+        ds = ds.map_batches(deliver_rows, fn_kwargs={"assemblers": assemblers, "encode": cfg.use_gpu},
+                            batch_format="numpy", batch_size=None, num_cpus=0.5 if cfg.use_gpu else 0.25)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for summary in batch["summary"]:
                 images += json.loads(summary)["rows"]
