@@ -52,6 +52,15 @@ def _by_stem(root: Path, suffixes: set[str]) -> dict[str, Path]:
     return found
 
 
+def skip_or_raise(message: str, skip_bad: bool, skipped: list[str] | None) -> None:
+    """A bad face: raise its message, or with `skip_bad` log it and add it to `skipped` (when given)."""
+    if not skip_bad:
+        raise ValueError(message)
+    log.warning("skipped: %s", message)
+    if skipped is not None:
+        skipped.append(message)
+
+
 def iter_samples(fmt: str, src: str | Path, skip_bad: bool = False, ffhq_variant: str = "image",
                  image_dir: str | Path | None = None, skipped: list[str] | None = None) -> Iterator[Sample]:
     """The (image, landmarks) pairs of SRC in format `fmt`; bad ones raise, or are logged, added to `skipped` and
@@ -61,13 +70,6 @@ def iter_samples(fmt: str, src: str | Path, skip_bad: bool = False, ffhq_variant
     src = Path(src)
     if not src.exists():
         raise ValueError(f"{src}: source not found")
-
-    def bad(message: str) -> None:
-        if not skip_bad:
-            raise ValueError(message)
-        log.warning("skipped: %s", message)
-        if skipped is not None:
-            skipped.append(message)
 
     if fmt in _SIDECAR_READERS:
         readers = _SIDECAR_READERS[fmt]
@@ -79,15 +81,15 @@ def iter_samples(fmt: str, src: str | Path, skip_bad: bool = False, ffhq_variant
             except ValueError as e:
                 log.info("ignored (no image, not a landmark file): %s", e)
                 continue
-            bad(f"{marks[stem]}: landmark file without an image")
+            skip_or_raise(f"{marks[stem]}: landmark file without an image", skip_bad, skipped)
         for stem, image in images.items():
             if stem not in marks:
-                bad(f"{image}: image without a landmark file ({' or '.join(readers)})")
+                skip_or_raise(f"{image}: image without a landmark file ({' or '.join(readers)})", skip_bad, skipped)
                 continue
             try:
                 yield Sample(stem, image, readers[marks[stem].suffix.lower()](marks[stem]))
             except ValueError as e:
-                bad(str(e))
+                skip_or_raise(str(e), skip_bad, skipped)
     elif fmt == "ffhq":
         meta = src / "ffhq-dataset-v2.json" if src.is_dir() else src
         for entry in read_ffhq_json(meta, ffhq_variant):
@@ -157,11 +159,7 @@ def ingest(fmt: str, src: str | Path, dest: str, size: int = 256, margin: float 
         try:
             samples.append((sample, sample.crop or crop_from_landmarks(sample.landmarks, margin)))
         except ValueError as e:
-            message = f"{sample.image_path}: {e}"
-            if not skip_bad:
-                raise ValueError(message) from None
-            log.warning("skipped: %s", message)
-            skipped.append(message)
+            skip_or_raise(f"{sample.image_path}: {e}", skip_bad, skipped)
     if not samples:
         raise ValueError(f"{src}: no usable (image, landmarks) pairs found for format {fmt!r}")
     name = source or fmt
@@ -178,10 +176,7 @@ def ingest(fmt: str, src: str | Path, dest: str, size: int = 256, margin: float 
             try:
                 image = load_image(sample.image_path)
             except ValueError as e:
-                if not skip_bad:
-                    raise
-                log.warning("skipped: %s", e)
-                skipped.append(str(e))
+                skip_or_raise(str(e), skip_bad, skipped)
                 continue
             crop, points, _ = crop_face(image, sample.landmarks, centre, scale, size)
             writer.add(Face(image=encode_image(crop), landmarks=points, key=sample.key, source=name, style=style,

@@ -9,7 +9,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mdland.data import storage
-from mdland.data.ingest import iter_samples, load_image
+from mdland.data.ingest import iter_samples, load_image, skip_or_raise
 from mdland.data.shards import decode_image, landmarks_array, read_dataset
 from mdland.detector.metrics import check_threshold, nme, plot_ced, summarise
 from mdland.landmarks.io import LANDMARK_SUFFIXES, read_landmark_file
@@ -87,11 +87,7 @@ def eval_faces(src: str, fmt: str | None = None, skip_bad: bool = False,
         try:
             faces.append(EvalFace(sample.key, load_image(sample.image_path), sample.landmarks))
         except ValueError as e:
-            if not skip_bad:
-                raise
-            log.warning("skipped: %s", e)
-            if skipped is not None:
-                skipped.append(str(e))
+            skip_or_raise(str(e), skip_bad, skipped)
     if not faces:
         raise ValueError(f"{src}: no faces to evaluate")
     return faces
