@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--arch", default="star-300w", help="star-300w or tiny")
     b.add_argument("--batch-size", type=int, default=16, help="max_batch_size of the replica and the in-process batch")
     b.add_argument("--requests", type=int, default=200, help="requests in the load run")
-    b.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    b.add_argument("--clients", type=int, help="concurrent clients (default: twice the batch size)")
     b = bench.add_parser("write", help="the generation pipeline's shard assembler and PNG encoding, images/s on CPU")
     b.add_argument("--images", default="faces", choices=["faces", "noise"], help="what the 256x256 PNGs hold")
     b.add_argument("--count", type=int, default=4000)

@@ -55,6 +55,7 @@ def test_bench_serve_runs_http_against_in_process(tmp_path):
     assert r["errors"] == 0 and r["http_requests_per_s"] > 0 and r["in_process_images_per_s"] > 0
     assert r["ratio"] == round(r["http_requests_per_s"] / r["in_process_images_per_s"], 3)
     assert 0 < r["p50_ms"] <= r["p95_ms"]
+    assert 1 <= r["mean_batch_size"] <= 4  # as the replica's answers said
 
 
 def test_bench_write_assembles_every_shard(tmp_path):

@@ -1,5 +1,6 @@
 import base64
 import io
+import json
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +69,10 @@ def test_single_image_matches_in_process_inference(server):
     r = post_image(url, faces[3], box="-12,-8,100,98")  # a widened box may reach past the image's edges
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["landmarks"], expected(net, faces[3], (-12, -8, 100, 98)), atol=2e-3)
+    from ray import serve
+
+    # The replica passes Serve's health checks (check_health runs every few seconds).
+    assert serve.status().applications["landmarks"].deployments["LandmarkDetector"].status == "HEALTHY"
     model = requests.get(f"{url}/v1/model", timeout=30).json()
     assert model["points"] == 68 and model["input_size"] == 64
     assert "/v1/landmarks/batch" in requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]
@@ -111,7 +116,11 @@ def png_of(shape) -> bytes:
     ("json shape", 400, "JSON: expected"),
     ("bad base64", 400, "not valid base64"),
     ("too many images", 413, "image limit"),
+    ("too many files", 413, "multipart: Too many files"),
+    ("text field as image", 400, "images[0]: a text field, not a file"),
     ("no image field", 400, "no `image` file field"),
+    ("huge box", 400, "over 8x the 96x96 image's longer side"),
+    ("overflowing box", 400, "boxes[0]: expected four numbers"),
 ])
 def test_bad_input_gets_a_one_line_4xx_and_the_replica_lives(server, case, status, needle):
     url, _, faces = server
@@ -138,6 +147,16 @@ def test_bad_input_gets_a_one_line_4xx_and_the_replica_lives(server, case, statu
         "json shape": lambda: requests.post(batch, json={"pictures": []}),
         "bad base64": lambda: requests.post(batch, json={"images": [{"image": "%%%"}]}),
         "too many images": lambda: requests.post(batch, files=[("images", ("a.png", face, "image/png"))] * 9),
+        # Past what the multipart parser itself takes (max_images + 1 parts): its own message, as a 413.
+        "too many files": lambda: requests.post(batch, files=[("images", ("a.png", face, "image/png"))] * 12),
+        "text field as image": lambda: requests.post(batch, data={"images": "hello"},
+                                                     files=[("images", ("a.png", face, "image/png"))]),
+        # It overlaps the image, but its crop's arithmetic would overflow.
+        "huge box": lambda: post_image(url, face, box="-1e20,-1e20,1e20,1e20"),
+        # 10**400 is valid JSON and too large for a float.
+        "overflowing box": lambda: requests.post(batch, data=json.dumps(
+            {"images": [{"image": base64.b64encode(face).decode(), "box": [10**400, 0, 5, 5]}]}),
+            headers={"content-type": "application/json"}),
         "no image field": lambda: requests.post(f"{url}/v1/landmarks", files={"picture": ("a.png", face, "image/png")}),
     }[case]
     r = send()
@@ -149,10 +168,16 @@ def test_bad_input_gets_a_one_line_4xx_and_the_replica_lives(server, case, statu
 
 def test_concurrent_clients_get_their_own_answers(server):
     url, net, faces = server
+    # Every third upload is broken: it is refused on its own, and the faces batched around it are still answered.
+    uploads = [png[: len(png) // 3] if i % 3 == 2 else png for i, png in enumerate(faces)]
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda png: post_image(url, png).json()["landmarks"], faces))
-    for png, points in zip(faces, answers):
-        np.testing.assert_allclose(points, expected(net, png), atol=2e-3)
+        answers = list(pool.map(lambda png: post_image(url, png), uploads))
+    for i, (png, r) in enumerate(zip(faces, answers)):
+        if i % 3 == 2:
+            assert r.status_code == 400 and "truncated" in r.json()["error"]
+        else:
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(r.json()["landmarks"], expected(net, png), atol=2e-3)
 
 
 def test_a_batch_fills_to_max_batch_size(server, tmp_path):
@@ -215,6 +240,23 @@ def test_serve_config_file_builds_the_app(server, tmp_path):
     assert app.build_app(args) is not None
     with pytest.raises(ValueError, match="unknown key"):
         app.build_app({"detector": "x", "max_batch": 3})
+    with pytest.raises(ValueError, match="decode_threads: must be at least 1"):
+        app.build_app({**args, "decode_threads": 0})
+    (tmp_path / "notes.pkl").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="notes.pkl: not a readable detector checkpoint"):  # in the driver
+        app.build_app({**args, "detector": str(tmp_path / "notes.pkl")})
+
+
+def test_a_replica_whose_forward_pass_failed_reports_unhealthy():
+    from mdland.serve.app import LandmarkService
+
+    # The class as Serve runs it, without its constructor (which needs a replica context).
+    replica = LandmarkService.func_or_class.__new__(LandmarkService.func_or_class)
+    replica.failure = None
+    replica.check_health()
+    replica.failure = "forward pass failed: AcceleratorError: CUDA error: an illegal memory access"
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        replica.check_health()
 
 
 def test_16_bit_grey_uploads_keep_their_tones():

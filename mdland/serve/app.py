@@ -21,9 +21,11 @@ import binascii
 import io
 import json
 import time
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,7 +33,9 @@ from ray import serve
 
 from mdland.config import from_dict
 from mdland.data import storage
+from mdland.detector.checkpoint import load_detector, predict_crops
 from mdland.landmarks.align import crop_from_box, crop_matrix, warp_image
+from mdland.session import pick_device
 
 
 @dataclass
@@ -42,6 +46,8 @@ class ServeConfig:
     max_bytes: int = 10 * 2**20  # per request body
     max_pixels: int = 25_000_000  # per image
     max_images: int = 32  # per batch request
+    max_box_ratio: float = 8.0  # a box's side at most this many times the image's longer side
+    decode_threads: int = 4  # images decoded and cropped at once per replica (each may take max_pixels x 3 bytes)
     use_gpu: bool = False  # fp16 on a GPU; fp32 on CPU
 
 
@@ -78,13 +84,14 @@ def decode_upload(data: bytes, limits: ServeConfig, what: str = "image") -> np.n
         raise BadInput(400, f"{what}: undecodable image ({type(e).__name__})") from None
 
 
-def parse_box(box: str | list | None, width: int, height: int, what: str = "box") -> tuple[float, ...]:
+def parse_box(box: str | list | None, width: int, height: int, what: str = "box",
+              max_ratio: float = ServeConfig.max_box_ratio) -> tuple[float, ...]:
     if box is None or box == "":
         return (0.0, 0.0, float(width), float(height))
     try:
         values = [float(v) for v in (box.split(",") if isinstance(box, str) else box)]
-    except (TypeError, ValueError):
-        raise BadInput(400, f"{what}: expected four numbers x0,y0,x1,y1, got {box!r}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer too large for a float
+        raise BadInput(400, f"{what}: expected four numbers x0,y0,x1,y1, got {box!r:.80}") from None
     if len(values) != 4 or not all(np.isfinite(values)):
         raise BadInput(400, f"{what}: expected four finite numbers x0,y0,x1,y1, got {box!r}")
     x0, y0, x1, y1 = values
@@ -92,6 +99,10 @@ def parse_box(box: str | list | None, width: int, height: int, what: str = "box"
         raise BadInput(400, f"{what}: degenerate box {values} (x1 > x0 and y1 > y0 needed)")
     if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
         raise BadInput(400, f"{what}: box {values} is outside the {width}x{height} image")
+    # A box that overlaps the image can still be absurdly large; its crop would be one blurred pixel (and past ~1e11
+    # the resampling arithmetic overflows).
+    if max(x1 - x0, y1 - y0) > max_ratio * max(width, height):
+        raise BadInput(400, f"{what}: box {values} is over {max_ratio:g}x the {width}x{height} image's longer side")
     return (x0, y0, x1, y1)
 
 
@@ -130,20 +141,18 @@ async def _unexpected(request: Request, exc: Exception):  # never a stack trace 
 @serve.ingress(api)
 class LandmarkService:
     def __init__(self, config: dict):
-        import torch
-
-        from mdland.detector.checkpoint import load_detector
-        from mdland.session import pick_device
-
         self.cfg = from_dict(ServeConfig, config)
+        # The forward pass has a thread of its own, so a ready batch never queues behind image decodes; decodes share
+        # a bounded pool, which caps the memory of images being decoded at once.
+        self.forward_pool = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        self.decode_pool = ThreadPoolExecutor(self.cfg.decode_threads, thread_name_prefix="decode")
+        self.failure: str | None = None
         device = pick_device(self.cfg.use_gpu)  # on a GPU, with cuDNN autotuning
         on_gpu = device.type == "cuda"
         self.dtype = torch.float16 if on_gpu else torch.float32
         self.net = load_detector(self.cfg.detector, device=device).eval().to(dtype=self.dtype)
         # Forward passes before the replica reports healthy, so no request pays for warm-up (on GPU, for cuDNN's
         # kernel choice at every batch size it will see).
-        from mdland.detector.checkpoint import predict_crops
-
         size = self.net.arch.input_size
         for n in range(1, self.cfg.max_batch_size + 1) if on_gpu else [1]:
             predict_crops(self.net, [np.zeros((size, size, 3), np.uint8)] * n, [np.eye(3)] * n, self.dtype)
@@ -152,18 +161,28 @@ class LandmarkService:
 
     @serve.batch(max_batch_size=ServeConfig.max_batch_size, batch_wait_timeout_s=ServeConfig.batch_wait_timeout_s)
     async def infer(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, int]]:
-        from mdland.detector.checkpoint import predict_crops
-
         # In a thread: the event loop keeps taking requests (and queueing the next batch) while this one runs.
-        points = await asyncio.to_thread(predict_crops, self.net, [crop for crop, _ in items], [m for _, m in items],
-                                         self.dtype)
+        try:
+            points = await asyncio.get_running_loop().run_in_executor(
+                self.forward_pool, predict_crops, self.net, [crop for crop, _ in items], [m for _, m in items],
+                self.dtype)
+        except Exception as e:
+            # Inputs are checked before they reach a batch, so a failing forward pass means a broken replica (a lost
+            # CUDA context fails every later call too): check_health reports it and Serve replaces the replica.
+            self.failure = f"forward pass failed: {type(e).__name__}: {str(e)[:200]}"
+            raise
         return [(p, len(items)) for p in points]
+
+    def check_health(self) -> None:
+        if self.failure:
+            raise RuntimeError(self.failure)
 
     def _decode_and_crop(self, data: bytes, box, index: int | None) -> tuple[tuple[int, int], tuple, np.ndarray,
                                                                             np.ndarray]:
         """Decode and crop one upload: ((width, height), box, crop, source->crop matrix)."""
         image = decode_upload(data, self.cfg, "image" if index is None else f"images[{index}]")
-        box = parse_box(box, image.shape[1], image.shape[0], "box" if index is None else f"boxes[{index}]")
+        box = parse_box(box, image.shape[1], image.shape[0], "box" if index is None else f"boxes[{index}]",
+                        self.cfg.max_box_ratio)
         size = self.net.arch.input_size
         (cx, cy), scale = crop_from_box(box)
         # Box edges -> the pixel-centre coordinates points and crops use (pixel i spans [i - 0.5, i + 0.5]).
@@ -174,7 +193,8 @@ class LandmarkService:
         """One face: decode and crop (in a thread), batched forward pass. `index` names the image's place in a
         batch request."""
         t0 = time.perf_counter()
-        image_size, box, crop, matrix = await asyncio.to_thread(self._decode_and_crop, data, box, index)
+        image_size, box, crop, matrix = await asyncio.get_running_loop().run_in_executor(
+            self.decode_pool, self._decode_and_crop, data, box, index)
         points, batch = await self.infer((crop, matrix))
         return {"landmarks": np.round(points.astype(np.float64), 3).tolist(), "box": list(box),
                 "image_size": list(image_size), "model": self.cfg.detector, "batch_size": batch,
@@ -229,7 +249,10 @@ class LandmarkService:
             boxes = form.get("boxes") or [None] * len(files)
             if len(boxes) != len(files):
                 raise BadInput(400, f"multipart: {len(boxes)} boxes for {len(files)} images")
-            pairs = [(f, b) for f, b in zip(files, boxes) if not isinstance(f, str)]
+            for i, f in enumerate(files):
+                if isinstance(f, str):  # a text field would shift every later image's index in the answer
+                    raise BadInput(400, f"images[{i}]: a text field, not a file")
+            pairs = list(zip(files, boxes))
         else:
             raise BadInput(415, f"content type {kind or 'missing'!r}: send multipart/form-data or application/json")
         if not pairs:
@@ -248,8 +271,10 @@ class LandmarkService:
             form = await parser.parse()
         except BadInput:
             raise
-        except Exception as e:  # the multipart parser's own errors
-            raise BadInput(400, f"multipart: malformed ({type(e).__name__})") from None
+        except Exception as e:  # the multipart parser's own errors, whose messages name the problem
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            too_big = message.startswith(("Too many", "Part exceeded"))
+            raise BadInput(413 if too_big else 400, f"multipart: {message}") from None
         try:
             return {k: [v if isinstance(v, str) else await v.read() for v in form.getlist(k)] for k in form.keys()}
         finally:
@@ -264,8 +289,16 @@ def build_app(args: dict) -> serve.Application:
     cfg = from_dict(ServeConfig, args)
     if not cfg.detector:
         raise ValueError("detector: no checkpoint given")
-    if not storage.exists(cfg.detector):
-        raise ValueError(f"detector: {cfg.detector}: detector checkpoint not found")
+    for name in ("max_batch_size", "max_bytes", "max_pixels", "max_images", "decode_threads"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}: must be at least 1, got {getattr(cfg, name)}")
+    if not cfg.max_box_ratio > 0 or cfg.batch_wait_timeout_s < 0:
+        raise ValueError(f"max_box_ratio must be above 0 and batch_wait_timeout_s at least 0, got "
+                         f"{cfg.max_box_ratio} and {cfg.batch_wait_timeout_s}")
+    # Replicas run in other working directories; and a checkpoint that will not load fails here, with its reason,
+    # rather than in replicas that Serve retries before it gives up with its own message.
+    cfg = replace(cfg, detector=storage.absolute(cfg.detector))
+    load_detector(cfg.detector)
     if cfg.use_gpu:
         options.setdefault("ray_actor_options", {}).setdefault("num_gpus", 1)
     # Serve admits only this many requests per replica at once (default 5): at least two full batches, so a batch
@@ -278,8 +311,9 @@ def start_server(args: dict, host: str = "127.0.0.1", port: int = 8000) -> str:
     """Deploy the app on the running (or a new local) Ray and return its base URL; `serve.shutdown()` stops it."""
     import ray
 
+    app = build_app(args)  # bad arguments fail before Ray or Serve starts
     if not ray.is_initialized():
         ray.init()
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(args), name="landmarks", route_prefix="/")
+    serve.run(app, name="landmarks", route_prefix="/")
     return f"http://{host}:{port}"
