@@ -13,6 +13,8 @@ def test_bench_train_runs_both_loops_on_the_same_batch(tmp_path, monkeypatch):
     result = json.loads(out.read_text())
     assert result["plain_samples_per_s"] > 0 and result["mdland_samples_per_s"] > 0
     assert abs(result["speedup"] - result["mdland_samples_per_s"] / result["plain_samples_per_s"]) < 0.05
+    example = result["diffusers_example_samples_per_s"]
+    assert example > 0 and abs(result["speedup_vs_diffusers_example"] - result["mdland_samples_per_s"] / example) < 0.05
     assert result["device"].startswith("cpu") and result["baseline"].startswith("plain PyTorch loop")
 
 

@@ -277,3 +277,23 @@ def test_compiled_training_matches_eager_and_exports_plain_weights(tmp_path, fac
                                                 storage_path=str(tmp_path / "runs"), name="compiled"), local=True)
     exported = ControlNetModel.from_pretrained(result["export"]).state_dict()
     assert list(exported) == list(build_controlnet(build_preset("tiny")).state_dict())
+
+
+def test_training_noise_is_exact_for_bf16_latents():
+    from diffusers import DDPMScheduler
+
+    from mdland.diffusion.train import noised_latents
+
+    # SD 1.x's schedule: at the first timesteps sqrt(1 - alphas_cumprod) is 0.03-0.07, which bf16 arithmetic rounds
+    # to 0 or 0.0625. The forward process must hold exactly for every sample whatever the latents' dtype.
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    latents = torch.randn(512, 4, 4, 4).to(torch.bfloat16)
+    noisy, t, noise = noised_latents(scheduler, latents, torch.Generator().manual_seed(0))
+    assert noisy.dtype == noise.dtype == torch.float32 and int(t.min()) < 10
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)[t].view(-1, 1, 1, 1)
+    expected = alpha_bar.sqrt() * latents.double() + (1 - alpha_bar).sqrt() * noise.double()
+    torch.testing.assert_close(noisy.double(), expected, rtol=0, atol=1e-5)
+    scheduler = DDPMScheduler(prediction_type="sample")
+    with pytest.raises(ValueError, match="prediction_type 'sample'"):
+        noised_latents(scheduler, latents)

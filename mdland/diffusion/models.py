@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,10 +87,8 @@ class PromptEmbeddings:
         return torch.stack([self.cache[p] for p in prompts])
 
 
-def write_tokenizer(directory: str | Path) -> CLIPTokenizer:
+def char_tokenizer() -> CLIPTokenizer:
     """A CLIP BPE tokenizer over single characters (no merges): any prompt tokenises, nothing is downloaded."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     # CLIP's byte-to-unicode table: printable bytes map to themselves, the rest to code points from 256 on.
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
     extra = [b for b in range(256) if b not in printable]
@@ -98,20 +97,21 @@ def write_tokenizer(directory: str | Path) -> CLIPTokenizer:
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
-                              model_max_length=MAX_PROMPT_TOKENS, pad_token="<|endoftext|>")
-    tokenizer.save_pretrained(directory)
-    return tokenizer
+    # Files private to this call: workers starting together on one node must not read each other's half-written
+    # files. The tokenizer reads them when it is built and keeps nothing on disk.
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(d) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(Path(d) / "vocab.json"), str(Path(d) / "merges.txt"),
+                             model_max_length=MAX_PROMPT_TOKENS, pad_token="<|endoftext|>")
 
 
-def build_preset(name: str, cache_dir: str | Path | None = None, seed: int = 0) -> SDComponents:
+def build_preset(name: str, seed: int = 0) -> SDComponents:
     """Random-initialised components of preset `name`; the same seed gives the same weights on every worker."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {PRESETS} or give a model directory")
     arch = _ARCH[name]
-    tokenizer = write_tokenizer(Path(cache_dir or _cache_root()) / "tokenizer-chars")
+    tokenizer = char_tokenizer()
     torch.manual_seed(seed)
     text_cfg = dict(vocab_size=len(tokenizer), max_position_embeddings=MAX_PROMPT_TOKENS,
                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -154,9 +154,8 @@ def diffusion_loss(components: SDComponents, controlnet: torch.nn.Module, text: 
     with torch.no_grad():
         latents = components.vae.encode(pixels).latent_dist.sample(generator) * components.vae.config.scaling_factor
         hidden = text(list(batch["prompt"]))
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
-    noisy = scheduler.add_noise(latents, noise, t)
+    noisy, t, target = noised_latents(scheduler, latents, generator)
+    noisy = noisy.to(dtype)
     if device.type == "cuda":  # the layout cuDNN's fastest convolutions use (see controlnet_engine)
         noisy = noisy.contiguous(memory_format=torch.channels_last)
         cond = cond.contiguous(memory_format=torch.channels_last)
@@ -164,8 +163,22 @@ def diffusion_loss(components: SDComponents, controlnet: torch.nn.Module, text: 
     pred = components.unet(noisy, t, encoder_hidden_states=hidden,
                            down_block_additional_residuals=[d.to(dtype) for d in down],
                            mid_block_additional_residual=mid.to(dtype), return_dict=False)[0]
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
-    return F.mse_loss(pred.float(), target.float())
+    return F.mse_loss(pred.float(), target)
+
+
+def noised_latents(scheduler, latents: torch.Tensor, generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy latents, timesteps, regression target) for one batch, in fp32 whatever the latents' dtype: in bf16
+    the noise scale sqrt(1 - alphas_cumprod) of the first timesteps rounds to 0, and those steps would get no noise."""
+    kind = scheduler.config.prediction_type
+    if kind not in ("epsilon", "v_prediction"):
+        raise ValueError(f"scheduler prediction_type {kind!r}: mdland trains epsilon or v_prediction models")
+    latents = latents.float()
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                      device=latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    return noisy, t, noise if kind == "epsilon" else scheduler.get_velocity(latents, noise, t)
 
 
 def validation_conditions(cfg: ControlNetTrainConfig) -> tuple[np.ndarray, list[str]]:
