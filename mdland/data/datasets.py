@@ -31,17 +31,23 @@ def check_one_filesystem(datasets: list[str]) -> None:
                          + ", ".join(f"{d} ({k})" for d, k in kinds.items()))
 
 
+# Sets up to this many faces (about 2 GB of encoded 256-px images) are shuffled in full every epoch.
+FULL_SHUFFLE_ROWS = 20_000
+
+
 def read_shards(datasets: list[str], columns: list[str]) -> "ray.data.Dataset":
-    """A Ray Dataset over the shards of one or more training datasets (all on one filesystem), its files read in a
-    new random order each epoch (no all-to-all barrier): with the workers' local shuffle buffers, batches mix faces
-    from across the set."""
+    """A Ray Dataset over the shards of one or more training datasets (all on one filesystem), in a new random order
+    each epoch. A small set is shuffled in full: stage 2's is one file per domain, so file order and the workers'
+    local shuffle buffers alone would give runs of batches from one domain. A large one has its files read in a new
+    order (no all-to-all barrier over the whole set), which with the local buffers mixes batches across files."""
     import ray.data
 
     check_one_filesystem(datasets)
     uris = [u for d in datasets for u in shard_uris(d)]
     fs, _ = storage.filesystem(uris[0])
-    return ray.data.read_parquet([storage.filesystem(u)[1] for u in uris], filesystem=fs,
-                                 shuffle="files").select_columns(columns)
+    ds = ray.data.read_parquet([storage.filesystem(u)[1] for u in uris], filesystem=fs,
+                               shuffle="files").select_columns(columns)
+    return ds.random_shuffle() if sum(count_rows(d) for d in datasets) <= FULL_SHUFFLE_ROWS else ds
 
 
 def local_epoch(datasets: list[str], columns: list[str], prepare: Callable[[dict], dict], batch_size: int,
