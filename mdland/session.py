@@ -122,11 +122,13 @@ def pick_device(use_gpu: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def check_precision(precision: str, zero_stage: int, use_gpu: bool) -> None:
-    """Fail fast on a precision / ZeRO stage pair the trainers cannot run."""
+def check_precision(precision: str, zero_stage: int, use_gpu: bool, bf16_weights: bool = True) -> None:
+    """Fail fast on a precision / ZeRO stage pair the trainers cannot run (`bf16_weights`: the model itself is cast
+    to bf16 and ZeRO keeps the fp32 master copy; otherwise bf16 is an autocast over fp32 weights)."""
     if zero_stage not in (0, 1, 2):
         raise ValueError(f"zero_stage: {zero_stage} is not supported; choose 0, 1 or 2")
-    if training_dtype(precision, use_gpu) == torch.bfloat16 and zero_stage == 0:
+    dtype = training_dtype(precision, use_gpu)  # an unknown precision fails here
+    if bf16_weights and dtype == torch.bfloat16 and zero_stage == 0:
         raise ValueError("zero_stage: bf16 training needs ZeRO stage 1 or 2 (stage 0 keeps no fp32 master weights)")
 
 
@@ -150,7 +152,7 @@ def deepspeed_engine(model: torch.nn.Module, *, batch_size: int, optimizer: dict
     if bf16:
         # DeepSpeed would start its fp32 master copy from the bf16-rounded weights: keep the originals to restore.
         full = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-        model.to(dtype)  # buffers too (BatchNorm statistics): DeepSpeed casts only the parameters
+        model.to(dtype)  # buffers too: DeepSpeed casts only the parameters
     # With one rank there is no all-reduce to overlap, only a second gradient bucket to allocate.
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else int(
         os.environ.get("WORLD_SIZE", "1"))

@@ -84,17 +84,19 @@ def test_fine_tuning_a_finished_checkpoint_starts_at_epoch_zero(faces, tmp_path)
     assert not torch.equal(tuned.state_dict()["pre.0.conv.weight"], net.state_dict()["pre.0.conv.weight"])
 
 
-def test_bf16_training_runs_batchnorm_and_saves_fp32_master_weights(faces, tmp_path):
-    # bf16 is what GPUs train in; DeepSpeed runs it on CPU too, so the path (BatchNorm statistics cast with the
-    # weights, fp32 master copy saved) is tested here.
+def test_bf16_training_keeps_fp32_weights_and_batchnorm_statistics(faces, tmp_path):
+    # bf16 is what GPUs train in (an autocast); it runs on CPU too, so the path is tested here.
     cfg = DetectorTrainConfig(**TINY, precision="bf16", data=[str(faces / "train")], val_data=[str(faces / "val")],
                               epochs=1, storage_path=str(tmp_path), name="bf16")
     result = run_training(cfg, local=True)
     blob = torch.load(io.BytesIO(storage.read_bytes(result["best"])), weights_only=True)
     weights = blob["net"]
     assert all(v.dtype == torch.float32 for k, v in weights.items() if not k.endswith("num_batches_tracked"))
-    # The optimizer's fp32 master weights, not the bf16 working copy: values bf16 cannot hold.
+    # fp32 weights, not a bf16 working copy: values bf16 cannot hold.
     assert sum(not torch.equal(v, v.bfloat16().float()) for v in weights.values() if v.is_floating_point()) > 100
+    # BatchNorm's running statistics too: in bf16 their updates would round away once near the batch statistics.
+    stats = [v for k, v in weights.items() if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) > 50 and sum(not torch.equal(v, v.bfloat16().float()) for v in stats) > 0.9 * len(stats)
     assert 0 < blob["val_nme"] < 1
     with pytest.raises(ValueError, match="precision: unknown precision 'fp8'"):
         check_config(DetectorTrainConfig(**TINY, precision="fp8", data=[str(faces / "train")]))

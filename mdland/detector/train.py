@@ -49,7 +49,7 @@ class DetectorTrainConfig:
     texture: bool = True  # and, with augment, STAR's texture augmentation (occlusion, blur, gamma, noise, grey)
     star_w: float = 1.0
     zero_stage: int = 1
-    precision: str = "auto"  # auto: bf16 on GPU (fp32 master weights), fp32 on CPU
+    precision: str = "auto"  # auto: bf16 autocast on GPU (fp32 weights and BatchNorm statistics), fp32 on CPU
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -66,7 +66,7 @@ def check_config(cfg: DetectorTrainConfig) -> tuple[int, int]:
     if not cfg.data:
         raise ValueError("data: no training datasets given")
     check_one_filesystem(cfg.data)
-    check_precision(cfg.precision, cfg.zero_stage, cfg.use_gpu)
+    check_precision(cfg.precision, cfg.zero_stage, cfg.use_gpu, bf16_weights=False)
     if cfg.init is None and cfg.arch not in ARCHS:
         raise ValueError(f"arch: unknown detector architecture {cfg.arch!r}; choose one of {sorted(ARCHS)}")
     # Reads and checks the weights now, not on every worker later.
@@ -84,6 +84,12 @@ def check_config(cfg: DetectorTrainConfig) -> tuple[int, int]:
     return rows, size
 
 
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The forward pass's precision. The weights stay fp32: in bf16 BatchNorm's running statistics would stop
+    moving once within a bf16 step (~1%) of the batch statistics, and eval-mode predictions use them."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 @torch.no_grad()
 def validation_nme(net, batch: dict, device, dtype) -> float:
     """Mean inter-ocular NME of the final stack on prepared (unaugmented) validation faces."""
@@ -91,8 +97,10 @@ def validation_nme(net, batch: dict, device, dtype) -> float:
     size = net.arch.input_size
     preds = []
     for start in range(0, len(batch["image"]), 64):
-        x = torch.from_numpy(batch["image"][start : start + 64]).to(device, dtype)
-        preds.append(normalised_to_pixels(net(x).landmarks[-1].float(), size).cpu().numpy())
+        x = torch.from_numpy(batch["image"][start : start + 64]).to(device)
+        with autocast(device, dtype):
+            landmarks = net(x).landmarks[-1]
+        preds.append(normalised_to_pixels(landmarks.float(), size).cpu().numpy())
     net.train()
     return float(nme(np.concatenate(preds), normalised_to_pixels(torch.from_numpy(batch["landmarks"]), size).numpy()).mean())
 
@@ -115,7 +123,8 @@ def train_func(config: dict) -> None:
     session = (LocalSession(cfg.storage_path, cfg.name, cfg.keep_checkpoints,
                             lambda bs, seed: local_epoch(cfg.data, COLUMNS, prepare, bs, seed))
                if config.get("local") else RaySession())
-    engine = deepspeed_engine(net, batch_size=cfg.batch_size, zero_stage=cfg.zero_stage, dtype=dtype, on_gpu=on_gpu,
+    engine = deepspeed_engine(net, batch_size=cfg.batch_size, zero_stage=cfg.zero_stage, dtype=torch.float32,
+                              on_gpu=on_gpu,
                               optimizer={"type": "Adam", "lr": cfg.learning_rate})
     history, epoch, best = [], 0, float("inf")
     with session.latest_checkpoint() as restored:
@@ -135,7 +144,8 @@ def train_func(config: dict) -> None:
     while epoch < cfg.epochs:
         losses, seen, t0 = [], 0, time.time()
         for batch in session.epoch(cfg.batch_size, cfg.seed + epoch):
-            out = engine(torch.as_tensor(batch["image"], device=device, dtype=dtype))
+            with autocast(device, dtype):
+                out = engine(torch.as_tensor(batch["image"], device=device))
             loss, parts = detector_loss(out, *(torch.as_tensor(batch[k], device=device)
                                                for k in ("landmarks", "pointmaps", "edgemaps")), cfg.star_w)
             engine.backward(loss)
