@@ -52,6 +52,9 @@ def test_targets():
     r, c = np.unravel_index(maps[5].argmax(), maps[5].shape)
     # Sampled at 64-grid centres 4u + 1.5: the nearest is 1 px away in x and y, sigma 1.5.
     assert (r, c) == (25, 50) and abs(maps[5].max() - np.exp(-2 / (2 * 1.5**2))) < 1e-6
+    points[7] = [-30.0, 300.0]  # moved out of the crop by augmentation: held at the edge, peak 1
+    maps = point_maps(points, 256)
+    assert np.unravel_index(maps[7].argmax(), maps[7].shape) == (63, 0) and maps[7].max() == 1
     _, face = marked_face(1)
     edges = edge_maps(face * 256 / 200, 256)
     assert edges.shape == (len(EDGES), 64, 64) and (edges.reshape(9, -1).max(1) > 0.2).all()
