@@ -71,6 +71,7 @@ class EvalFace:
     key: str
     image: np.ndarray
     landmarks: np.ndarray
+    crop: tuple[tuple[float, float], float] | None = None  # (centre, scale) the set gives (STAR TSVs do)
 
 
 def eval_faces(src: str, fmt: str | None = None, skip_bad: bool = False,
@@ -85,7 +86,7 @@ def eval_faces(src: str, fmt: str | None = None, skip_bad: bool = False,
     faces = []
     for sample in iter_samples(fmt, src, skip_bad=skip_bad, skipped=skipped):
         try:
-            faces.append(EvalFace(sample.key, load_image(sample.image_path), sample.landmarks))
+            faces.append(EvalFace(sample.key, load_image(sample.image_path), sample.landmarks, sample.crop))
         except ValueError as e:
             skip_or_raise(str(e), skip_bad, skipped)
     if not faces:
@@ -113,9 +114,10 @@ def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], ou
             for start in tqdm(range(0, len(faces), batch_size), desc=f"evaluate {name}", unit="batch",
                               mininterval=2):
                 chunk = faces[start : start + batch_size]
-                # The crop comes from the ground-truth landmarks, as 300W-style evaluations (and STAR's) do.
+                # The set's own crop where it gives one (STAR's TSVs), else one from the ground-truth landmarks, as
+                # 300W-style evaluations do.
                 preds.append(predict(net, [f.image for f in chunk],
-                                     [crop_from_landmarks(f.landmarks, CROP_MARGIN) for f in chunk]))
+                                     [f.crop or crop_from_landmarks(f.landmarks, CROP_MARGIN) for f in chunk]))
             pred = np.concatenate(preds)
             gt = np.stack([f.landmarks for f in faces])
             errors = nme(pred, gt, norm)

@@ -8,7 +8,7 @@ GET  /v1/model              model id, input size, point scheme
 GET  /docs, /openapi.json   FastAPI's OpenAPI documents
 
 The face box `x0,y0,x1,y1` is in pixel-edge coordinates, as face detectors give boxes (the whole image is 0,0,W,H),
-and is the square crop the network sees (its longer side; a tight landmark box should be widened by 1.25 first, as
+and is the square crop the network sees (its longer side; a tight landmark box should be widened by 1.05 first, as
 training crops were); it may reach past the image's edges (the network sees black there), and without one the whole
 image is the crop. Points come back as 68 [x, y] pairs in the original image's pixels, 0-based pixel centres. Bad
 input gets a 4xx with one line naming the problem. Decoding and cropping run per request in threads; only the
