@@ -203,29 +203,33 @@ def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int =
 
 
 def _bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance, compile, images, bare) -> dict:
-    """The Ray Data pipeline on this machine's devices, against the bare sampler's rate."""
+    """The Ray Data pipeline on this machine's devices (one actor per GPU), against the bare sampler's rate on as
+    many devices."""
     import tempfile
 
     import ray
 
     from mdland.data.procedural import write_faces
     from mdland.generation.pipeline import run_generation
-    from mdland.generation.plan import GenerateConfig
+    from mdland.generation.plan import DEFAULT_STYLES, GenerateConfig, load_styles
 
+    actors = max(1, torch.cuda.device_count())
     with tempfile.TemporaryDirectory() as d:
         write_faces(f"{d}/src", 32, seed=0, size=resolution)
         controlnet.save_pretrained(f"{d}/controlnet")
-        use_gpu = torch.cuda.is_available()
+        # Whole batches only, as the bare sampler ran: one style, a multiple of the batch size.
         cfg = GenerateConfig(source=[f"{d}/src"], output=f"{d}/out", model=preset, controlnet=f"{d}/controlnet",
-                             images_per_style=-(-images // 25), resolution=resolution, num_inference_steps=steps,
-                             guidance_scale=guidance, rows_per_shard=batch_size, batch_size=batch_size,
-                             use_gpu=use_gpu, num_actors=max(1, torch.cuda.device_count()), compile=compile)
+                             styles=[load_styles(DEFAULT_STYLES)[0]["name"]],
+                             images_per_style=-(-images // batch_size) * batch_size, resolution=resolution,
+                             num_inference_steps=steps, guidance_scale=guidance, rows_per_shard=batch_size,
+                             batch_size=batch_size, use_gpu=torch.cuda.is_available(), num_actors=actors,
+                             compile=compile)
         if not ray.is_initialized():
             ray.init(include_dashboard=False)
         out = run_generation(cfg)
     rate = out["images_per_s"]
-    return {"pipeline_images_per_s": round(rate, 3) if rate else None,
-            "pipeline_vs_bare_sampler": round(rate / bare, 3) if rate else None,
+    return {"pipeline_images_per_s": round(rate, 3) if rate else None, "pipeline_actors": actors,
+            "pipeline_vs_bare_sampler": round(rate / (bare * actors), 3) if rate else None,
             "projected_10k_images_min": round(10_000 / rate / 60, 1) if rate else None}
 
 

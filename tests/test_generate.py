@@ -16,8 +16,8 @@ from mdland.data.storage import StorageError
 from mdland.data.procedural import write_faces
 from mdland.diffusion.models import build_controlnet, build_preset, ddim_scheduler
 from mdland.generation.pipeline import _check_plan, run_generation
-from mdland.generation.plan import (DEFAULT_STYLES, GenerateConfig, load_styles, plan_sample, shard_rows,
-                                   source_landmarks)
+from mdland.generation.plan import (DEFAULT_STYLES, GenerateConfig, load_styles, plan_sample, render_conditions,
+                                    shard_rows, source_landmarks)
 from mdland.generation.sampler import LandmarkSampler, to_uint8
 from mdland.landmarks.edits import EDITS
 from mdland.landmarks.render import render_landmarks
@@ -58,11 +58,14 @@ def test_plan_is_a_pure_balanced_function_of_the_config(inputs):
     a, b = shard_rows(cfg, 1, styles, landmarks), shard_rows(cfg, 1, styles, landmarks)
     assert [r["index"] for r in a] == list(range(10, 20))
     for x, y in zip(a, b):
-        assert x["seed"] == y["seed"] and np.array_equal(x["condition"], y["condition"])
+        assert x["seed"] == y["seed"] and np.array_equal(x["landmarks"], y["landmarks"])
         names = x["edits"].split(",")
         assert len(names) == 2 and len(set(names)) == 2 and set(names) <= set(EDITS)
         assert (x["landmarks"] >= 0).all() and (x["landmarks"] <= 63).all()
-        assert np.array_equal(render_landmarks(x["landmarks"], 64), x["condition"])
+    drawn = render_conditions({"landmarks": [x["landmarks"] for x in a], "seed": np.array([x["seed"] for x in a])}, 64)
+    assert drawn["condition"].shape == (10, 64, 64, 3) and list(drawn["seed"]) == [x["seed"] for x in a]
+    for x, condition in zip(a, drawn["condition"]):
+        assert np.array_equal(render_landmarks(x["landmarks"], 64), condition)
     firsts = [plan_sample(0, i, 3, 6)[0] for i in range(6)]
     assert sorted(firsts) == [0, 0, 1, 1, 2, 2]  # any prefix is balanced across styles
     assert len({plan_sample(0, i, 3, 6)[2] for i in range(1000)}) == 1000
@@ -94,7 +97,7 @@ def test_sampler_matches_the_stock_pipeline_and_samples_stand_alone(inputs):
     cfg = config(inputs, "unused")
     rows = shard_rows(cfg, 0, load_styles(cfg.styles_file, cfg.styles),
                       landmarks_array(read_dataset(cfg.source[0])))[:3]
-    conditions = np.stack([r["condition"] for r in rows])
+    conditions = np.stack([render_landmarks(r["landmarks"], 64) for r in rows])
     prompts, seeds = [r["prompt"] for r in rows], [r["seed"] for r in rows]
     pipe = StableDiffusionControlNetPipeline(
         vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, controlnet=controlnet,
@@ -121,6 +124,28 @@ def test_sampler_matches_the_stock_pipeline_and_samples_stand_alone(inputs):
     assert np.abs(noisy(conditions[2:], prompts[2:], seeds[2:])[0] - stock[2]).max() < 1e-4
     # SD 1.x's DDIM: the last step goes to alpha_cumprod[0], not to 1.
     assert pipe.scheduler.final_alpha_cumprod == pipe.scheduler.alphas_cumprod[0]
+
+
+def test_actors_get_whole_batches(inputs):
+    import ray
+
+    from mdland.generation.pipeline import conditioned_rows
+
+    # 24 samples: shards of 10, 10 and 4, planned for GPU actors (nothing here runs on a GPU).
+    cfg = config(inputs, "unused", rows_per_shard=10, batch_size=4, use_gpu=True)
+    ray.init(num_cpus=2, include_dashboard=False)
+    context = ray.data.DataContext.get_current()
+    limit = context.target_max_block_size
+    # Blocks of 2.5 rows' worth of conditions: Ray would cut them anywhere (as it cuts a real shard's ~200 MB).
+    context.target_max_block_size = int(2.5 * 64 * 64 * 3)
+    try:
+        ds = conditioned_rows(cfg, [0, 1, 2], load_styles(cfg.styles_file, cfg.styles), source_landmarks(cfg))
+        blocks = [b["index"] for b in ds.iter_batches(batch_size=None)]
+    finally:
+        context.target_max_block_size = limit
+        ray.shutdown()
+    # Whole batches, across shard boundaries (the assemblers route rows by shard): only the run's last may be short.
+    assert [len(b) for b in blocks] == [4] * 6 and sorted(np.concatenate(blocks)) == list(range(24))
 
 
 def test_generate_into_s3(inputs, s3_bucket):
@@ -284,7 +309,7 @@ def test_alignment_scores_and_filter(inputs, tmp_path):
 
 
 def test_assembler_counts_a_row_delivered_twice_once(inputs, tmp_path):
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from mdland.data.shards import encode_image
     from mdland.generation.pipeline import ShardAssembler
@@ -308,3 +333,13 @@ def test_assembler_counts_a_row_delivered_twice_once(inputs, tmp_path):
     assert len(assembler.add(rows([0, 1, 2]))["shard"]) == 0 and not assembler.rows
     table = read_dataset(str(tmp_path / "out"))
     assert table.column("key").to_pylist() == ["00000000", "00000001", "00000002"]
+    # A shard whose write fails keeps its rows: the retried delivery of its last row writes it whole.
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the output folder should be")
+    assembler = ShardAssembler(asdict(replace(cfg, output=str(blocked))), total=3)
+    with pytest.raises(OSError):
+        assembler.add(rows([0, 1, 2]))
+    assert len(assembler.rows[0]) == 3
+    blocked.unlink()
+    assert list(assembler.add(rows([2]))["shard"]) == [0]
+    assert read_dataset(str(blocked)).num_rows == 3

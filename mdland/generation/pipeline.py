@@ -1,6 +1,6 @@
 """`mdland generate`: the synthetic set as a resumable Ray Data pipeline.
 
-pending shard indices -> plan + edit + render (CPU tasks) -> generation actors (one model each, loaded once;
+pending shard indices -> plan + edit, then render in blocks of one batch (CPU tasks) -> generation actors (one model each, loaded once;
 one GPU each with `use_gpu`) -> CPU tasks that PNG-encode (with GPUs) and hand each row to the shard assembler that
 owns its shard (shard mod N; each writes a shard atomically once all its rows are in) -> manifest.json.
 Shards that exist are complete (writes are atomic), so a re-run writes only the missing ones.
@@ -19,7 +19,7 @@ from mdland.data import storage
 from mdland.data.shards import (Face, encode_image, landmarks_from_rows, shard_name, summarise_table, write_manifest,
                                  write_shard)
 from mdland.diffusion.models import PRESETS
-from mdland.generation.plan import GenerateConfig, load_styles, shard_rows, source_landmarks
+from mdland.generation.plan import GenerateConfig, load_styles, render_conditions, shard_rows, source_landmarks
 from mdland.log import get_logger, setup_logging
 
 log = get_logger(__name__)
@@ -65,7 +65,8 @@ class GenerationActor:
         if self.cfg.detector:
             from mdland.detector.checkpoint import load_detector
 
-            self.detector = load_detector(self.cfg.detector, device=self.sampler.device).eval()
+            self.detector = load_detector(self.cfg.detector, device=self.sampler.device).eval().to(
+                dtype=self.sampler.dtype)
         self.done, self.t0 = 0, time.time()
 
     def alignment(self, images: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -74,7 +75,8 @@ class GenerationActor:
         from mdland.detector.metrics import nme
         from mdland.landmarks.align import crop_from_landmarks
 
-        pred = predict(self.detector, list(images), [crop_from_landmarks(p, CROP_MARGIN) for p in points])
+        pred = predict(self.detector, list(images), [crop_from_landmarks(p, CROP_MARGIN) for p in points],
+                       self.sampler.dtype)
         return nme(pred, points).astype(np.float32)
 
     def __call__(self, batch: dict) -> dict:
@@ -128,8 +130,10 @@ class ShardAssembler:
                 alignment=None if np.isnan(score) else score)
         written = []
         for shard in [s for s, rows in self.rows.items() if len(rows) == self.expected(s)]:
-            faces = sorted((f for f in self.rows.pop(shard).values() if f is not None), key=lambda f: f.key)
+            faces = sorted((f for f in self.rows[shard].values() if f is not None), key=lambda f: f.key)
             summary = write_shard(storage.join(self.cfg.output, shard_name(shard)), faces)
+            # Dropped only once written: when a write fails, the retried delivery completes the shard again.
+            del self.rows[shard]
             self.written.add(shard)
             written.append((shard, json.dumps(summary)))
         return {"shard": np.array([w[0] for w in written], dtype=np.int64),
@@ -234,6 +238,22 @@ def run_generation(cfg: GenerateConfig) -> dict:
     return {"complete": True, "count": manifest["count"], "total": cfg.total, "images_per_s": steady}
 
 
+def conditioned_rows(cfg: GenerateConfig, pending: list[int], styles: list[dict], landmarks: np.ndarray):
+    """The planned rows of the `pending` shards with their condition images, as a Ray Dataset; for GPU actors, in
+    blocks of exactly `batch_size` rows (the run's last block holds the rest). Left to Ray, a shard's ~200 MB of
+    conditions would be cut into blocks of any size, each ending in a short batch: a new shape, which cuDNN
+    autotunes again and torch.compile recompiles for. (On CPU shapes cost nothing extra, and the rebundling stage's
+    tasks would need a whole core, which a 2-core machine running actors and assemblers does not have free.)"""
+    import ray
+
+    ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))
+    ds = ds.flat_map(_plan_rows, fn_kwargs={"config": asdict(cfg), "styles": styles, "landmarks": ray.put(landmarks)},
+                     num_cpus=0.5)
+    ds = ds.map_batches(render_conditions, fn_kwargs={"resolution": cfg.resolution}, batch_size=cfg.batch_size,
+                        batch_format="numpy", num_cpus=0.5)
+    return ds.repartition(target_num_rows_per_block=cfg.batch_size, strict=True) if cfg.use_gpu else ds
+
+
 def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], landmarks: np.ndarray) -> float | None:
     """Run the pipeline over `pending` shards; returns the steady images/s (first to last shard written)."""
     import ray
@@ -241,9 +261,7 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], l
     if not ray.is_initialized():
         ray.init()
     config = asdict(cfg)
-    ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))
-    ds = ds.flat_map(_plan_rows, fn_kwargs={"config": config, "styles": styles, "landmarks": ray.put(landmarks)},
-                     num_cpus=0.5)
+    ds = conditioned_rows(cfg, pending, styles, landmarks)
     ds = ds.map_batches(GenerationActor, fn_constructor_kwargs={"config": config}, batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                         num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor)
@@ -258,8 +276,11 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], l
         assemblers += [ray.remote(ShardAssembler).options(num_cpus=0.25).remote(config, total) for _ in range(count)]
         # With GPUs, these tasks also PNG-encode, so a GPU only samples. (A CPU actor encodes its own images: the
         # tasks would only compete with it for the same cores.)
+        # An exception from a delivery (a failed shard write: S3 throttling, a network error) retries the task;
+        # assemblers keep a shard's rows until its write succeeds and count a row delivered twice once.
         ds = ds.map_batches(deliver_rows, fn_kwargs={"assemblers": assemblers, "encode": cfg.use_gpu},
-                            batch_format="numpy", batch_size=None, num_cpus=0.5 if cfg.use_gpu else 0.25)
+                            batch_format="numpy", batch_size=None, num_cpus=0.5 if cfg.use_gpu else 0.25,
+                            max_retries=3, retry_exceptions=True)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for summary in batch["summary"]:
                 images += json.loads(summary)["rows"]

@@ -14,7 +14,8 @@ import numpy as np
 import yaml
 
 from mdland.data import storage
-from mdland.data.shards import MANIFEST, first_image_size, landmarks_array, read_columns, read_manifest
+from mdland.data.shards import (MANIFEST, first_image_size, landmarks_array, landmarks_from_rows, read_columns,
+                                 read_manifest)
 from mdland.landmarks.align import resize_points
 from mdland.landmarks.edits import fit_in_frame, sample_edits
 from mdland.landmarks.render import render_landmarks
@@ -73,6 +74,7 @@ class GenerateConfig:
         ident = {k: getattr(self, k) for k in keys}
         ident["style_prompts"] = load_styles(self.styles_file, self.styles)  # what the styles file says, not its path
         ident["sampler"] = SAMPLER_VERSION
+        ident["precision"] = self.dtype if self.use_gpu else "float32"  # fp16, bf16 and fp32 draw other images
         # Paths alone do not name weights or data: a run that goes on re-publishes its export at the same path, and
         # a re-ingested source would give the planned rows other landmark sets.
         from mdland.diffusion.models import PRESETS
@@ -129,7 +131,8 @@ def plan_sample(seed: int, index: int, num_styles: int, num_source: int) -> tupl
 
 
 def shard_rows(cfg: GenerateConfig, shard: int, styles: list[dict], landmarks: np.ndarray) -> list[dict]:
-    """The CPU stage for one shard: plan its samples, edit their landmarks, render their conditions."""
+    """The first CPU stage for one shard: plan its samples and edit their landmarks (`render_conditions` draws
+    them)."""
     start = shard * cfg.rows_per_shard
     stop = min(start + cfg.rows_per_shard, len(styles) * cfg.images_per_style)
     rows = []
@@ -143,6 +146,12 @@ def shard_rows(cfg: GenerateConfig, shard: int, styles: list[dict], landmarks: n
             "style": styles[style]["name"], "prompt": styles[style]["prompt"], "seed": seed,
             # comma-joined so Ray Data keeps the column as plain strings
             "edits": ",".join(r["name"] for r in records), "edit_params": json.dumps(records),
-            "landmarks": points.astype(np.float32), "condition": render_landmarks(points, cfg.resolution),
+            "landmarks": points.astype(np.float32),
         })
     return rows
+
+
+def render_conditions(batch: dict, resolution: int) -> dict:
+    """The second CPU stage: each planned row's condition image, drawn from its edited landmarks."""
+    conditions = [render_landmarks(p, resolution) for p in landmarks_from_rows(batch["landmarks"])]
+    return {**batch, "condition": np.stack(conditions)}
