@@ -182,6 +182,23 @@ def deepspeed_engine(model: torch.nn.Module, *, batch_size: int, optimizer: dict
     return engine
 
 
+def check_checkpoint_workers(directory: str, workers: int, restart_hint: str) -> None:
+    """Refuse a DeepSpeed checkpoint written by another number of workers, before loading it: ZeRO's optimizer state
+    is partitioned by rank and DeepSpeed cannot re-partition it. `restart_hint` says how to start over from the
+    weights instead."""
+    from pathlib import Path
+
+    latest = Path(directory) / "latest"
+    if not latest.is_file():
+        return
+    tag = latest.read_text().strip()
+    saved = len(list((Path(directory) / tag).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    if saved and saved != workers:
+        raise ValueError(f"num_workers: the checkpoint to resume ({tag}) was written by {saved} worker(s) and this "
+                         f"run has {workers}; ZeRO's optimizer state cannot be re-partitioned. Resume with "
+                         f"num_workers={saved}, or {restart_hint}")
+
+
 def master_weights(engine) -> dict[str, torch.Tensor]:
     """The engine's state dict on the CPU with each trained weight taken from the optimizer's fp32 master copy (in
     bf16 training the module itself only holds rounded weights). Collective: every rank must call it."""

@@ -1,6 +1,7 @@
 import io
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -111,6 +112,10 @@ def test_ray_train_two_workers_lower_validation_nme(faces, tmp_path):
         cfg = DetectorTrainConfig(**TINY, data=[str(faces / "train")], val_data=[str(faces / "val")], epochs=3,
                                   num_workers=2, storage_path=str(tmp_path), name="ray-d")
         result = run_training(cfg)
+        # Resuming with another number of workers is refused, saying what to do instead (DeepSpeed's own error
+        # names neither).
+        with pytest.raises(Exception, match=r"written by 2 worker\(s\) and this run has 1.*num_workers=2"):
+            run_training(replace(cfg, num_workers=1, epochs=4, max_failures=0))
     finally:
         ray.shutdown()
     hist = history(result["checkpoint"])

@@ -30,8 +30,8 @@ from mdland.detector.metrics import nme
 from mdland.detector.model import ARCHS, normalised_to_pixels
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
-from mdland.session import (LocalSession, RaySession, check_precision, deepspeed_engine, launch, master_weights,
-                            pick_device, training_dtype)
+from mdland.session import (LocalSession, RaySession, check_checkpoint_workers, check_precision, deepspeed_engine,
+                            launch, master_weights, pick_device, training_dtype)
 
 log = get_logger(__name__)
 
@@ -129,6 +129,8 @@ def train_func(config: dict) -> None:
     history, epoch, best = [], 0, float("inf")
     with session.latest_checkpoint() as restored:
         if restored:
+            check_checkpoint_workers(restored, session.world, "start a new run (another name) with `init` set to "
+                                     "this run's detector.pkl, which keeps the weights and resets the optimizer")
             _, client = engine.load_checkpoint(restored)
             history, epoch, best = client["history"], client["epoch"], client["best_nme"]
             history.append({"step": engine.global_steps, "epoch": epoch, "resumed": True})

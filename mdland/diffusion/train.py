@@ -33,8 +33,8 @@ from mdland.landmarks.edits import fit_in_frame, sample_edits
 from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
-from mdland.session import (LocalSession, RaySession, check_precision, deepspeed_engine, endless, launch,
-                            master_weights, pick_device, reseed, training_dtype)
+from mdland.session import (LocalSession, RaySession, check_checkpoint_workers, check_precision, deepspeed_engine,
+                            endless, launch, master_weights, pick_device, reseed, training_dtype)
 
 log = get_logger(__name__)
 STAGES = ("stage1", "stage2")
@@ -232,6 +232,8 @@ def train_func(config: dict) -> None:
     history: list[dict] = []
     with session.latest_checkpoint() as restored:
         if restored:
+            check_checkpoint_workers(restored, session.world, "start a new run (another name) with `controlnet` "
+                                     "set to this run's export, which keeps the weights and resets the optimizer")
             _, client = engine.load_checkpoint(restored)
             history = client["history"] + [{"step": engine.global_steps, "resumed": True}]
             log.info("resumed from step %d", engine.global_steps)
