@@ -60,6 +60,23 @@ def test_targets():
     assert edges.shape == (len(EDGES), 64, 64) and (edges.reshape(9, -1).max(1) > 0.2).all()
     jaw = np.round(face[8] * 256 / 200 / 4 - 0.375).astype(int)
     assert edges[0, jaw[1] - 1 : jaw[1] + 2, jaw[0] - 1 : jaw[0] + 2].max() > 0
+    # Edge targets: a one-pixel line area-averaged 4x reads 0.25 in the map cells it crosses, wherever it crosses
+    # them: a straight brow on pixel row 41 (inside map row 10) or on 43.5 (between map rows 10 and 11).
+    brow = face * 256 / 200
+    for y, rows in ((41.0, [10]), (43.5, [10, 11])):
+        brow[17:22] = np.stack([np.linspace(60, 160, 5), np.full(5, y)], 1)
+        line = edge_maps(brow, 256)[1]
+        assert np.nonzero(line.max(1))[0].tolist() == rows
+        np.testing.assert_allclose(line[:, 16:40].sum(0), 0.25, atol=0.02)
+        assert np.array_equal(np.nonzero(line.max(0))[0], np.arange(15, 41))  # x 60..160 at 4 px a cell
+    # A closed edge is a spline through its points, as STAR draws it, not straight segments between them.
+    angles = np.arange(6) * np.pi / 3
+    brow[36:42] = np.stack([128 + 20 * np.cos(angles), 128 + 20 * np.sin(angles)], 1)  # six points on a circle
+    eye = edge_maps(brow, 256)[5]
+    ys, xs = np.nonzero(eye)
+    radius = np.hypot(xs * 4 + 1.5 - 128, ys * 4 + 1.5 - 128)  # map cells sit at input pixels 4u + 1.5
+    # The spline's loop: 20 px out on average (the hexagon of straight segments would average 18.2).
+    assert abs((eye[ys, xs] * radius).sum() / eye[ys, xs].sum() - 20) < 0.5
     unit = pixels_to_unit(np.array([[-0.5, 255.5], [127.5, 0.0]]), 256)
     np.testing.assert_allclose(unit, [[-1, 1], [0, -1 + 1 / 256]], atol=1e-6)
     np.testing.assert_allclose(normalised_to_pixels(__import__("torch").tensor(unit), 256).numpy(),

@@ -88,15 +88,40 @@ def point_maps(points: np.ndarray, size: int, sigma: float = 1.5) -> np.ndarray:
     return (gy[:, :, None] * gx[:, None, :]).astype(np.float32)
 
 
+def edge_curve(points: np.ndarray, closed: bool, density: int = 5) -> np.ndarray:
+    """An edge's points joined by a cubic spline through them, `density` samples per segment, as STAR draws its
+    edges (the points themselves where no spline fits, e.g. two of them coincide)."""
+    from scipy.interpolate import splev, splprep
+
+    pts = np.concatenate([points, points[:1]]) if closed else points
+    try:
+        tck, u = splprep([pts[:, 0], pts[:, 1]], s=0, per=int(closed), k=3)
+    except (ValueError, TypeError):  # FITPACK's refusals of degenerate point sets
+        return np.asarray(points, np.float64)
+    at = np.concatenate([np.linspace(u[i], u[i + 1], density, endpoint=False) for i in range(len(u) - 1)]
+                        + ([] if closed else [u[-1:]]))
+    return np.stack(splev(at, tck), axis=-1)
+
+
 def edge_maps(points: np.ndarray, size: int) -> np.ndarray:
-    """(9, S/4, S/4): each edge drawn as a one-pixel polyline at full size, then averaged down 4x."""
+    """(9, S/4, S/4): each edge's spline (as STAR draws it) one input pixel wide and anti-aliased (drawn 4x
+    supersampled), area-averaged down 4x: a 1-pixel line reads 0.25. STAR samples its maps down bilinearly, which
+    reads the same line as 0.5 or 0 by where it crosses the 4-pixel grid: the same value on average, with holes.
+    Only a window around each edge is drawn; the rest of its map is 0."""
     h = size // 4
     out = np.zeros((len(EDGES), h, h), np.float32)
     for e, (closed, idx) in enumerate(EDGES):
-        canvas = Image.new("L", (size, size))
-        line = [tuple(map(float, np.clip(points[i], 0, size - 1) + SHAPE_SHIFT)) for i in idx]
-        ImageDraw.Draw(canvas).line(line + line[:1] if closed else line, fill=255, width=2 * (size // 512) + 1)
-        out[e] = np.asarray(canvas, np.float32).reshape(h, 4, h, 4).mean(axis=(1, 3)) / 255.0
+        curve = np.clip(edge_curve(np.asarray(points[idx], np.float64), closed), 0, size - 1)
+        c0 = np.clip(np.floor(curve.min(0) / 4).astype(int) - 1, 0, h)  # the window, in map cells (x, y)
+        c1 = np.clip(np.floor(curve.max(0) / 4).astype(int) + 2, 0, h)
+        cells = c1 - c0
+        canvas = Image.new("L", tuple(int(v) for v in cells * 16))
+        # Input pixel centre p is supersampled pixel 4p + 1.5, which PIL (placing at floor) draws at 4p + 2; rounded,
+        # so the spline's 1e-14 wobble does not tip a straight run's segments onto different rows.
+        line = [tuple(v) for v in np.round((curve - c0 * 4) * 4 + 1.5 + SHAPE_SHIFT, 4).tolist()]
+        ImageDraw.Draw(canvas).line(line + line[:1] if closed else line, fill=255, width=4, joint="curve")
+        window = np.asarray(canvas, np.float32).reshape(cells[1], 16, cells[0], 16).mean(axis=(1, 3)) / 255.0
+        out[e, c0[1]:c1[1], c0[0]:c1[0]] = window
     return out
 
 
