@@ -135,17 +135,25 @@ def test_plain_process_overfits_resumes_exports_and_feeds_stage2(tmp_path, faces
     assert any(not torch.equal(moved[k], v) for k, v in controlnet.state_dict().items())
 
 
-def test_bf16_training_exports_the_fp32_master_weights(tmp_path, faces_dir):
+def test_bf16_training_with_accumulation_exports_fp32_master_weights_and_resumes(tmp_path, faces_dir):
     from diffusers import ControlNetModel
 
-    cfg = ControlNetTrainConfig(**TINY, precision="bf16", data=[faces_dir], max_steps=2, checkpoint_every=2,
-                                storage_path=str(tmp_path / "runs"), name="bf16")
+    cfg = ControlNetTrainConfig(**TINY, precision="bf16", gradient_accumulation=2, data=[faces_dir], max_steps=2,
+                                checkpoint_every=2, storage_path=str(tmp_path / "runs"), name="bf16")
     result = run_training(cfg, local=True)
     weights = ControlNetModel.from_pretrained(result["export"]).state_dict()
     assert all(v.dtype == torch.float32 for v in weights.values())
     # The optimizer's fp32 master copy went out, not the module's bf16 working weights.
     assert sum(not torch.equal(v, v.bfloat16().float()) for v in weights.values()) > 50
     assert history(result["checkpoint"])[-1]["probe_loss"] > 0
+    # A step is two micro-batches: DeepSpeed counted 2 optimizer steps over 2 x 2 x batch samples.
+    state = torch.load(os.path.join(result["checkpoint"], "step2", "mp_rank_00_model_states.pt"), weights_only=False)
+    assert state["global_steps"] == 2 and state["global_samples"] == 2 * 2 * TINY["batch_size"]
+    # A bf16 run resumes from its ZeRO checkpoint (fp32 master weights and Adam state) at the saved step.
+    cfg.max_steps = cfg.checkpoint_every = 3
+    again = run_training(cfg, local=True)
+    assert [(r["step"], "resumed" in r) for r in history(again["checkpoint"]) if "loss" in r or "resumed" in r] == [
+        (2, False), (2, True), (3, False)]
 
 
 def test_bf16_engine_starts_its_master_copy_from_the_fp32_weights():

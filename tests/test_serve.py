@@ -247,6 +247,7 @@ def test_serve_config_file_builds_the_app(server, tmp_path):
         app.build_app({**args, "detector": str(tmp_path / "notes.pkl")})
 
 
+@pytest.mark.filterwarnings("ignore:coroutine .*ASGIIngressWrapper.__del__. was never awaited")
 def test_a_replica_whose_forward_pass_failed_reports_unhealthy():
     from mdland.serve.app import LandmarkService
 
