@@ -142,10 +142,13 @@ def training_dtype(precision: str, on_gpu: bool) -> torch.dtype:
 
 
 def deepspeed_engine(model: torch.nn.Module, *, batch_size: int, optimizer: dict, zero_stage: int, dtype: torch.dtype,
-                     on_gpu: bool, accumulation: int = 1, gradient_clipping: float = 0.0):
+                     on_gpu: bool, accumulation: int = 1, gradient_clipping: float = 0.0,
+                     autocast: torch.dtype | None = None):
     """`model` under DeepSpeed ZeRO `zero_stage`. In bf16 the model holds bf16 weights, the optimizer an fp32 master
-    copy, and gradients accumulate in fp32. The optimizer is PyTorch's Adam / AdamW (fused on GPU), so no DeepSpeed
-    op has to compile on the node. `optimizer`: {"type": "Adam" or "AdamW", "lr": ..., other torch.optim args}."""
+    copy, and gradients accumulate in fp32. With `autocast` (and fp32 `dtype`) the weights stay fp32 and the engine's
+    forward runs under torch.autocast in that dtype (DeepSpeed's own: it switches off an autocast around it on GPU).
+    The optimizer is PyTorch's Adam / AdamW (fused on GPU), so no DeepSpeed op has to compile on the node.
+    `optimizer`: {"type": "Adam" or "AdamW", "lr": ..., other torch.optim args}."""
     deepspeed = import_deepspeed(on_gpu)
     bf16 = dtype == torch.bfloat16
     full = {}
@@ -171,6 +174,10 @@ def deepspeed_engine(model: torch.nn.Module, *, batch_size: int, optimizer: dict
     }
     if bf16 and zero_stage > 0:
         config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if autocast is not None and autocast != torch.float32:
+        # No module's gradients are all-reduced in the lower precision: they stay fp32 end to end.
+        config["torch_autocast"] = {"enabled": True, "dtype": str(autocast).split(".")[-1],
+                                    "lower_precision_safe_modules": []}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad], config=config)
     if full:
@@ -182,21 +189,22 @@ def deepspeed_engine(model: torch.nn.Module, *, batch_size: int, optimizer: dict
     return engine
 
 
-def check_checkpoint_workers(directory: str, workers: int, restart_hint: str) -> None:
-    """Refuse a DeepSpeed checkpoint written by another number of workers, before loading it: ZeRO's optimizer state
-    is partitioned by rank and DeepSpeed cannot re-partition it. `restart_hint` says how to start over from the
-    weights instead."""
-    from pathlib import Path
-
-    latest = Path(directory) / "latest"
-    if not latest.is_file():
+def check_checkpoint_workers(run: str, workers: int, restart_hint: str) -> None:
+    """Before a run `run` (storage_path/name) resumes: refuse its latest checkpoint if another number of workers
+    wrote it. ZeRO's optimizer state is partitioned by rank and DeepSpeed cannot re-partition it (its own error comes
+    mid-load, inside every worker, and Ray Train's retries repeat it). `restart_hint` says how to start over from
+    the weights instead."""
+    checkpoints = [c for c in storage.list_folders(run) if c.rstrip("/").split("/")[-1].startswith("checkpoint_")]
+    if not checkpoints or not storage.exists(storage.join(checkpoints[-1], "latest")):
         return
-    tag = latest.read_text().strip()
-    saved = len(list((Path(directory) / tag).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    latest = checkpoints[-1]  # checkpoint_<step>, zero-padded: the last name is the latest step
+    tag = storage.read_bytes(storage.join(latest, "latest")).decode().strip()
+    # bf16 engines prefix the names with "bf16_".
+    saved = sum("zero_pp_rank_" in f for f in storage.list_files(storage.join(latest, tag), "_optim_states.pt"))
     if saved and saved != workers:
-        raise ValueError(f"num_workers: the checkpoint to resume ({tag}) was written by {saved} worker(s) and this "
-                         f"run has {workers}; ZeRO's optimizer state cannot be re-partitioned. Resume with "
-                         f"num_workers={saved}, or {restart_hint}")
+        raise ValueError(f"num_workers: {latest} was written by {saved} worker(s) and this run has {workers}; "
+                         f"ZeRO's optimizer state cannot be re-partitioned. Resume with num_workers={saved}, or "
+                         f"{restart_hint}")
 
 
 def master_weights(engine) -> dict[str, torch.Tensor]:

@@ -149,6 +149,11 @@ def test_bf16_training_with_accumulation_exports_fp32_master_weights_and_resumes
     # A step is two micro-batches: DeepSpeed counted 2 optimizer steps over 2 x 2 x batch samples.
     state = torch.load(os.path.join(result["checkpoint"], "step2", "mp_rank_00_model_states.pt"), weights_only=False)
     assert state["global_steps"] == 2 and state["global_samples"] == 2 * 2 * TINY["batch_size"]
+    # Its ZeRO files (named bf16_zero_pp_rank_*) are found: resuming on 2 workers would be refused.
+    from mdland.session import check_checkpoint_workers
+
+    with pytest.raises(ValueError, match=r"written by 1 worker\(s\) and this run has 2"):
+        check_checkpoint_workers(str(tmp_path / "runs" / "bf16"), 2, "start over")
     # A bf16 run resumes from its ZeRO checkpoint (fp32 master weights and Adam state) at the saved step.
     cfg.max_steps = cfg.checkpoint_every = 3
     again = run_training(cfg, local=True)

@@ -60,14 +60,16 @@ def test_targets():
     assert edges.shape == (len(EDGES), 64, 64) and (edges.reshape(9, -1).max(1) > 0.2).all()
     jaw = np.round(face[8] * 256 / 200 / 4 - 0.375).astype(int)
     assert edges[0, jaw[1] - 1 : jaw[1] + 2, jaw[0] - 1 : jaw[0] + 2].max() > 0
-    # Edge targets: a one-pixel line area-averaged 4x reads 0.25 in the map cells it crosses, wherever it crosses
-    # them: a straight brow on pixel row 41 (inside map row 10) or on 43.5 (between map rows 10 and 11).
+    # Edge targets: a one-pixel line area-averaged 4x reads 0.25 in the map cells it crosses, centred where the
+    # point maps are: a straight brow on pixel row 40 or 43 (map row 10 holds rows 40-43) is all in map row 10, one
+    # on 43.5 half in rows 10 and 11.
     brow = face * 256 / 200
-    for y, rows in ((41.0, [10]), (43.5, [10, 11])):
+    for y, weights in ((40.0, {10: 0.25}), (43.0, {10: 0.25}), (43.5, {10: 0.125, 11: 0.125})):
         brow[17:22] = np.stack([np.linspace(60, 160, 5), np.full(5, y)], 1)
         line = edge_maps(brow, 256)[1]
-        assert np.nonzero(line.max(1))[0].tolist() == rows
-        np.testing.assert_allclose(line[:, 16:40].sum(0), 0.25, atol=0.02)
+        assert np.nonzero(line.max(1))[0].tolist() == list(weights)
+        for row, weight in weights.items():
+            np.testing.assert_allclose(line[row, 16:40], weight, atol=0.02)
         assert np.array_equal(np.nonzero(line.max(0))[0], np.arange(15, 41))  # x 60..160 at 4 px a cell
     # A closed edge is a spline through its points, as STAR draws it, not straight segments between them.
     angles = np.arange(6) * np.pi / 3

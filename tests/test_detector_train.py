@@ -112,10 +112,11 @@ def test_ray_train_two_workers_lower_validation_nme(faces, tmp_path):
         cfg = DetectorTrainConfig(**TINY, data=[str(faces / "train")], val_data=[str(faces / "val")], epochs=3,
                                   num_workers=2, storage_path=str(tmp_path), name="ray-d")
         result = run_training(cfg)
-        # Resuming with another number of workers is refused, saying what to do instead (DeepSpeed's own error
-        # names neither).
-        with pytest.raises(Exception, match=r"written by 2 worker\(s\) and this run has 1.*num_workers=2"):
-            run_training(replace(cfg, num_workers=1, epochs=4, max_failures=0))
+        # Resuming with another number of workers is refused before any worker starts, saying what to do instead
+        # (DeepSpeed's own error comes mid-load and names neither).
+        with pytest.raises(ValueError, match=r"checkpoint_\d+ was written by 2 worker\(s\) and this run has 1.*"
+                                             r"num_workers=2, or start a new run .* with `init`"):
+            run_training(replace(cfg, num_workers=1, epochs=4))
     finally:
         ray.shutdown()
     hist = history(result["checkpoint"])
@@ -124,3 +125,17 @@ def test_ray_train_two_workers_lower_validation_nme(faces, tmp_path):
     names = os.listdir(os.path.join(result["checkpoint"], "epoch3"))
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(names)
     assert os.path.exists(result["best"])
+
+
+def test_the_engine_runs_its_own_bf16_autocast_over_fp32_weights():
+    # DeepSpeed switches off an autocast around its forward on GPU, so the engine must run its own.
+    from mdland.session import deepspeed_engine, set_single_process_env
+
+    set_single_process_env()
+    torch.manual_seed(0)
+    engine = deepspeed_engine(STARNet(ARCHS["tiny"]), batch_size=2, optimizer={"type": "Adam", "lr": 1e-3},
+                              zero_stage=1, dtype=torch.float32, on_gpu=False, autocast=torch.bfloat16)
+    out = engine(torch.randn(2, 3, 64, 64))
+    assert out.fusionmaps[-1].dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in engine.module.parameters())
+    assert all(b.dtype == torch.float32 for n, b in engine.module.named_buffers() if "running" in n)

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -276,6 +277,14 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
     manifest.write_text(manifest.read_text() + " ")
     with pytest.raises(ValueError, match=r"differs in \['weights'\]"):
         _check_plan(planned)
+    # A folder planned before the sampling precision was recorded (at the default) goes on; another precision not.
+    older = config(inputs, str(tmp_path / "older"), use_gpu=True)
+    ident = _check_plan(older)
+    (tmp_path / "older" / "plan.json").write_text(json.dumps({k: v for k, v in ident.items() if k != "precision"}))
+    (tmp_path / "older" / "shard-000000.parquet").write_bytes(b"earlier work")
+    assert _check_plan(older) == ident == json.loads((tmp_path / "older" / "plan.json").read_text())
+    with pytest.raises(ValueError, match=r"differs in \['precision'\]"):
+        _check_plan(replace(older, dtype="bfloat16"))
 
 
 def test_alignment_scores_and_filter(inputs, tmp_path):
@@ -309,8 +318,6 @@ def test_alignment_scores_and_filter(inputs, tmp_path):
 
 
 def test_assembler_counts_a_row_delivered_twice_once(inputs, tmp_path):
-    from dataclasses import asdict, replace
-
     from mdland.data.shards import encode_image
     from mdland.generation.pipeline import ShardAssembler
 

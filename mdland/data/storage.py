@@ -134,11 +134,7 @@ def exists(uri: str) -> bool:
         raise _fail(uri, "look up", e) from e
 
 
-def list_files(uri: str, suffix: str = "") -> list[str]:
-    """Sorted URIs of the files directly under `uri` (a folder or prefix) ending in `suffix`.
-
-    Hidden files (temp files of unfinished local writes) are not listed. A missing folder lists as empty.
-    """
+def _entries(uri: str, kind: pafs.FileType, suffix: str) -> list[str]:
     fs, path = filesystem(uri)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
@@ -150,9 +146,22 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
         raise _fail(uri, "list", e) from e
     names = sorted(
         posixpath.basename(i.path) for i in infos
-        if i.type == pafs.FileType.File and i.path.endswith(suffix) and not posixpath.basename(i.path).startswith(".")
+        if i.type == kind and i.path.endswith(suffix) and not posixpath.basename(i.path).startswith(".")
     )
     return [join(uri, n) for n in names]
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Sorted URIs of the files directly under `uri` (a folder or prefix) ending in `suffix`.
+
+    Hidden files (temp files of unfinished local writes) are not listed. A missing folder lists as empty.
+    """
+    return _entries(uri, pafs.FileType.File, suffix)
+
+
+def list_folders(uri: str) -> list[str]:
+    """Sorted URIs of the folders directly under `uri` (hidden ones left out); a missing folder lists as empty."""
+    return _entries(uri, pafs.FileType.Directory, "")
 
 
 def delete(uri: str) -> None:

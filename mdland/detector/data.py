@@ -8,7 +8,6 @@ from PIL import Image, ImageDraw, ImageFilter
 from mdland.data.shards import decode_image, landmarks_from_rows
 from mdland.detector.model import EDGES
 from mdland.landmarks.align import crop_from_landmarks, crop_matrix, transform_points, warp_image
-from mdland.landmarks.render import SHAPE_SHIFT
 from mdland.landmarks.scheme import flip_landmarks
 
 COLUMNS = ["key", "image", "landmarks"]
@@ -116,10 +115,10 @@ def edge_maps(points: np.ndarray, size: int) -> np.ndarray:
         c1 = np.clip(np.floor(curve.max(0) / 4).astype(int) + 2, 0, h)
         cells = c1 - c0
         canvas = Image.new("L", tuple(int(v) for v in cells * 16))
-        # Input pixel centre p is supersampled pixel 4p + 1.5, which PIL (placing at floor) draws at 4p + 2; rounded,
-        # so the spline's 1e-14 wobble does not tip a straight run's segments onto different rows.
-        line = [tuple(v) for v in np.round((curve - c0 * 4) * 4 + 1.5 + SHAPE_SHIFT, 4).tolist()]
-        ImageDraw.Draw(canvas).line(line + line[:1] if closed else line, fill=255, width=4, joint="curve")
+        # Input pixel centre p is supersampled pixel 4p + 1.5: a 4-wide PIL line there covers exactly the 4 rows of
+        # input pixel p (a half-pixel shift, as for odd widths, would move it a quarter input pixel).
+        line = [tuple(v) for v in ((curve - c0 * 4) * 4 + 1.5).tolist()]
+        ImageDraw.Draw(canvas).line(line + line[:1] if closed else line, fill=255, width=4)
         window = np.asarray(canvas, np.float32).reshape(cells[1], 16, cells[0], 16).mean(axis=(1, 3)) / 255.0
         out[e, c0[1]:c1[1], c0[0]:c1[0]] = window
     return out

@@ -85,8 +85,7 @@ def check_config(cfg: DetectorTrainConfig) -> tuple[int, int]:
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    """The forward pass's precision. The weights stay fp32: in bf16 BatchNorm's running statistics would stop
-    moving once within a bf16 step (~1%) of the batch statistics, and eval-mode predictions use them."""
+    """The forward pass's precision outside the engine (validation), as the engine runs its own."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
@@ -123,14 +122,15 @@ def train_func(config: dict) -> None:
     session = (LocalSession(cfg.storage_path, cfg.name, cfg.keep_checkpoints,
                             lambda bs, seed: local_epoch(cfg.data, COLUMNS, prepare, bs, seed))
                if config.get("local") else RaySession())
+    # fp32 weights with the forward pass under bf16 autocast: with the model cast to bf16, BatchNorm's running
+    # statistics would stop moving once within a bf16 step (~1%) of the batch statistics, and eval-mode predictions
+    # use them.
     engine = deepspeed_engine(net, batch_size=cfg.batch_size, zero_stage=cfg.zero_stage, dtype=torch.float32,
-                              on_gpu=on_gpu,
+                              on_gpu=on_gpu, autocast=dtype,
                               optimizer={"type": "Adam", "lr": cfg.learning_rate})
     history, epoch, best = [], 0, float("inf")
     with session.latest_checkpoint() as restored:
         if restored:
-            check_checkpoint_workers(restored, session.world, "start a new run (another name) with `init` set to "
-                                     "this run's detector.pkl, which keeps the weights and resets the optimizer")
             _, client = engine.load_checkpoint(restored)
             history, epoch, best = client["history"], client["epoch"], client["best_nme"]
             history.append({"step": engine.global_steps, "epoch": epoch, "resumed": True})
@@ -146,8 +146,7 @@ def train_func(config: dict) -> None:
     while epoch < cfg.epochs:
         losses, seen, t0 = [], 0, time.time()
         for batch in session.epoch(cfg.batch_size, cfg.seed + epoch):
-            with autocast(device, dtype):
-                out = engine(torch.as_tensor(batch["image"], device=device))
+            out = engine(torch.as_tensor(batch["image"], device=device))
             loss, parts = detector_loss(out, *(torch.as_tensor(batch[k], device=device)
                                                for k in ("landmarks", "pointmaps", "edgemaps")), cfg.star_w)
             engine.backward(loss)
@@ -194,6 +193,9 @@ def run_training(cfg: DetectorTrainConfig, local: bool = False) -> dict:
                   val_data=[storage.absolute(v) for v in cfg.val_data],
                   init=cfg.init and storage.absolute(cfg.init), storage_path=storage.absolute(cfg.storage_path))
     rows, size = check_config(cfg)
+    check_checkpoint_workers(storage.join(cfg.storage_path, cfg.name), 1 if local else cfg.num_workers,
+                             "start a new run (another name) with `init` set to this run's detector.pkl, which keeps "
+                             "the weights and resets the optimizer")
     best = storage.join(cfg.storage_path, cfg.name, "best", "detector.pkl")
     log.info("fine-tuning the detector on %d faces from %s", rows, cfg.data)
 

@@ -232,8 +232,6 @@ def train_func(config: dict) -> None:
     history: list[dict] = []
     with session.latest_checkpoint() as restored:
         if restored:
-            check_checkpoint_workers(restored, session.world, "start a new run (another name) with `controlnet` "
-                                     "set to this run's export, which keeps the weights and resets the optimizer")
             _, client = engine.load_checkpoint(restored)
             history = client["history"] + [{"step": engine.global_steps, "resumed": True}]
             log.info("resumed from step %d", engine.global_steps)
@@ -329,6 +327,9 @@ def run_training(cfg: ControlNetTrainConfig, local: bool = False) -> dict:
                   controlnet=cfg.controlnet and storage.absolute(cfg.controlnet),
                   model=storage.absolute(cfg.model) if local_model else cfg.model)
     rows = check_config(cfg)
+    check_checkpoint_workers(storage.join(cfg.storage_path, cfg.name), 1 if local else cfg.num_workers,
+                             "start a new run (another name) with `controlnet` set to this run's export, which keeps "
+                             "the weights and resets the optimizer")
     export = storage.join(cfg.storage_path, cfg.name, "controlnet")
     log.info("training %s on %d faces from %s", cfg.stage, rows, ", ".join(cfg.data))
     return {**launch(train_func, cfg, lambda: ray_dataset(cfg.data, cfg.resolution), local), "export": export}

@@ -172,6 +172,10 @@ def _check_plan(cfg: GenerateConfig) -> dict:
     uri = storage.join(cfg.output, PLAN)
     ident = cfg.plan_identity()
     existing = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+    if existing is not None and "precision" not in existing:  # plans before it was recorded sampled at the default
+        existing["precision"] = GenerateConfig.dtype if cfg.use_gpu else "float32"
+        if existing == ident:
+            storage.write_bytes(uri, json.dumps(ident, indent=1).encode())
     if existing == ident:
         return ident
     if existing is not None:
@@ -276,11 +280,11 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], l
         assemblers += [ray.remote(ShardAssembler).options(num_cpus=0.25).remote(config, total) for _ in range(count)]
         # With GPUs, these tasks also PNG-encode, so a GPU only samples. (A CPU actor encodes its own images: the
         # tasks would only compete with it for the same cores.)
-        # An exception from a delivery (a failed shard write: S3 throttling, a network error) retries the task;
-        # assemblers keep a shard's rows until its write succeeds and count a row delivered twice once.
+        # A failed shard write (OSError: S3 throttling, a network error) retries the delivery task, as do lost
+        # nodes; assemblers keep a shard's rows until its write succeeds and count a row delivered twice once.
         ds = ds.map_batches(deliver_rows, fn_kwargs={"assemblers": assemblers, "encode": cfg.use_gpu},
                             batch_format="numpy", batch_size=None, num_cpus=0.5 if cfg.use_gpu else 0.25,
-                            max_retries=3, retry_exceptions=True)
+                            max_retries=5, retry_exceptions=[OSError])
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for summary in batch["summary"]:
                 images += json.loads(summary)["rows"]

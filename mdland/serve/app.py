@@ -201,7 +201,9 @@ class LandmarkService:
                 "time_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
     @api.get("/healthz")
-    async def healthz(self) -> dict:
+    async def healthz(self):
+        if self.failure:  # as check_health reports it, until Serve replaces this replica
+            return JSONResponse({"status": "failing", "error": self.failure}, status_code=503)
         return {"status": "ok", "model": self.cfg.detector}
 
     @api.get("/v1/model")
