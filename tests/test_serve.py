@@ -202,6 +202,19 @@ def test_a_batch_fills_to_max_batch_size(server, tmp_path):
         np.testing.assert_allclose(answer["landmarks"], expected(net, png), atol=2e-3)
 
 
+def test_batches_fill_under_load(server):
+    # 16 clients against batches of 8 that close 2 ms after their first request: Serve alone would run each
+    # forward pass on the one or two requests that came in those 2 ms (mean ~2 here); the faces that wait behind a
+    # running forward pass go into the next one together.
+    url, net, faces = server
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: post_image(url, faces[i % len(faces)]).json(), range(96)))
+    sizes = [a["batch_size"] for a in answers]
+    assert np.mean(sizes) > 4 and max(sizes) <= 8, sizes
+    for i, answer in enumerate(answers):
+        np.testing.assert_allclose(answer["landmarks"], expected(net, faces[i % len(faces)]), atol=2e-3)
+
+
 def test_bounded_loopback_load(server, capsys):
     url, _, faces = server
     n, clients = 60, 6

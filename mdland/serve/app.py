@@ -51,6 +51,10 @@ class ServeConfig:
     use_gpu: bool = False  # fp16 on a GPU; fp32 on CPU
 
 
+# Batches Serve may hand over at once: at least as many as requests a replica admits (max_ongoing_requests).
+MAX_WAITING_BATCHES = 1024
+
+
 class BadInput(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -147,6 +151,8 @@ class LandmarkService:
         self.forward_pool = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self.decode_pool = ThreadPoolExecutor(self.cfg.decode_threads, thread_name_prefix="decode")
         self.failure: str | None = None
+        self.pending: list[tuple[tuple[np.ndarray, np.ndarray], asyncio.Future]] = []
+        self.forward_task: asyncio.Task | None = None
         device = pick_device(self.cfg.use_gpu)  # on a GPU, with cuDNN autotuning
         on_gpu = device.type == "cuda"
         self.dtype = torch.float16 if on_gpu else torch.float32
@@ -159,19 +165,44 @@ class LandmarkService:
         self.infer.set_max_batch_size(self.cfg.max_batch_size)
         self.infer.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=ServeConfig.max_batch_size, batch_wait_timeout_s=ServeConfig.batch_wait_timeout_s)
+    # Serve forms the next batch while one runs, closing it batch_wait_timeout_s after its first request; behind a
+    # busy forward pass those batches stay small. So they do not queue on Serve's one-batch-at-a-time semaphore but
+    # hand their faces to `pending`, and each forward pass takes all that waits there, up to max_batch_size.
+    @serve.batch(max_batch_size=ServeConfig.max_batch_size, batch_wait_timeout_s=ServeConfig.batch_wait_timeout_s,
+                 max_concurrent_batches=MAX_WAITING_BATCHES)
     async def infer(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, int]]:
-        # In a thread: the event loop keeps taking requests (and queueing the next batch) while this one runs.
-        try:
-            points = await asyncio.get_running_loop().run_in_executor(
-                self.forward_pool, predict_crops, self.net, [crop for crop, _ in items], [m for _, m in items],
-                self.dtype)
-        except Exception as e:
-            # Inputs are checked before they reach a batch, so a failing forward pass means a broken replica (a lost
-            # CUDA context fails every later call too): check_health reports it and Serve replaces the replica.
-            self.failure = f"forward pass failed: {type(e).__name__}: {str(e)[:200]}"
-            raise
-        return [(p, len(items)) for p in points]
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        self.pending.extend(zip(items, futures))
+        if self.forward_task is None or self.forward_task.done():
+            self.forward_task = loop.create_task(self._forward_loop())
+        return list(await asyncio.gather(*futures))
+
+    async def _forward_loop(self) -> None:
+        """Forward passes over what waits in `pending` (up to max_batch_size faces each) until nothing does, in the
+        forward thread: the event loop keeps taking requests meanwhile."""
+        loop = asyncio.get_running_loop()
+        while self.pending:
+            taken = self.pending[: self.cfg.max_batch_size]
+            del self.pending[: len(taken)]
+            taken = [(item, future) for item, future in taken if not future.done()]  # a client that went away
+            if not taken:
+                continue
+            try:
+                points = await loop.run_in_executor(self.forward_pool, predict_crops, self.net,
+                                                    [crop for (crop, _), _ in taken], [m for (_, m), _ in taken],
+                                                    self.dtype)
+            except Exception as e:
+                # Inputs are checked before they reach a batch, so a failing forward pass means a broken replica (a
+                # lost CUDA context fails every later call too): check_health reports it, Serve replaces it.
+                self.failure = f"forward pass failed: {type(e).__name__}: {str(e)[:200]}"
+                for _, future in taken:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            for (_, future), p in zip(taken, points):
+                if not future.done():
+                    future.set_result((p, len(taken)))
 
     def check_health(self) -> None:
         if self.failure:
