@@ -51,10 +51,6 @@ class ServeConfig:
     use_gpu: bool = False  # fp16 on a GPU; fp32 on CPU
 
 
-# Batches Serve may hand over at once: at least as many as requests a replica admits (max_ongoing_requests).
-MAX_WAITING_BATCHES = 1024
-
-
 class BadInput(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -162,21 +158,21 @@ class LandmarkService:
         size = self.net.arch.input_size
         for n in range(1, self.cfg.max_batch_size + 1) if on_gpu else [1]:
             predict_crops(self.net, [np.zeros((size, size, 3), np.uint8)] * n, [np.eye(3)] * n, self.dtype)
-        self.infer.set_max_batch_size(self.cfg.max_batch_size)
-        self.infer.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.enqueue.set_max_batch_size(self.cfg.max_batch_size)
+        self.enqueue.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
-    # Serve forms the next batch while one runs, closing it batch_wait_timeout_s after its first request; behind a
-    # busy forward pass those batches stay small. So they do not queue on Serve's one-batch-at-a-time semaphore but
-    # hand their faces to `pending`, and each forward pass takes all that waits there, up to max_batch_size.
-    @serve.batch(max_batch_size=ServeConfig.max_batch_size, batch_wait_timeout_s=ServeConfig.batch_wait_timeout_s,
-                 max_concurrent_batches=MAX_WAITING_BATCHES)
-    async def infer(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, int]]:
+    # Serve forms the next batch while one runs, closing it batch_wait_timeout_s after its first request, so behind
+    # a busy forward pass its batches stay small. They are only queued here: each caller gets a future, and each
+    # forward pass takes all the faces waiting (up to max_batch_size). A caller that goes away cancels its future,
+    # and its face is skipped.
+    @serve.batch(max_batch_size=ServeConfig.max_batch_size, batch_wait_timeout_s=ServeConfig.batch_wait_timeout_s)
+    async def enqueue(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[asyncio.Future]:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
         self.pending.extend(zip(items, futures))
         if self.forward_task is None or self.forward_task.done():
             self.forward_task = loop.create_task(self._forward_loop())
-        return list(await asyncio.gather(*futures))
+        return futures
 
     async def _forward_loop(self) -> None:
         """Forward passes over what waits in `pending` (up to max_batch_size faces each) until nothing does, in the
@@ -185,7 +181,7 @@ class LandmarkService:
         while self.pending:
             taken = self.pending[: self.cfg.max_batch_size]
             del self.pending[: len(taken)]
-            taken = [(item, future) for item, future in taken if not future.done()]  # a client that went away
+            taken = [(item, future) for item, future in taken if not future.done()]  # callers that went away
             if not taken:
                 continue
             try:
@@ -226,7 +222,7 @@ class LandmarkService:
         t0 = time.perf_counter()
         image_size, box, crop, matrix = await asyncio.get_running_loop().run_in_executor(
             self.decode_pool, self._decode_and_crop, data, box, index)
-        points, batch = await self.infer((crop, matrix))
+        points, batch = await (await self.enqueue((crop, matrix)))
         return {"landmarks": np.round(points.astype(np.float64), 3).tolist(), "box": list(box),
                 "image_size": list(image_size), "model": self.cfg.detector, "batch_size": batch,
                 "time_ms": round((time.perf_counter() - t0) * 1000, 2)}
