@@ -54,6 +54,14 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     return cls(**{k: _coerce(v, hints[k], f"{where}: {k}") for k, v in data.items()})
 
 
+def check_counts(cfg, names: tuple[str, ...]) -> None:
+    """Fail naming the first of `cfg`'s count fields `names` below 1 (a field left None is unset and passes)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name}: must be at least 1, got {value}")
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """`cls` from a YAML file (optional) with `key=value` overrides (values parsed as YAML scalars)."""
     data: dict = {}

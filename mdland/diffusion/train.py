@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusers import ControlNetModel
 from PIL import Image
 
-from mdland.config import from_dict
+from mdland.config import check_counts, from_dict
 from mdland.data import storage
 from mdland.data.shards import decode_image, landmarks_array, read_columns, read_shard, shard_uris
 from mdland.data.datasets import check_one_filesystem, count_rows, local_epoch
@@ -82,9 +82,8 @@ def check_config(cfg: ControlNetTrainConfig) -> int:
     check_precision(cfg.precision, cfg.zero_stage, cfg.use_gpu)
     if cfg.resolution % 64:
         raise ValueError(f"resolution: must be a multiple of 64, got {cfg.resolution}")
-    for name in ("batch_size", "gradient_accumulation", "max_steps", "checkpoint_every", "log_every", "num_workers"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}: must be at least 1, got {getattr(cfg, name)}")
+    check_counts(cfg, ("batch_size", "gradient_accumulation", "max_steps", "checkpoint_every", "log_every",
+                       "num_workers"))
     if not cfg.data:
         raise ValueError("data: no training dataset given")
     check_one_filesystem(cfg.data)

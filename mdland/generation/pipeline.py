@@ -14,7 +14,7 @@ from dataclasses import asdict, replace
 import numpy as np
 import pyarrow.parquet as pq
 
-from mdland.config import from_dict
+from mdland.config import check_counts, from_dict
 from mdland.data import storage
 from mdland.data.shards import (Face, encode_image, landmarks_from_rows, shard_name, summarise_table, write_manifest,
                                  write_shard)
@@ -219,9 +219,7 @@ def run_generation(cfg: GenerateConfig) -> dict:
         from mdland.detector.checkpoint import load_detector
 
         load_detector(cfg.detector)  # a bad checkpoint fails here, before any actor starts
-    for name in ("images_per_style", "rows_per_shard", "batch_size", "num_actors", "num_assemblers"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise ValueError(f"{name}: must be at least 1, got {getattr(cfg, name)}")
+    check_counts(cfg, ("images_per_style", "rows_per_shard", "batch_size", "num_actors", "num_assemblers"))
     landmarks = source_landmarks(cfg)
     storage.check_writable(cfg.output)
     plan = _check_plan(cfg)

@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image, ImageOps, UnidentifiedImageError
 from ray import serve
 
-from mdland.config import from_dict
+from mdland.config import check_counts, from_dict
 from mdland.data import storage
 from mdland.detector.checkpoint import load_detector, predict_crops
 from mdland.landmarks.align import crop_from_box, crop_matrix, warp_image
@@ -318,9 +318,7 @@ def build_app(args: dict) -> serve.Application:
     cfg = from_dict(ServeConfig, args)
     if not cfg.detector:
         raise ValueError("detector: no checkpoint given")
-    for name in ("max_batch_size", "max_bytes", "max_pixels", "max_images", "decode_threads"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}: must be at least 1, got {getattr(cfg, name)}")
+    check_counts(cfg, ("max_batch_size", "max_bytes", "max_pixels", "max_images", "decode_threads"))
     if not cfg.max_box_ratio > 0 or cfg.batch_wait_timeout_s < 0:
         raise ValueError(f"max_box_ratio must be above 0 and batch_wait_timeout_s at least 0, got "
                          f"{cfg.max_box_ratio} and {cfg.batch_wait_timeout_s}")
