@@ -42,8 +42,10 @@ class LandmarkSampler:
 
     def initial_noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
         shape = (1, self.unet.config.in_channels, height // 8, width // 8)
-        noise = [torch.randn(shape, generator=g, dtype=self.dtype) for g in generators]
-        return torch.cat(noise).to(self.device) * self.scheduler.init_noise_sigma
+        # Drawn in fp32 and then cast: PyTorch's CPU normal sampler draws other numbers in fp16/bf16 on some
+        # versions, and a seed must give the same image whatever the precision.
+        noise = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
+        return (torch.cat(noise) * self.scheduler.init_noise_sigma).to(self.device, self.dtype)
 
     @torch.no_grad()
     def __call__(self, conditions: np.ndarray, prompts: list[str], seeds: list[int]) -> np.ndarray:
@@ -74,8 +76,8 @@ class LandmarkSampler:
                 pred = uncond + self.guidance * (cond - uncond)
             noise = None
             if self.eta > 0:
-                noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g, dtype=self.dtype)
-                                   for g in generators]).to(self.device)
+                noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g, dtype=torch.float32)
+                                   for g in generators]).to(self.device, self.dtype)
             latents = self.scheduler.step(pred, t, latents, eta=self.eta, variance_noise=noise, return_dict=False)[0]
         return self.decode(latents)
 
