@@ -66,7 +66,7 @@ def _bench(a: argparse.Namespace) -> None:
 
     if a.what == "train":
         result = bench.bench_train(a.preset, a.batch_size, a.resolution, a.steps, a.warmup, a.compile,
-                                   a.zero_stage)
+                                   a.zero_stage, a.cache_latents)
     elif a.what == "detector":
         result = bench.bench_detector(a.arch, a.batch_size, a.repeats, a.warmup)
     elif a.what == "serve":
@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     b.add_argument("--compile", action="store_true", help="torch.compile ControlNet and UNet (config `compile`)")
     b.add_argument("--zero-stage", type=int, default=2, help="DeepSpeed ZeRO stage (config `zero_stage`)")
+    b.add_argument("--cache-latents", action=argparse.BooleanOptionalAction, default=True,
+                   help="step on cached VAE latents, as Ray Train runs do (config `cache_latents`)")
     b = bench.add_parser("generate", help="mdland's sampler (and Ray Data pipeline) vs the stock diffusers pipeline")
     b.add_argument("--preset", default="sd15", help="model size: sd15 (GPU) or tiny (a CPU smoke run)")
     b.add_argument("--batch-size", type=int, default=64)

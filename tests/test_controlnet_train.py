@@ -310,3 +310,54 @@ def test_training_noise_is_exact_for_bf16_latents():
     scheduler = DDPMScheduler(prediction_type="sample")
     with pytest.raises(ValueError, match="prediction_type 'sample'"):
         noised_latents(scheduler, latents)
+
+
+def test_cached_latents_give_the_loss_of_encoding_every_step(faces_dir):
+    from functools import partial
+
+    from mdland.data.datasets import local_epoch
+    from mdland.diffusion.data import COLUMNS, LatentEncoder, conditions_from_points, prepare_targets
+    from mdland.diffusion.models import PromptEmbeddings
+    from mdland.diffusion.train import diffusion_loss
+
+    targets = next(local_epoch([faces_dir], COLUMNS, partial(prepare_targets, resolution=64), 4, 0))
+    encoded = LatentEncoder("tiny", seed=0, use_gpu=False, precision="auto")(targets)
+    components = build_preset("tiny")
+    with torch.no_grad():
+        expected = components.vae.encode(torch.as_tensor(targets["image"]).float() / 127.5 - 1.0).latent_dist
+    assert "image" not in encoded and encoded["latents"].dtype == np.float32
+    np.testing.assert_allclose(encoded["latents"], expected.parameters.numpy(), atol=1e-5)
+    torch.manual_seed(0)
+    controlnet = build_controlnet(components)
+    text = PromptEmbeddings(components, "cpu")
+
+    def loss(batch: dict, seed: int) -> float:
+        return diffusion_loss(components, controlnet, text, conditions_from_points(batch, 64), torch.float32,
+                              torch.Generator().manual_seed(seed)).item()
+
+    # The same generator draws the same latent from the stored distribution as from the VAE's, then the same noise.
+    assert loss(encoded, 3) == pytest.approx(loss(targets, 3), rel=1e-4)
+    assert loss(encoded, 3) != pytest.approx(loss(encoded, 4), rel=1e-3)
+
+
+def test_ray_dataset_of_cached_latents_is_reshuffled_each_epoch(faces_dir):
+    import ray
+
+    from mdland.diffusion.data import ray_dataset
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        ds = ray_dataset([faces_dir], 64, {"model": "tiny", "seed": 0, "use_gpu": False, "precision": "auto",
+                                           "workers": 1})
+        assert "LatentEncoder" not in str(ds)  # encoded already: epochs only shuffle and draw conditions
+        epochs = [ds.take_all() for _ in range(2)]
+        assert [len(e) for e in epochs] == [8, 8]
+        assert set(epochs[0][0]) == {"latents", "condition", "prompt"}
+        assert epochs[0][0]["condition"].shape == (3, 64, 64) and epochs[0][0]["condition"].dtype == np.uint8
+        sums = [[float(r["latents"].sum()) for r in e] for e in epochs]
+        assert sorted(sums[0]) == sorted(sums[1]) and sums[0] != sums[1]
+        # Each face keeps its own condition through the shuffles.
+        pairs = [{(round(float(r["latents"].sum()), 4), int(r["condition"].sum())) for r in e} for e in epochs]
+        assert pairs[0] == pairs[1]
+    finally:
+        ray.shutdown()

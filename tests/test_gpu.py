@@ -67,6 +67,17 @@ def test_bf16_controlnet_training_on_gpu_exports_fp32(faces, tmp_path):
     assert sum(not torch.equal(v, v.bfloat16().float()) for v in weights.values()) > 50
 
 
+def test_ray_controlnet_training_on_gpu_encodes_latents_first(faces, tmp_path):
+    # The encoding actors must give the GPU back before the Ray Train worker can have it.
+    from mdland.diffusion.train import ControlNetTrainConfig, run_training
+
+    cfg = ControlNetTrainConfig(model="tiny", data=[str(faces)], resolution=64, batch_size=4, max_steps=4,
+                                checkpoint_every=4, use_gpu=True, num_validation=2, validation_steps=2,
+                                storage_path=str(tmp_path), name="gpu-ray", cache_latents=True)
+    result = run_training(cfg)
+    assert result["step"] == 4 and np.isfinite(result["probe_loss"])
+
+
 def test_bf16_detector_training_on_gpu(faces, tmp_path):
     from mdland.detector.train import DetectorTrainConfig, run_training
 

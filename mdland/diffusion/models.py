@@ -190,6 +190,14 @@ def load_components(model: str, seed: int = 0) -> SDComponents:
     )
 
 
+def load_vae(model: str, seed: int = 0) -> AutoencoderKL:
+    """The VAE of `load_components(model, seed)` alone (a preset's is built with the rest, for the same weights)."""
+    if model in PRESETS:
+        return build_preset(model, seed=seed).vae
+    check_model_dir(model)
+    return AutoencoderKL.from_pretrained(local_copy(model), subfolder="vae")
+
+
 def build_controlnet(components: SDComponents, init: str | None = None) -> ControlNetModel:
     """The trainable ControlNet: loaded from `init` (a `save_pretrained` export, e.g. stage 1's) or copied from the
     UNet's encoder (`ControlNetModel.from_unet`), as the method's stage 1 does."""

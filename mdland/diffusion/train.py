@@ -63,6 +63,9 @@ class ControlNetTrainConfig:
     precision: str = "auto"  # auto: bf16 on GPU (frozen parts in bf16, ControlNet bf16 + fp32 master), fp32 on CPU
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the ControlNet and the frozen UNet (GPU: fused kernels; slow first steps)
+    # Ray Train runs: VAE-encode each face once per run, before training, and sample latents from the stored
+    # distributions each step (the plain-process mode encodes every step)
+    cache_latents: bool = True
     storage_path: str = "runs"  # local folder or s3://bucket/prefix
     name: str = "controlnet"
     keep_checkpoints: int = 3
@@ -143,15 +146,22 @@ def export_controlnet(engine, directory: str | Path) -> None:
 
 def diffusion_loss(components: SDComponents, controlnet: torch.nn.Module, text: PromptEmbeddings, batch: dict,
                    dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The ControlNet training loss of one batch: noise a VAE latent, predict the noise with UNet + ControlNet."""
+    """The ControlNet training loss of one batch: noise a VAE latent, predict the noise with UNet + ControlNet.
+    The latent is sampled from the batch's cached `latents` distributions if it has them, else from encoding its
+    `image` (the same draw for the same generator)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
     device = text.device
     # uint8 over the host-device link, scaled on the device: target in [-1, 1], condition in [0, 1].
-    image = torch.as_tensor(batch["image"]).to(device, non_blocking=True).float()
-    pixels = (image / 127.5 - 1.0).to(dtype)
     cond = (torch.as_tensor(batch["condition"]).to(device, non_blocking=True).float() / 255.0).to(dtype)
     scheduler = components.noise_scheduler
     with torch.no_grad():
-        latents = components.vae.encode(pixels).latent_dist.sample(generator) * components.vae.config.scaling_factor
+        if "latents" in batch:
+            dist = DiagonalGaussianDistribution(torch.as_tensor(batch["latents"]).to(device, dtype))
+        else:
+            image = torch.as_tensor(batch["image"]).to(device, non_blocking=True).float()
+            dist = components.vae.encode((image / 127.5 - 1.0).to(dtype)).latent_dist
+        latents = dist.sample(generator) * components.vae.config.scaling_factor
         hidden = text(list(batch["prompt"]))
     noisy, t, target = noised_latents(scheduler, latents, generator)
     noisy = noisy.to(dtype)
@@ -331,4 +341,10 @@ def run_training(cfg: ControlNetTrainConfig, local: bool = False) -> dict:
                              "the weights and resets the optimizer")
     export = storage.join(cfg.storage_path, cfg.name, "controlnet")
     log.info("training %s on %d faces from %s", cfg.stage, rows, ", ".join(cfg.data))
-    return {**launch(train_func, cfg, lambda: ray_dataset(cfg.data, cfg.resolution), local), "export": export}
+    encoder = None
+    if cfg.cache_latents and not local:
+        encoder = {"model": cfg.model, "seed": cfg.seed, "use_gpu": cfg.use_gpu, "precision": cfg.precision,
+                   "workers": cfg.num_workers}
+        log.info("encoding the %d faces' latents once for the run (cache_latents)", rows)
+    return {**launch(train_func, cfg, lambda: ray_dataset(cfg.data, cfg.resolution, encoder), local),
+            "export": export}
