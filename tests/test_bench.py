@@ -32,7 +32,8 @@ def test_bench_generate_compares_sampler_stock_and_pipeline(tmp_path, monkeypatc
     r = json.loads(out.read_text())
     assert r["stock_images_per_s"] > 0 and r["mdland_images_per_s"] > 0 and r["pipeline_images_per_s"] > 0
     assert abs(r["speedup"] - r["mdland_images_per_s"] / r["stock_images_per_s"]) < 0.05
-    assert r["projected_10k_images_min"] == round(10_000 / r["pipeline_images_per_s"] / 60, 1)
+    # Both figures are rounded from the same unrounded rate.
+    assert r["projected_10k_images_min"] == pytest.approx(10_000 / r["pipeline_images_per_s"] / 60, abs=0.06)
 
 
 def test_bench_detector(tmp_path):

@@ -37,7 +37,10 @@ FULL_SHUFFLE_ROWS = 20_000
 
 def read_shards(datasets: list[str], columns: list[str], shuffle: bool = True) -> "ray.data.Dataset":
     """A Ray Dataset over the shards of one or more training datasets (all on one filesystem), in a new random order
-    each epoch (`epoch_shuffle`), or in file order without `shuffle`."""
+    each epoch (in file order without `shuffle`). A small set is shuffled in full: stage 2's is one file per domain,
+    so file order and the workers' local shuffle buffers alone would give runs of batches from one domain. A large one
+    has its files read in a new order (no all-to-all barrier over the whole set), which with the local buffers mixes
+    batches across files."""
     import ray.data
 
     check_one_filesystem(datasets)
@@ -45,15 +48,9 @@ def read_shards(datasets: list[str], columns: list[str], shuffle: bool = True) -
     fs, _ = storage.filesystem(uris[0])
     ds = ray.data.read_parquet([storage.filesystem(u)[1] for u in uris], filesystem=fs,
                                shuffle="files" if shuffle else None).select_columns(columns)
-    return epoch_shuffle(ds, sum(count_rows(d) for d in datasets)) if shuffle else ds
-
-
-def epoch_shuffle(ds: "ray.data.Dataset", rows: int) -> "ray.data.Dataset":
-    """`ds` (of `rows` rows) in a new random order each epoch. A small set is shuffled in full: stage 2's is one file
-    per domain, so block order and the workers' local shuffle buffers alone would give runs of batches from one
-    domain. A large one has its blocks visited in a new order (no all-to-all barrier over the whole set), which with
-    the local buffers mixes batches across files."""
-    return ds.random_shuffle() if rows <= FULL_SHUFFLE_ROWS else ds.randomize_block_order()
+    if shuffle and sum(count_rows(d) for d in datasets) <= FULL_SHUFFLE_ROWS:
+        return ds.random_shuffle()
+    return ds
 
 
 def local_epoch(datasets: list[str], columns: list[str], prepare: Callable[[dict], dict], batch_size: int,

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from mdland.data.datasets import count_rows, epoch_shuffle, read_shards
+from mdland.data.datasets import read_shards
+from mdland.log import get_logger
 from mdland.data.shards import decode_image, landmarks_from_rows
 from mdland.landmarks.align import resize_points
 from mdland.landmarks.render import render_landmarks
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     import ray.data
 
 COLUMNS = ["key", "image", "landmarks", "prompt"]
+log = get_logger(__name__)
 
 
 def prepare_targets(batch: dict, resolution: int) -> dict:
@@ -97,6 +99,10 @@ def ray_dataset(datasets: list[str], resolution: int, encoder: dict | None = Non
                             # on CPU a fraction, so reading and decoding tasks still get a core on a small machine
                             num_cpus=1 if use_gpu else 0.5)
                .materialize())
-    rows = sum(count_rows(d) for d in datasets)
-    return epoch_shuffle(encoded, rows).map_batches(conditions_from_points, fn_kwargs={"resolution": resolution},
-                                                    batch_format="numpy", batch_size=32)
+    # Held in the object store for the whole run (~16 KiB a face at 256 px). Its blocks cannot be rebuilt once the
+    # encoding actors are gone, so a node lost on a multi-node cluster fails the run's restarts: there, or for sets
+    # too large for the object store, set cache_latents: false.
+    log.info("latent cache: %d faces, %.2f GiB", encoded.count(), encoded.size_bytes() / 2**30)
+    # Shuffled in full each epoch, cheap at this size: the encoded blocks hold faces in file (domain) order.
+    return encoded.random_shuffle().map_batches(conditions_from_points, fn_kwargs={"resolution": resolution},
+                                                batch_format="numpy", batch_size=32)

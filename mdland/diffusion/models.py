@@ -106,19 +106,25 @@ def char_tokenizer() -> CLIPTokenizer:
                              model_max_length=MAX_PROMPT_TOKENS, pad_token="<|endoftext|>")
 
 
+def _preset_vae(name: str, seed: int) -> AutoencoderKL:
+    """A preset's VAE: seeded, and drawn before the other modules, so `load_vae` can build it alone."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **_ARCH[name]["vae"])
+
+
 def build_preset(name: str, seed: int = 0) -> SDComponents:
     """Random-initialised components of preset `name`; the same seed gives the same weights on every worker."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {PRESETS} or give a model directory")
     arch = _ARCH[name]
     tokenizer = char_tokenizer()
-    torch.manual_seed(seed)
+    vae = _preset_vae(name, seed)
     text_cfg = dict(vocab_size=len(tokenizer), max_position_embeddings=MAX_PROMPT_TOKENS,
                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id)
     text_cfg.update(arch["text"])
     return SDComponents(
-        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **arch["vae"]),
+        vae=vae,
         unet=UNet2DConditionModel(in_channels=4, out_channels=4, **arch["unet"]),
         text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)),
         tokenizer=tokenizer,
@@ -191,9 +197,9 @@ def load_components(model: str, seed: int = 0) -> SDComponents:
 
 
 def load_vae(model: str, seed: int = 0) -> AutoencoderKL:
-    """The VAE of `load_components(model, seed)` alone (a preset's is built with the rest, for the same weights)."""
+    """The VAE of `load_components(model, seed)`, without loading or building the rest."""
     if model in PRESETS:
-        return build_preset(model, seed=seed).vae
+        return _preset_vae(model, seed)
     check_model_dir(model)
     return AutoencoderKL.from_pretrained(local_copy(model), subfolder="vae")
 

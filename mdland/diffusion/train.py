@@ -1,8 +1,9 @@
 """Stages 1 and 2 of the method: train the landmark ControlNet with Ray Train + DeepSpeed.
 
 One `train_func` runs on every Ray Train worker (or alone, in one plain process, for debugging): frozen VAE, UNet and
-text encoder (bf16 on GPU), a trainable ControlNet wrapped by DeepSpeed (ZeRO stage 2; bf16 with fp32 master weights
-on GPU, fp32 on CPU), DDPM noise and an MSE loss on the noise. Stage 1 trains with empty prompts; stage 2 starts from
+text encoder (bf16 on GPU), a trainable ControlNet wrapped by DeepSpeed (ZeRO stage 2, stage 1 on a single rank; bf16
+with fp32 master weights on GPU, fp32 on CPU), DDPM noise and an MSE loss on the noise; on Ray, latents sampled from
+distributions the VAE computed once per run (`cache_latents`). Stage 1 trains with empty prompts; stage 2 starts from
 stage 1's export and trains with style prompts, a share of them blanked so classifier-free guidance works.
 Checkpoints (DeepSpeed state, a diffusers-format export of the fp32 master weights, a validation grid and the loss
 curve) go to `storage_path/name/checkpoint_NNNNNN`; a re-run with the same name resumes from the latest one.
