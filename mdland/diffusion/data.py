@@ -102,7 +102,7 @@ def ray_dataset(datasets: list[str], resolution: int, encoder: dict | None = Non
     # Held in the object store for the whole run (~16 KiB a face at 256 px). Its blocks cannot be rebuilt once the
     # encoding actors are gone, so a node lost on a multi-node cluster fails the run's restarts: there, or for sets
     # too large for the object store, set cache_latents: false.
-    log.info("latent cache: %d faces, %.2f GiB", encoded.count(), encoded.size_bytes() / 2**30)
+    log.info("latent cache: %d faces, %.1f MiB", encoded.count(), encoded.size_bytes() / 2**20)
     # Shuffled in full each epoch, cheap at this size: the encoded blocks hold faces in file (domain) order.
     return encoded.random_shuffle().map_batches(conditions_from_points, fn_kwargs={"resolution": resolution},
                                                 batch_format="numpy", batch_size=32)
