@@ -97,7 +97,7 @@ def _plain_loop_seconds(preset: str, batch: dict, steps: int, warmup: int, devic
 
 def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 256, steps: int = 10,
                 warmup: int = 3, compile: bool = False, zero_stage: int = 2, cache_latents: bool = True) -> dict:
-    from mdland.diffusion.models import PromptEmbeddings, build_controlnet, build_preset
+    from mdland.diffusion.models import PromptEmbeddings, build_controlnet, build_preset, latent_distribution
     from mdland.diffusion.train import ControlNetTrainConfig, controlnet_engine, diffusion_loss
 
     device = pick_device(use_gpu=True)  # cuDNN autotuning on for the baseline and mdland alike
@@ -135,11 +135,10 @@ def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 25
                   cache_latents=cache_latents)
     if cache_latents:
         # What the run's one encoding pass (LatentEncoder) does per batch, timed on its own.
-        pixels = (batch["image"].float() / 127.5 - 1.0).to(dtype)
         with torch.no_grad():
-            encode = _timed(lambda: c.vae.encode(pixels).latent_dist.parameters, steps, warmup, device)
-            batch = {"latents": c.vae.encode(pixels).latent_dist.parameters, "condition": batch["condition"],
-                     "prompt": batch["prompt"]}
+            encode = _timed(lambda: latent_distribution(c.vae, batch["image"], dtype), steps, warmup, device)
+            batch = {"latents": latent_distribution(c.vae, batch["image"], dtype).parameters,
+                     "condition": batch["condition"], "prompt": batch["prompt"]}
         result["latent_encode_images_per_s"] = round(batch_size / encode, 2)
 
     def mdland_step():

@@ -347,8 +347,8 @@ def test_ray_dataset_of_cached_latents_is_reshuffled_each_epoch(faces_dir):
 
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        ds = ray_dataset([faces_dir], 64, {"model": "tiny", "seed": 0, "use_gpu": False, "precision": "auto",
-                                           "workers": 1})
+        ds = ray_dataset([faces_dir], 64, {"model": "tiny", "seed": 0, "use_gpu": False, "precision": "auto"},
+                         workers=1)
         assert "LatentEncoder" not in str(ds)  # encoded already: epochs only shuffle and draw conditions
         epochs = [ds.take_all() for _ in range(2)]
         assert [len(e) for e in epochs] == [8, 8]

@@ -16,10 +16,10 @@ import numpy as np
 from PIL import Image
 
 from mdland.data.datasets import read_shards
-from mdland.log import get_logger
 from mdland.data.shards import decode_image, landmarks_from_rows
 from mdland.landmarks.align import resize_points
 from mdland.landmarks.render import render_landmarks
+from mdland.log import get_logger
 
 if TYPE_CHECKING:
     import ray.data
@@ -74,23 +74,25 @@ class LatentEncoder:
     def __call__(self, batch: dict) -> dict:
         import torch
 
+        from mdland.diffusion.models import latent_distribution
+
         with torch.no_grad():
-            pixels = torch.as_tensor(batch["image"]).to(self.device).float() / 127.5 - 1.0
-            moments = self.vae.encode(pixels.to(self.dtype)).latent_dist.parameters
+            images = torch.as_tensor(batch["image"]).to(self.device)
+            moments = latent_distribution(self.vae, images, self.dtype).parameters
         out = {k: v for k, v in batch.items() if k != "image"}
         out["latents"] = moments.float().cpu().numpy().astype(self.out_dtype)
         return out
 
 
-def ray_dataset(datasets: list[str], resolution: int, encoder: dict | None = None) -> "ray.data.Dataset":
+def ray_dataset(datasets: list[str], resolution: int, encoder: dict | None = None,
+                workers: int = 1) -> "ray.data.Dataset":
     """A Ray Dataset of prepared ControlNet training batches over the shards of `datasets`. With `encoder`
-    (`LatentEncoder`'s arguments and `workers`, the actors to run), the targets are encoded now, once, and the
-    dataset holds their latents."""
+    (`LatentEncoder`'s arguments), the targets are encoded now, once, by `workers` actors, and the dataset holds
+    their latents."""
     if encoder is None:
         return read_shards(datasets, COLUMNS).map_batches(prepare_batch, fn_kwargs={"resolution": resolution},
                                                         batch_format="numpy", batch_size=32)
-    encoder = dict(encoder)
-    workers, use_gpu = encoder.pop("workers"), encoder["use_gpu"]
+    use_gpu = encoder["use_gpu"]
     encoded = (read_shards(datasets, COLUMNS, shuffle=False)
                .map_batches(prepare_targets, fn_kwargs={"resolution": resolution}, batch_format="numpy",
                             batch_size=32)

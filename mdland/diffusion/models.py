@@ -204,6 +204,12 @@ def load_vae(model: str, seed: int = 0) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(local_copy(model), subfolder="vae")
 
 
+def latent_distribution(vae: AutoencoderKL, images: torch.Tensor, dtype: torch.dtype):
+    """The VAE's latent distribution (diffusers' `DiagonalGaussianDistribution`) of uint8 (B, 3, H, W) images, scaled
+    to [-1, 1] on their device and encoded in `dtype`."""
+    return vae.encode((images.float() / 127.5 - 1.0).to(dtype)).latent_dist
+
+
 def build_controlnet(components: SDComponents, init: str | None = None) -> ControlNetModel:
     """The trainable ControlNet: loaded from `init` (a `save_pretrained` export, e.g. stage 1's) or copied from the
     UNet's encoder (`ControlNetModel.from_unet`), as the method's stage 1 does."""

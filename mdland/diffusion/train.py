@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
 from mdland.config import check_counts, from_dict
@@ -28,7 +29,7 @@ from mdland.data.shards import decode_image, landmarks_array, read_columns, read
 from mdland.data.datasets import check_one_filesystem, count_rows, local_epoch
 from mdland.diffusion.data import COLUMNS, prepare_batch, ray_dataset
 from mdland.diffusion.models import (PRESETS, PromptEmbeddings, SDComponents, build_controlnet, check_model_dir,
-                                     ddim_scheduler, load_components)
+                                     ddim_scheduler, latent_distribution, load_components)
 from mdland.landmarks.align import resize_points
 from mdland.landmarks.edits import fit_in_frame, sample_edits
 from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
@@ -150,8 +151,6 @@ def diffusion_loss(components: SDComponents, controlnet: torch.nn.Module, text: 
     """The ControlNet training loss of one batch: noise a VAE latent, predict the noise with UNet + ControlNet.
     The latent is sampled from the batch's cached `latents` distributions if it has them, else from encoding its
     `image` (the same draw for the same generator)."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
     device = text.device
     # uint8 over the host-device link, scaled on the device: target in [-1, 1], condition in [0, 1].
     cond = (torch.as_tensor(batch["condition"]).to(device, non_blocking=True).float() / 255.0).to(dtype)
@@ -160,8 +159,8 @@ def diffusion_loss(components: SDComponents, controlnet: torch.nn.Module, text: 
         if "latents" in batch:
             dist = DiagonalGaussianDistribution(torch.as_tensor(batch["latents"]).to(device, dtype))
         else:
-            image = torch.as_tensor(batch["image"]).to(device, non_blocking=True).float()
-            dist = components.vae.encode((image / 127.5 - 1.0).to(dtype)).latent_dist
+            dist = latent_distribution(components.vae, torch.as_tensor(batch["image"]).to(device, non_blocking=True),
+                                       dtype)
         latents = dist.sample(generator) * components.vae.config.scaling_factor
         hidden = text(list(batch["prompt"]))
     noisy, t, target = noised_latents(scheduler, latents, generator)
@@ -344,8 +343,7 @@ def run_training(cfg: ControlNetTrainConfig, local: bool = False) -> dict:
     log.info("training %s on %d faces from %s", cfg.stage, rows, ", ".join(cfg.data))
     encoder = None
     if cfg.cache_latents and not local:
-        encoder = {"model": cfg.model, "seed": cfg.seed, "use_gpu": cfg.use_gpu, "precision": cfg.precision,
-                   "workers": cfg.num_workers}
+        encoder = {"model": cfg.model, "seed": cfg.seed, "use_gpu": cfg.use_gpu, "precision": cfg.precision}
         log.info("encoding the %d faces' latents once for the run (cache_latents)", rows)
-    return {**launch(train_func, cfg, lambda: ray_dataset(cfg.data, cfg.resolution, encoder), local),
-            "export": export}
+    return {**launch(train_func, cfg, lambda: ray_dataset(cfg.data, cfg.resolution, encoder, cfg.num_workers),
+                     local), "export": export}
