@@ -9,7 +9,8 @@
   `--pipeline`, also the Ray Data pipeline's steady images/s against the bare sampler, and the time for 10k images.
 - `write`: how many generated images/s the generation pipeline's shard assembler writes (and PNG encoding runs
   per core), on this machine's CPU: the ceiling of one `mdland generate` job, in GPUs' worth.
-- `detector`: batched images/s and single-image latency of the STAR network (fp16 on GPU, fp32 on CPU).
+- `detector`: batched images/s and single-image latency of the STAR network (fp16 on GPU, fp32 on CPU); on a GPU
+  also replayed from CUDA graphs, against the eager network.
 - `serve`: end-to-end requests/s and p50/p95 latency over HTTP (Ray Serve, concurrent loopback clients) against
   in-process batched inference of the same checkpoint; also single-request p50 latency.
 """
@@ -300,36 +301,56 @@ def bench_write(images: str = "faces", count: int = 4000, rows_per_shard: int = 
 
 
 def bench_detector(arch: str = "star-300w", batch_size: int = 32, repeats: int = 5, warmup: int = 2) -> dict:
-    """Batched images/s and single-image latency of the STAR network (fp16 on GPU, fp32 on CPU)."""
+    """Batched images/s and single-image latency of the STAR network (fp16 on GPU, fp32 on CPU), from uint8 crops in
+    host memory to points back in it; on a GPU also replayed from CUDA graphs (`CudaGraphDetector`, as serving runs
+    it) against the eager network."""
     import numpy as np
 
+    from mdland.detector.inference import CudaGraphDetector, crop_landmarks
     from mdland.detector.model import ARCHS, STARNet
 
     device = pick_device(use_gpu=True)  # cuDNN autotuning on for the baseline and mdland alike
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     net = STARNet(ARCHS[arch]).eval().to(device, dtype)
     size = net.arch.input_size
-    batch = torch.randn(batch_size, 3, size, size, device=device, dtype=dtype)
-    one = batch[:1]
+    crops = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8)
+
+    def measure(run) -> tuple[float, list[float]]:
+        per_batch = _timed(lambda: run(crops), repeats, warmup, device)
+        latencies = [_timed(lambda: run(crops[:1]), 1, 0, device) * 1000 for _ in range(warmup + 4 * repeats)]
+        return batch_size / per_batch, latencies[warmup:]
+
+    def numbers(prefix: str, rate: float, latencies: list[float]) -> dict:
+        return {f"{prefix}batched_images_per_s": round(rate, 2),
+                f"{prefix}single_image_p50_ms": round(float(np.percentile(latencies, 50)), 2),
+                f"{prefix}single_image_p95_ms": round(float(np.percentile(latencies, 95)), 2)}
+
     with torch.no_grad():
-        per_batch = _timed(lambda: net(batch), repeats, warmup, device)
-        latencies = []
-        for i in range(warmup + 4 * repeats):
-            t = _timed(lambda: net(one), 1, 0, device)
-            if i >= warmup:
-                latencies.append(t * 1000)
-    return {"benchmark": "detector", "arch": arch, "device": _device_name(device), "dtype": str(dtype).split(".")[-1],
-            "batch_size": batch_size, "batched_images_per_s": round(batch_size / per_batch, 2),
-            "single_image_p50_ms": round(float(np.percentile(latencies, 50)), 2),
-            "single_image_p95_ms": round(float(np.percentile(latencies, 95)), 2)}
+        result = {"benchmark": "detector", "arch": arch, "device": _device_name(device),
+                  "dtype": str(dtype).split(".")[-1], "batch_size": batch_size,
+                  **numbers("", *measure(lambda x: crop_landmarks(net, x.to(device), dtype).cpu()))}
+        if device.type == "cuda":
+            t0 = time.perf_counter()
+            graphed = CudaGraphDetector(net, dtype, batch_size)
+            result["cuda_graphs_capture_s"] = round(time.perf_counter() - t0, 2)
+            rate, latencies = measure(graphed)
+            result.update(numbers("cuda_graphs_", rate, latencies))
+            result["cuda_graphs_single_image_speedup"] = round(
+                result["single_image_p50_ms"] / result["cuda_graphs_single_image_p50_ms"], 2)
+            result["cuda_graphs_batched_speedup"] = round(rate / result["batched_images_per_s"], 2)
+    return result
 
 
 def _in_process_images_per_s(detector: str, images: list, batch_size: int, device: torch.device) -> float:
-    from mdland.detector.checkpoint import load_detector, predict
+    """The replica's own inference (CUDA graphs on a GPU), warping and all, in this process."""
+    from mdland.detector.checkpoint import load_detector
+    from mdland.detector.inference import CudaGraphDetector, predict
     from mdland.landmarks.align import crop_from_box
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     net = load_detector(detector, device=device).eval().to(dtype=dtype)
+    if device.type == "cuda":
+        net = CudaGraphDetector(net, dtype, batch_size)
     size = net.arch.input_size
     crops = [crop_from_box((0, 0, size, size))] * batch_size
     return batch_size / _timed(lambda: predict(net, images[:batch_size], crops, dtype), 5, 2, device)
@@ -396,7 +417,7 @@ def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int
     rps = len(ok) / elapsed
     return {"benchmark": "serve", "arch": arch, "device": _device_name(device), "clients": clients,
             "max_batch_size": max_batch_size, "requests": requests_total, "errors": errors,
-            "baseline": f"in-process batched inference, batch {max_batch_size}",
+            "baseline": f"in-process batched inference, batch {max_batch_size}, the replica's detector",
             "in_process_images_per_s": round(in_process, 2), "http_requests_per_s": round(rps, 2),
             "ratio": round(rps / in_process, 3), "mean_batch_size": round(float(np.mean([b for _, b in ok])), 2),
             "p50_ms": round(float(np.percentile(latencies, 50)), 1),

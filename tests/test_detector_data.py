@@ -1,9 +1,10 @@
 import numpy as np
+import torch
 
 from mdland.data.procedural import draw_face, procedural_faces, random_landmarks
 from mdland.detector.data import (edge_maps, face_crop, pixels_to_unit, point_maps, prepare_detector_batch,
-                                  texture_augment, to_network_input)
-from mdland.detector.model import EDGES, normalised_to_pixels
+                                  texture_augment)
+from mdland.detector.model import EDGES, normalised_to_pixels, to_network_input
 from mdland.landmarks.align import transform_points
 from mdland.landmarks.scheme import flip_landmarks
 
@@ -81,10 +82,13 @@ def test_targets():
     assert abs((eye[ys, xs] * radius).sum() / eye[ys, xs].sum() - 20) < 0.5
     unit = pixels_to_unit(np.array([[-0.5, 255.5], [127.5, 0.0]]), 256)
     np.testing.assert_allclose(unit, [[-1, 1], [0, -1 + 1 / 256]], atol=1e-6)
-    np.testing.assert_allclose(normalised_to_pixels(__import__("torch").tensor(unit), 256).numpy(),
+    np.testing.assert_allclose(normalised_to_pixels(torch.tensor(unit), 256).numpy(),
                                [[-0.5, 255.5], [127.5, 0.0]], atol=1e-4)
-    x = to_network_input(np.array([[[[255, 0, 127]]]], dtype=np.uint8))
-    np.testing.assert_allclose(x[0, :, 0, 0], [(127 - 127.5) / 127.5, -1, 1])  # BGR order
+    x = to_network_input(torch.tensor([[[[255, 0, 127]]]], dtype=torch.uint8))
+    assert x.shape == (1, 3, 1, 1) and x.dtype == torch.float32
+    np.testing.assert_allclose(x[0, :, 0, 0].numpy(), [(127 - 127.5) / 127.5, -1, 1])  # BGR order
+    half = to_network_input(torch.tensor([[[[255, 0, 127]]]], dtype=torch.uint8), torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(half.float(), x.half().float())
 
 
 def test_prepared_batches_with_and_without_training_targets():
@@ -92,7 +96,8 @@ def test_prepared_batches_with_and_without_training_targets():
     rows = {"key": [f.key for f in faces], "image": [f.image for f in faces],
             "landmarks": [f.landmarks.tolist() for f in faces]}
     full = prepare_detector_batch(rows, 64, augment=False)
-    assert full["image"].shape == (3, 3, 64, 64) and full["landmarks"].shape == (3, 68, 2)
+    assert full["image"].shape == (3, 64, 64, 3) and full["image"].dtype == np.uint8  # scaled on the device
+    assert full["landmarks"].shape == (3, 68, 2)
     assert full["pointmaps"].shape == (3, 68, 16, 16) and full["edgemaps"].shape == (3, 9, 16, 16)
     lean = prepare_detector_batch(rows, 64, augment=False, targets=False)
     assert set(lean) == {"image", "landmarks"}

@@ -113,3 +113,17 @@ def test_a_fresh_network_starts_with_background_point_and_edge_maps():
     out = STARNet(ARCHS["tiny"]).eval()(torch.randn(2, 3, 64, 64))
     for maps in (*out.pointmaps, *out.edgemaps):
         assert maps.mean() < 0.05 and maps.max() < 0.5
+
+
+def test_graph_batch_sizes_cover_every_batch_with_few_padding_faces():
+    from mdland.detector.inference import CudaGraphDetector, graph_batch_sizes
+
+    assert graph_batch_sizes(16) == [1, 2, 3, 4, 5, 6, 7, 8, 16]
+    assert graph_batch_sizes(20) == [1, 2, 3, 4, 5, 6, 7, 8, 16, 20]
+    assert graph_batch_sizes(3) == [1, 2, 3]
+    for top in (1, 8, 13, 32, 50):
+        sizes = graph_batch_sizes(top)
+        assert max(sizes) == top
+        assert all(0 <= min(s for s in sizes if s >= n) - n <= 7 for n in range(1, top + 1))
+    with pytest.raises(ValueError, match="need the network on a GPU"):
+        CudaGraphDetector(STARNet(ARCHS["tiny"]), torch.float32, 4)

@@ -7,7 +7,8 @@ import torch
 from mdland.cli import main
 from mdland.data.procedural import procedural_faces
 from mdland.data.shards import ShardWriter, decode_image
-from mdland.detector.checkpoint import load_detector, predict, save_checkpoint
+from mdland.detector.checkpoint import load_detector, save_checkpoint
+from mdland.detector.inference import predict
 from mdland.detector.evaluate import eval_faces
 from mdland.detector.data import CROP_MARGIN
 from mdland.detector.metrics import nme

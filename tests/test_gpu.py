@@ -106,3 +106,23 @@ def test_generation_pipeline_on_gpu_writes_the_planned_set(faces, tmp_path):
     table = read_dataset(str(tmp_path / "out"))
     assert out["complete"] and table.num_rows == 16
     assert decode_image(table.column("image")[0].as_py()).shape == (64, 64, 3)
+
+
+def test_cuda_graph_detector_matches_the_eager_network():
+    from mdland.detector.inference import CudaGraphDetector, crop_landmarks
+    from mdland.detector.model import ARCHS, STARNet
+
+    torch.manual_seed(0)
+    net = STARNet(ARCHS["tiny"]).cuda().eval().half()
+    size = net.arch.input_size
+    crops = torch.randint(0, 256, (27, size, size, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        eager = torch.cat([crop_landmarks(net, crops[i : i + 1].cuda(), torch.float16).cpu() for i in range(27)])
+    graphed = CudaGraphDetector(net, torch.float16, 12)
+    assert graphed.sizes == [1, 2, 3, 4, 5, 6, 7, 8, 12]
+    for n in (1, 5, 8, 9, 12, 27):  # 9 runs padded in the graph of 12; 27 in chunks of 12, 12 and 3
+        points = graphed(crops[:n])
+        assert points.shape == (n, 68, 2) and points.device.type == "cpu"
+        assert (points - eager[:n]).abs().max() < 0.1  # crop pixels, at fp16 and another batch size
+    graphed(crops[15:27])  # a padded batch's points do not depend on the older faces in its padding rows
+    assert (graphed(crops[:9]) - eager[:9]).abs().max() < 0.1

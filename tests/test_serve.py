@@ -14,7 +14,8 @@ from PIL import Image
 
 from mdland.data.procedural import procedural_faces
 from mdland.data.shards import decode_image
-from mdland.detector.checkpoint import load_detector, predict, save_checkpoint
+from mdland.detector.checkpoint import load_detector, save_checkpoint
+from mdland.detector.inference import predict
 from mdland.detector.model import ARCHS, STARNet
 
 LIMITS = {"max_bytes": 300_000, "max_pixels": 400 * 400, "max_images": 8}
@@ -203,8 +204,8 @@ def test_a_batch_fills_to_max_batch_size(server, tmp_path):
 
 
 def test_batches_fill_under_load(server):
-    # 16 clients against batches of 8 that close 2 ms after their first request: Serve alone would run each
-    # forward pass on the one or two requests that came in those 2 ms (mean ~2 here); the faces that wait behind a
+    # 16 clients against batches of 8 that Serve closes as soon as it has a request (batch_wait_timeout_s 0): Serve
+    # alone would run each forward pass on the one or two requests that had come in; the faces that wait behind a
     # running forward pass go into the next one together.
     url, net, faces = server
     with ThreadPoolExecutor(16) as pool:

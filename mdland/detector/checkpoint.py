@@ -5,13 +5,10 @@ import io
 import re
 from dataclasses import asdict
 
-import numpy as np
 import torch
 
 from mdland.data import storage
-from mdland.detector.data import to_network_input
-from mdland.detector.model import ARCHS, DetectorArch, STARNet, normalised_to_pixels
-from mdland.landmarks.align import crop_matrix, uncrop_points, warp_image
+from mdland.detector.model import ARCHS, DetectorArch, STARNet
 
 
 def read_checkpoint(uri: str) -> tuple[dict, DetectorArch]:
@@ -67,23 +64,3 @@ def load_detector(uri: str | None, arch: str = "star-300w", device: str | torch.
         detail = [line.strip() for line in str(e).splitlines()[1:] if line.strip()][:1]
         raise ValueError(f"{uri}: weights do not fit the STAR network ({detail[0] if detail else e})") from None
     return net.to(device)
-
-
-@torch.no_grad()
-def predict(net: STARNet, images: list[np.ndarray], crops: list[tuple[tuple[float, float], float]],
-            dtype: torch.dtype = torch.float32) -> np.ndarray:
-    """(N, 68, 2) landmarks in each image's pixels; each face is cropped at its (centre, scale), as STAR crops."""
-    size = net.arch.input_size
-    matrices = [crop_matrix(centre, scale, size) for centre, scale in crops]
-    return predict_crops(net, [warp_image(im, m, size) for im, m in zip(images, matrices)], matrices, dtype)
-
-
-@torch.no_grad()
-def predict_crops(net: STARNet, crops: list[np.ndarray], matrices: list[np.ndarray],
-                  dtype: torch.dtype = torch.float32) -> np.ndarray:
-    """Landmarks of already-cropped faces, mapped back through each crop's source->crop matrix."""
-    size = net.arch.input_size
-    device = next(net.parameters()).device
-    x = torch.from_numpy(to_network_input(np.stack(crops))).to(device, dtype)
-    points = normalised_to_pixels(net(x).landmarks[-1].float(), size).cpu().numpy()
-    return np.stack([uncrop_points(p, m) for p, m in zip(points, matrices)])

@@ -1,6 +1,7 @@
 """Detector inputs and targets, as STAR prepares them: a square crop around the face (centre and scale), optional
-flip / rotation / scale / shift and texture (occlusion, blur, gamma, noise, grey) augmentation, BGR pixels scaled to
-[-1, 1], landmarks in [-1, 1], Gaussian point maps and edge maps at a quarter of the input size."""
+flip / rotation / scale / shift and texture (occlusion, blur, gamma, noise, grey) augmentation, landmarks in [-1, 1],
+Gaussian point maps and edge maps at a quarter of the input size. Crops stay RGB uint8 (a quarter of float32's bytes
+through Ray Data); `mdland.detector.model.to_network_input` scales them on the device."""
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -69,11 +70,6 @@ def texture_augment(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def to_network_input(crops: np.ndarray) -> np.ndarray:
-    """(B, S, S, 3) RGB uint8 -> (B, 3, S, S) float32 BGR in [-1, 1], as STAR feeds its network."""
-    return (crops[..., ::-1].transpose(0, 3, 1, 2).astype(np.float32) - 127.5) / 127.5
-
-
 def point_maps(points: np.ndarray, size: int, sigma: float = 1.5) -> np.ndarray:
     """(68, S/4, S/4) unnormalised Gaussians (peak 1, sigma 1.5 input pixels at S=256) sampled where STAR's
     bilinear 4x downscaling samples them. A point that augmentation moved out of the crop is held at the map's edge,
@@ -140,7 +136,7 @@ def prepare_detector_batch(batch: dict, size: int, augment: bool, targets: bool 
         crops.append(texture_augment(crop, rng) if rng is not None and texture else crop)
         pts.append(moved)
     pts = np.stack(pts)
-    out = {"image": to_network_input(np.stack(crops)), "landmarks": pixels_to_unit(pts, size)}
+    out = {"image": np.stack(crops), "landmarks": pixels_to_unit(pts, size)}
     if targets:
         out["pointmaps"] = np.stack([point_maps(p, size) for p in pts])
         out["edgemaps"] = np.stack([edge_maps(p, size) for p in pts])

@@ -97,8 +97,9 @@ def eval_faces(src: str, fmt: str | None = None, skip_bad: bool = False,
 def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], out: str, skip_bad: bool = False,
                       batch_size: int = 32, threshold: float = 0.10, norm: str = "inter_ocular") -> list[dict]:
     """Run the detector over each (name, source, format) set; write metrics.json/.md, ced.png and overlays."""
-    from mdland.detector.checkpoint import load_detector, predict
+    from mdland.detector.checkpoint import load_detector
     from mdland.detector.data import CROP_MARGIN
+    from mdland.detector.inference import predict
     from mdland.landmarks.align import crop_from_landmarks
     from mdland.session import pick_device
 

@@ -27,7 +27,7 @@ from mdland.detector.checkpoint import load_detector, save_checkpoint
 from mdland.detector.data import COLUMNS, prepare_detector_batch
 from mdland.detector.loss import detector_loss
 from mdland.detector.metrics import nme
-from mdland.detector.model import ARCHS, normalised_to_pixels
+from mdland.detector.model import ARCHS, normalised_to_pixels, to_network_input
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
 from mdland.session import (LocalSession, RaySession, check_checkpoint_workers, check_precision, deepspeed_engine,
@@ -96,7 +96,7 @@ def validation_nme(net, batch: dict, device, dtype) -> float:
     size = net.arch.input_size
     preds = []
     for start in range(0, len(batch["image"]), 64):
-        x = torch.from_numpy(batch["image"][start : start + 64]).to(device)
+        x = to_network_input(torch.from_numpy(batch["image"][start : start + 64]).to(device))
         with autocast(device, dtype):
             landmarks = net(x).landmarks[-1]
         preds.append(normalised_to_pixels(landmarks.float(), size).cpu().numpy())
@@ -146,7 +146,7 @@ def train_func(config: dict) -> None:
     while epoch < cfg.epochs:
         losses, seen, t0 = [], 0, time.time()
         for batch in session.epoch(cfg.batch_size, cfg.seed + epoch):
-            out = engine(torch.as_tensor(batch["image"], device=device))
+            out = engine(to_network_input(torch.as_tensor(batch["image"], device=device)))
             loss, parts = detector_loss(out, *(torch.as_tensor(batch[k], device=device)
                                                for k in ("landmarks", "pointmaps", "edgemaps")), cfg.star_w)
             engine.backward(loss)

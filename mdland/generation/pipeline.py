@@ -70,8 +70,8 @@ class GenerationActor:
         self.done, self.t0 = 0, time.time()
 
     def alignment(self, images: np.ndarray, points: np.ndarray) -> np.ndarray:
-        from mdland.detector.checkpoint import predict
         from mdland.detector.data import CROP_MARGIN
+        from mdland.detector.inference import predict
         from mdland.detector.metrics import nme
         from mdland.landmarks.align import crop_from_landmarks
 
