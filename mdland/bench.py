@@ -357,9 +357,10 @@ def _in_process_images_per_s(detector: str, images: list, batch_size: int, devic
 
 
 def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int | None = None,
-                max_batch_size: int = 16, port: int = 18765) -> dict:
-    """`clients` defaults to twice `max_batch_size`: a batch can only fill while the batch before it runs if that
-    many requests are in flight."""
+                max_batch_size: int = 16, replicas: int = 1, port: int = 18765) -> dict:
+    """`clients` defaults to twice `max_batch_size` per replica: a batch can only fill while the batch before it
+    runs if that many requests are in flight. `replicas` share the one device (each a fraction of the GPU): a replica
+    is one Python process, whose decoding and request handling a single baseline process does not have to do."""
     import tempfile
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -374,7 +375,9 @@ def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int
     from mdland.detector.model import ARCHS, STARNet
     from mdland.serve.app import start_server
 
-    clients = clients or 2 * max_batch_size
+    if replicas < 1:
+        raise ValueError(f"replicas: {replicas} is not a positive count")
+    clients = clients or 2 * max_batch_size * replicas
     device = pick_device(use_gpu=True)  # cuDNN autotuning on for the baseline and mdland alike
     size = ARCHS[arch].input_size
     faces = [f.image for f in procedural_faces(max(32, max_batch_size), seed=0, size=size)]
@@ -382,8 +385,10 @@ def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int
         save_checkpoint(STARNet(ARCHS[arch]), f"{d}/det.pkl")
         in_process = _in_process_images_per_s(f"{d}/det.pkl", [decode_image(f) for f in faces], max_batch_size,
                                               device)
+        share = {"num_gpus": 1 / replicas} if device.type == "cuda" else {"num_cpus": 1 / replicas}
         url = start_server({"detector": f"{d}/det.pkl", "max_batch_size": max_batch_size,
-                            "use_gpu": device.type == "cuda"}, port=port)
+                            "use_gpu": device.type == "cuda", "num_replicas": replicas,
+                            "ray_actor_options": share}, port=port)
         local = threading.local()  # a kept-alive connection per client thread, as a real client would hold
 
         try:
@@ -415,7 +420,7 @@ def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int
         raise RuntimeError(f"bench serve: all {requests_total} requests failed")
     latencies = [ms for ms, _ in ok]
     rps = len(ok) / elapsed
-    return {"benchmark": "serve", "arch": arch, "device": _device_name(device), "clients": clients,
+    return {"benchmark": "serve", "arch": arch, "device": _device_name(device), "replicas": replicas, "clients": clients,
             "max_batch_size": max_batch_size, "requests": requests_total, "errors": errors,
             "baseline": f"in-process batched inference, batch {max_batch_size}, the replica's detector",
             "in_process_images_per_s": round(in_process, 2), "http_requests_per_s": round(rps, 2),

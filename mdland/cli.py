@@ -70,7 +70,7 @@ def _bench(a: argparse.Namespace) -> None:
     elif a.what == "detector":
         result = bench.bench_detector(a.arch, a.batch_size, a.repeats, a.warmup)
     elif a.what == "serve":
-        result = bench.bench_serve(a.arch, a.requests, a.clients, a.batch_size)
+        result = bench.bench_serve(a.arch, a.requests, a.clients, a.batch_size, a.replicas)
     elif a.what == "write":
         result = bench.bench_write(a.images, a.count, a.rows_per_shard, a.batch_size, a.output)
     else:
@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--arch", default="star-300w", help="star-300w or tiny")
     b.add_argument("--batch-size", type=int, default=16, help="max_batch_size of the replica and the in-process batch")
     b.add_argument("--requests", type=int, default=200, help="requests in the load run")
-    b.add_argument("--clients", type=int, help="concurrent clients (default: twice the batch size)")
+    b.add_argument("--clients", type=int, help="concurrent clients (default: twice the batch size per replica)")
+    b.add_argument("--replicas", type=int, default=1, help="replicas sharing the device")
     b = bench.add_parser("write", help="the generation pipeline's shard assembler and PNG encoding, images/s on CPU")
     b.add_argument("--images", default="faces", choices=["faces", "noise"], help="what the 256x256 PNGs hold")
     b.add_argument("--count", type=int, default=4000)
