@@ -48,6 +48,27 @@ def _timed(step, steps: int, warmup: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def _profile(step, steps: int, path: str, device: torch.device) -> None:
+    """`steps` calls of `step` under torch.profiler: a Chrome / Perfetto trace (`path`.json.gz) and the operators by
+    their own time on the device (the CPU without a GPU) as a table (`path`.txt)."""
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        for _ in range(steps):
+            step()
+        if on_gpu:
+            torch.cuda.synchronize(device)
+    prof.export_chrome_trace(f"{path}.json.gz")
+    table = prof.key_averages().table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total",
+                                      row_limit=40, max_name_column_width=70)
+    Path(f"{path}.txt").write_text(f"{steps} calls\n{table}")
+    log.info("profile of %d calls: %s.txt, %s.json.gz", steps, path, path)
+
+
 def _peak_and_reset(device: torch.device) -> float | None:
     """Peak GiB allocated on the GPU since the last reset; then free what the finished run left behind."""
     if device.type != "cuda":
@@ -97,7 +118,9 @@ def _plain_loop_seconds(preset: str, batch: dict, steps: int, warmup: int, devic
 
 
 def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 256, steps: int = 10,
-                warmup: int = 3, compile: bool = False, zero_stage: int = 2, cache_latents: bool = True) -> dict:
+                warmup: int = 3, compile: bool = False, zero_stage: int = 2, cache_latents: bool = True,
+                profile: str | None = None) -> dict:
+    """With `profile`, three more mdland steps run under torch.profiler (`_profile`)."""
     from mdland.diffusion.models import PromptEmbeddings, build_controlnet, build_preset, latent_distribution
     from mdland.diffusion.train import ControlNetTrainConfig, controlnet_engine, diffusion_loss
 
@@ -156,12 +179,15 @@ def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 25
         # A run encodes each face once: a one-epoch run pays the whole pass, a longer one less per epoch.
         result["speedup_one_epoch_run"] = round(plain / (ours + encode), 3)
     log.info("mdland step: %.2f samples/s (%.2fx the plain loop)", batch_size / ours, plain / ours)
+    if profile:
+        _profile(mdland_step, 3, profile, device)
     return result
 
 
 def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int = 256, steps: int = 50,
                    guidance: float = 7.5, repeats: int = 2, compile: bool = False, pipeline: bool = False,
-                   pipeline_images: int = 512) -> dict:
+                   pipeline_images: int = 512, profile: str | None = None) -> dict:
+    """With `profile`, one more batch of mdland's sampler runs under torch.profiler (`_profile`), at 3 steps."""
     import numpy as np
     from diffusers import StableDiffusionControlNetPipeline
     from PIL import Image
@@ -208,6 +234,10 @@ def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int =
     result["speedup"] = round(t_stock / t_ours, 3)
     result["mdland_peak_gib"] = _peak_and_reset(device)
     log.info("mdland sampler: %.3f images/s (%.2fx the stock pipeline)", batch_size / t_ours, t_stock / t_ours)
+    if profile:
+        sampler.steps = min(3, steps)  # a step repeats itself: three show it and the decode, in a trace 1/16 the size
+        _profile(lambda: sampler(conditions, prompts, seeds), 1, profile, device)
+        sampler.steps = steps
     if pipeline:
         result.update(_bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance, compile,
                                       pipeline_images, batch_size / t_ours))

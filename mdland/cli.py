@@ -66,7 +66,7 @@ def _bench(a: argparse.Namespace) -> None:
 
     if a.what == "train":
         result = bench.bench_train(a.preset, a.batch_size, a.resolution, a.steps, a.warmup, a.compile,
-                                   a.zero_stage, a.cache_latents)
+                                   a.zero_stage, a.cache_latents, a.profile)
     elif a.what == "detector":
         result = bench.bench_detector(a.arch, a.batch_size, a.repeats, a.warmup)
     elif a.what == "serve":
@@ -75,7 +75,7 @@ def _bench(a: argparse.Namespace) -> None:
         result = bench.bench_write(a.images, a.count, a.rows_per_shard, a.batch_size, a.output)
     else:
         result = bench.bench_generate(a.preset, a.batch_size, a.resolution, a.steps, a.guidance, a.repeats,
-                                      a.compile, a.pipeline, a.pipeline_images)
+                                      a.compile, a.pipeline, a.pipeline_images, a.profile)
     bench.write_result(result, a.out)
 
 
@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--zero-stage", type=int, default=2, help="DeepSpeed ZeRO stage (config `zero_stage`)")
     b.add_argument("--cache-latents", action=argparse.BooleanOptionalAction, default=True,
                    help="step on cached VAE latents, as Ray Train runs do (config `cache_latents`)")
+    b.add_argument("--profile", metavar="PATH", help="also profile 3 steps: PATH.txt (operators by time), PATH.json.gz")
     b = bench.add_parser("generate", help="mdland's sampler (and Ray Data pipeline) vs the stock diffusers pipeline")
     b.add_argument("--preset", default="sd15", help="model size: sd15 (GPU) or tiny (a CPU smoke run)")
     b.add_argument("--batch-size", type=int, default=64)
@@ -232,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true", help="torch.compile UNet and ControlNet")
     b.add_argument("--pipeline", action="store_true", help="also time the Ray Data pipeline")
     b.add_argument("--pipeline-images", type=int, default=512)
+    b.add_argument("--profile", metavar="PATH", help="also profile a 3-step batch: PATH.txt, PATH.json.gz (a trace)")
     b = bench.add_parser("detector", help="batched and single-image inference of the STAR network")
     b.add_argument("--arch", default="star-300w", help="star-300w or tiny")
     b.add_argument("--batch-size", type=int, default=32)

@@ -9,8 +9,11 @@ def test_bench_train_runs_both_loops_on_the_same_batch(tmp_path, monkeypatch):
     monkeypatch.setenv("MDLAND_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bench.json"
     assert main(["bench", "train", "--preset", "tiny", "--batch-size", "2", "--resolution", "64", "--steps", "2",
-                 "--warmup", "1", "--out", str(out)]) == 0
+                 "--warmup", "1", "--profile", str(tmp_path / "prof" / "train"), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
+    table = (tmp_path / "prof" / "train.txt").read_text()
+    assert table.startswith("3 calls") and "aten::convolution" in table  # the step's operators, by their time
+    assert (tmp_path / "prof" / "train.json.gz").stat().st_size > 1000
     assert result["plain_samples_per_s"] > 0 and result["mdland_samples_per_s"] > 0
     assert abs(result["speedup"] - result["mdland_samples_per_s"] / result["plain_samples_per_s"]) < 0.05
     example = result["diffusers_example_samples_per_s"]
@@ -26,12 +29,14 @@ def test_bench_generate_compares_sampler_stock_and_pipeline(tmp_path, monkeypatc
     ray.init(num_cpus=4, include_dashboard=False)
     try:
         assert main(["bench", "generate", "--preset", "tiny", "--batch-size", "4", "--resolution", "64", "--steps",
-                     "3", "--repeats", "1", "--pipeline", "--pipeline-images", "50", "--out", str(out)]) == 0
+                     "3", "--repeats", "1", "--pipeline", "--pipeline-images", "50", "--profile", str(tmp_path / "gen"),
+                     "--out", str(out)]) == 0
     finally:
         ray.shutdown()
     r = json.loads(out.read_text())
     assert r["stock_images_per_s"] > 0 and r["mdland_images_per_s"] > 0 and r["pipeline_images_per_s"] > 0
     assert abs(r["speedup"] - r["mdland_images_per_s"] / r["stock_images_per_s"]) < 0.05
+    assert "aten::convolution" in (tmp_path / "gen.txt").read_text()
     # Both figures are rounded from the same unrounded rate.
     assert r["projected_10k_images_min"] == pytest.approx(10_000 / r["pipeline_images_per_s"] / 60, abs=0.06)
 
@@ -51,7 +56,7 @@ def test_bench_serve_runs_http_against_in_process(tmp_path):
     ray.init(num_cpus=4, include_dashboard=False)
     try:
         assert main(["bench", "serve", "--arch", "tiny", "--batch-size", "4", "--requests", "16", "--clients", "4",
-                     "--out", str(out)]) == 0
+                     "--replicas", "2", "--out", str(out)]) == 0
     finally:
         ray.shutdown()
     r = json.loads(out.read_text())
@@ -59,6 +64,7 @@ def test_bench_serve_runs_http_against_in_process(tmp_path):
     assert r["ratio"] == round(r["http_requests_per_s"] / r["in_process_images_per_s"], 3)
     assert 0 < r["p50_ms"] <= r["p95_ms"]
     assert 1 <= r["mean_batch_size"] <= 4  # as the replica's answers said
+    assert r["replicas"] == 2 and r["clients"] == 4
 
 
 def test_bench_write_assembles_every_shard(tmp_path):
