@@ -109,20 +109,34 @@ def test_generation_pipeline_on_gpu_writes_the_planned_set(faces, tmp_path):
 
 
 def test_cuda_graph_detector_matches_the_eager_network():
+    import gc
+
     from mdland.detector.inference import CudaGraphDetector, crop_landmarks
     from mdland.detector.model import ARCHS, STARNet
+    from mdland.session import pick_device
 
+    device = pick_device(use_gpu=True)  # with cuDNN autotuning, as serving runs: capture must not autotune
     torch.manual_seed(0)
-    net = STARNet(ARCHS["tiny"]).cuda().eval().half()
+    net = STARNet(ARCHS["tiny"]).to(device).eval().half()
     size = net.arch.input_size
     crops = torch.randint(0, 256, (27, size, size, 3), dtype=torch.uint8)
     with torch.no_grad():
-        eager = torch.cat([crop_landmarks(net, crops[i : i + 1].cuda(), torch.float16).cpu() for i in range(27)])
+        eager = torch.cat([crop_landmarks(net, crops[i : i + 1].to(device), torch.float16).cpu() for i in range(27)])
+        eager12 = crop_landmarks(net, crops[:12].to(device), torch.float16).cpu()
+    assert (eager[1:] - eager[:-1]).abs().mean(dim=(1, 2)).min() > 0.5  # faces' points tell apart: mixing shows
     graphed = CudaGraphDetector(net, torch.float16, 12)
     assert graphed.sizes == [1, 2, 3, 4, 5, 6, 7, 8, 12]
+    # The caller's network may go: the graphs keep reading its weights. Reused memory would show in the points.
+    del net
+    gc.collect()
+    torch.cuda.empty_cache()
+    filler = torch.full((64, 2**20), 7.0, device=device)
+    assert (graphed(crops[:12]) - eager12).abs().max() < 0.05  # the same batch size: the same kernels
     for n in (1, 5, 8, 9, 12, 27):  # 9 runs padded in the graph of 12; 27 in chunks of 12, 12 and 3
         points = graphed(crops[:n])
         assert points.shape == (n, 68, 2) and points.device.type == "cpu"
-        assert (points - eager[:n]).abs().max() < 0.1  # crop pixels, at fp16 and another batch size
+        error = (points - eager[:n]).abs()  # crop pixels, fp16 at another batch size than eager's 1
+        assert error.mean() < 0.05 and error.max() < 0.5, (n, error.mean(), error.max())
     graphed(crops[15:27])  # a padded batch's points do not depend on the older faces in its padding rows
-    assert (graphed(crops[:9]) - eager[:9]).abs().max() < 0.1
+    assert (graphed(crops[:9]) - eager[:9]).abs().mean() < 0.05
+    assert filler.eq(7.0).all()

@@ -27,7 +27,8 @@ class CudaGraphDetector:
 
     @torch.no_grad()
     def __init__(self, net: STARNet, dtype: torch.dtype, max_batch_size: int):
-        self.arch, self.dtype, self.max_batch_size = net.arch, dtype, max_batch_size
+        # The graphs read the network's weights at fixed addresses but hold no reference to them: keep it alive.
+        self.net, self.arch, self.dtype, self.max_batch_size = net, net.arch, dtype, max_batch_size
         self.device = next(net.parameters()).device
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the network on a GPU, not {self.device}")
@@ -57,6 +58,8 @@ class CudaGraphDetector:
 
     def __call__(self, crops: torch.Tensor) -> torch.Tensor:
         """(B, S, S, 3) uint8 crops, on any device -> (B, 68, 2) float32 points in crop pixels, on the CPU."""
+        if not len(crops):
+            raise ValueError("no crops to run the detector on")
         out = []
         for start in range(0, len(crops), self.max_batch_size):
             chunk = crops[start : start + self.max_batch_size]
