@@ -4,7 +4,7 @@
   embeddings, channels-last, optionally torch.compile) against a plain PyTorch loop (fp32 weights, bf16 autocast,
   AdamW, prompt encoded every step), and against diffusers' example's setup (the same loop with the frozen parts
   in bf16), same batch; samples/s, ratios and peak memory.
-- `generate`: mdland's sampler (half precision, channels-last, batched guidance, optional torch.compile) against
+- `generate`: mdland's sampler (half precision, fused q/k/v, batched guidance, optional channels-last and torch.compile) against
   diffusers' `StableDiffusionControlNetPipeline` on the same modules, seeds and settings; images/s and ratio. With
   `--pipeline`, also the Ray Data pipeline's steady images/s against the bare sampler, and the time for 10k images.
 - `write`: how many generated images/s the generation pipeline's shard assembler writes (and PNG encoding runs
@@ -186,7 +186,7 @@ def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 25
 
 def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int = 256, steps: int = 50,
                    guidance: float = 7.5, repeats: int = 2, compile: bool = False, pipeline: bool = False,
-                   pipeline_images: int = 512, profile: str | None = None) -> dict:
+                   pipeline_images: int = 512, profile: str | None = None, channels_last: bool = False) -> dict:
     """With `profile`, one more batch of mdland's sampler runs under torch.profiler (`_profile`), at 3 steps."""
     import numpy as np
     from diffusers import StableDiffusionControlNetPipeline
@@ -209,7 +209,8 @@ def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int =
     seeds = list(range(batch_size))
     result = {"benchmark": "generate", "preset": preset, "device": _device_name(device), "batch_size": batch_size,
               "resolution": resolution, "steps": steps, "guidance": guidance, "dtype": str(dtype).split(".")[-1],
-              "baseline": "diffusers StableDiffusionControlNetPipeline, same modules, seeds and settings"}
+              "baseline": "diffusers StableDiffusionControlNetPipeline, same modules, seeds and settings",
+              "compile": compile, "channels_last": channels_last}
 
     pipe = StableDiffusionControlNetPipeline(
         vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, controlnet=controlnet,
@@ -228,7 +229,7 @@ def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int =
     log.info("stock pipeline: %.3f images/s", batch_size / t_stock)
     on_gpu = device.type == "cuda"
     sampler = LandmarkSampler(c, controlnet, device, dtype, steps, guidance, compile=compile,
-                              vae_batch_size=16, fuse_qkv=on_gpu)
+                              channels_last=channels_last, vae_batch_size=16, fuse_qkv=on_gpu)
     t_ours = _timed(lambda: sampler(conditions, prompts, seeds), repeats, 1, device)
     result["mdland_images_per_s"] = round(batch_size / t_ours, 3)
     result["speedup"] = round(t_stock / t_ours, 3)
@@ -240,11 +241,12 @@ def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int =
         sampler.steps = steps
     if pipeline:
         result.update(_bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance, compile,
-                                      pipeline_images, batch_size / t_ours))
+                                      channels_last, pipeline_images, batch_size / t_ours))
     return result
 
 
-def _bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance, compile, images, bare) -> dict:
+def _bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance, compile, channels_last, images,
+                    bare) -> dict:
     """The Ray Data pipeline on this machine's devices (one actor per GPU), against the bare sampler's rate on as
     many devices."""
     import tempfile
@@ -265,7 +267,7 @@ def _bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance,
                              images_per_style=-(-images // batch_size) * batch_size, resolution=resolution,
                              num_inference_steps=steps, guidance_scale=guidance, rows_per_shard=batch_size,
                              batch_size=batch_size, use_gpu=torch.cuda.is_available(), num_actors=actors,
-                             compile=compile)
+                             compile=compile, channels_last=channels_last)
         if not ray.is_initialized():
             ray.init(include_dashboard=False)
         out = run_generation(cfg)

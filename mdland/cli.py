@@ -75,7 +75,7 @@ def _bench(a: argparse.Namespace) -> None:
         result = bench.bench_write(a.images, a.count, a.rows_per_shard, a.batch_size, a.output)
     else:
         result = bench.bench_generate(a.preset, a.batch_size, a.resolution, a.steps, a.guidance, a.repeats,
-                                      a.compile, a.pipeline, a.pipeline_images, a.profile)
+                                      a.compile, a.pipeline, a.pipeline_images, a.profile, a.channels_last)
     bench.write_result(result, a.out)
 
 
@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--guidance", type=float, default=7.5, help="guidance scale")
     b.add_argument("--repeats", type=int, default=2, help="timed batches")
     b.add_argument("--compile", action="store_true", help="torch.compile UNet and ControlNet")
+    b.add_argument("--channels-last", action="store_true", help="channels-last memory (config `channels_last`)")
     b.add_argument("--pipeline", action="store_true", help="also time the Ray Data pipeline")
     b.add_argument("--pipeline-images", type=int, default=512)
     b.add_argument("--profile", metavar="PATH", help="also profile a 3-step batch: PATH.txt, PATH.json.gz (a trace)")

@@ -30,13 +30,14 @@ def test_bench_generate_compares_sampler_stock_and_pipeline(tmp_path, monkeypatc
     try:
         assert main(["bench", "generate", "--preset", "tiny", "--batch-size", "4", "--resolution", "64", "--steps",
                      "3", "--repeats", "1", "--pipeline", "--pipeline-images", "50", "--profile", str(tmp_path / "gen"),
-                     "--out", str(out)]) == 0
+                     "--channels-last", "--out", str(out)]) == 0
     finally:
         ray.shutdown()
     r = json.loads(out.read_text())
     assert r["stock_images_per_s"] > 0 and r["mdland_images_per_s"] > 0 and r["pipeline_images_per_s"] > 0
     assert abs(r["speedup"] - r["mdland_images_per_s"] / r["stock_images_per_s"]) < 0.05
     assert "aten::convolution" in (tmp_path / "gen.txt").read_text()
+    assert r["channels_last"] is True and r["compile"] is False
     # Both figures are rounded from the same unrounded rate.
     assert r["projected_10k_images_min"] == pytest.approx(10_000 / r["pipeline_images_per_s"] / 60, abs=0.06)
 
