@@ -177,6 +177,32 @@ def test_bf16_engine_starts_its_master_copy_from_the_fp32_weights():
     assert not torch.equal(engine.module[0].weight.float(), original["0.weight"])  # only the working copy is rounded
 
 
+def test_bf16_engine_accumulates_each_gradient_in_fp32_as_backward_makes_it():
+    import copy
+
+    from deepspeed.utils import safe_get_full_grad
+
+    from mdland.session import deepspeed_engine, set_single_process_env
+
+    set_single_process_env()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    reference = copy.deepcopy(net).to(torch.bfloat16)
+    engine = deepspeed_engine(net, batch_size=4, accumulation=2, optimizer={"type": "Adam", "lr": 1e-3},
+                              zero_stage=1, dtype=torch.bfloat16, on_gpu=False)
+    expected = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in reference.named_parameters()}
+    for _ in range(2):  # one accumulation window
+        x = torch.randn(4, 16, dtype=torch.bfloat16)
+        reference.zero_grad()
+        reference(x).float().mean().backward()
+        for n, p in reference.named_parameters():
+            expected[n] += p.grad.float() / 2  # the engine scales each micro-batch's loss by 1 / accumulation
+        engine.backward(engine(x).float().mean())
+        assert all(p.grad is None for p in engine.module.parameters())  # held once, in fp32, not also in bf16
+    for n, p in engine.module.named_parameters():
+        torch.testing.assert_close(safe_get_full_grad(p), expected[n], rtol=0, atol=0)
+
+
 def test_each_rank_and_resumed_step_draws_its_own_noise():
     from mdland.session import reseed
 
