@@ -4,15 +4,18 @@
   embeddings, channels-last, optionally torch.compile) against a plain PyTorch loop (fp32 weights, bf16 autocast,
   AdamW, prompt encoded every step), and against diffusers' example's setup (the same loop with the frozen parts
   in bf16), same batch; samples/s, ratios and peak memory.
-- `generate`: mdland's sampler (half precision, fused q/k/v, batched guidance, optional channels-last and torch.compile) against
-  diffusers' `StableDiffusionControlNetPipeline` on the same modules, seeds and settings; images/s and ratio. With
-  `--pipeline`, also the Ray Data pipeline's steady images/s against the bare sampler, and the time for 10k images.
+- `generate`: mdland's sampler (half precision, batched guidance; on a GPU fused q/k/v and optional channels-last;
+  optional torch.compile) against diffusers' `StableDiffusionControlNetPipeline` on the same modules, seeds and
+  settings; images/s and ratio. With `--pipeline`, also the Ray Data pipeline's steady images/s against the bare
+  sampler, and the time for 10k images.
 - `write`: how many generated images/s the generation pipeline's shard assembler writes (and PNG encoding runs
   per core), on this machine's CPU: the ceiling of one `mdland generate` job, in GPUs' worth.
 - `detector`: batched images/s and single-image latency of the STAR network (fp16 on GPU, fp32 on CPU); on a GPU
   also replayed from CUDA graphs, against the eager network.
-- `serve`: end-to-end requests/s and p50/p95 latency over HTTP (Ray Serve, concurrent loopback clients) against
-  in-process batched inference of the same checkpoint; also single-request p50 latency.
+- `serve`: end-to-end requests/s and p50/p95 latency over HTTP (Ray Serve, concurrent loopback clients, `--replicas`
+  sharing the device) against in-process batched inference of the same checkpoint; also single-request p50 latency.
+
+`--profile PATH` (`train`, `generate`) also writes torch.profiler's operator table and a trace of a few steps.
 """
 
 import gc
@@ -210,7 +213,7 @@ def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int =
     result = {"benchmark": "generate", "preset": preset, "device": _device_name(device), "batch_size": batch_size,
               "resolution": resolution, "steps": steps, "guidance": guidance, "dtype": str(dtype).split(".")[-1],
               "baseline": "diffusers StableDiffusionControlNetPipeline, same modules, seeds and settings",
-              "compile": compile, "channels_last": channels_last}
+              "compile": compile}
 
     pipe = StableDiffusionControlNetPipeline(
         vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, controlnet=controlnet,
@@ -228,8 +231,10 @@ def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int =
     result["stock_peak_gib"] = _peak_and_reset(device)
     log.info("stock pipeline: %.3f images/s", batch_size / t_stock)
     on_gpu = device.type == "cuda"
+    channels_last = channels_last and on_gpu  # as the pipeline's actors apply it (build_sampler)
     sampler = LandmarkSampler(c, controlnet, device, dtype, steps, guidance, compile=compile,
                               channels_last=channels_last, vae_batch_size=16, fuse_qkv=on_gpu)
+    result["channels_last"] = sampler.components.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     t_ours = _timed(lambda: sampler(conditions, prompts, seeds), repeats, 1, device)
     result["mdland_images_per_s"] = round(batch_size / t_ours, 3)
     result["speedup"] = round(t_stock / t_ours, 3)
@@ -391,14 +396,16 @@ def _in_process_images_per_s(detector: str, images: list, batch_size: int, devic
 def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int | None = None,
                 max_batch_size: int = 16, replicas: int = 1, port: int = 18765) -> dict:
     """`clients` defaults to twice `max_batch_size` per replica: a batch can only fill while the batch before it
-    runs if that many requests are in flight. `replicas` share the one device (each a fraction of the GPU): a replica
-    is one Python process, whose decoding and request handling a single baseline process does not have to do."""
+    runs if that many requests are in flight. `replicas` share the device and the CPUs (each a fraction of the GPU and
+    of Ray's CPUs, whose whole part sets its torch threads, so together they have the baseline's): a replica is one
+    Python process, whose decoding and request handling a single baseline process does not have to do."""
     import tempfile
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
     import requests
+    import ray
     from ray import serve
 
     from mdland.data.procedural import procedural_faces
@@ -417,7 +424,11 @@ def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int
         save_checkpoint(STARNet(ARCHS[arch]), f"{d}/det.pkl")
         in_process = _in_process_images_per_s(f"{d}/det.pkl", [decode_image(f) for f in faces], max_batch_size,
                                               device)
-        share = {"num_gpus": 1 / replicas} if device.type == "cuda" else {"num_cpus": 1 / replicas}
+        if not ray.is_initialized():
+            ray.init()
+        share = {"num_cpus": ray.available_resources().get("CPU", 1.0) / replicas}
+        if device.type == "cuda":
+            share["num_gpus"] = 1 / replicas
         url = start_server({"detector": f"{d}/det.pkl", "max_batch_size": max_batch_size,
                             "use_gpu": device.type == "cuda", "num_replicas": replicas,
                             "ray_actor_options": share}, port=port)
@@ -435,6 +446,9 @@ def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int
 
             for i in range(clients):  # warm the replica
                 post(i)
+            states = serve.status().applications["landmarks"].deployments["LandmarkDetector"].replica_states
+            running = int(states.get("RUNNING", 0))
+            replica_threads = requests.get(f"{url}/v1/model", timeout=60).json()["torch_threads"]
             single = [post(i)[1] for i in range(20)]
             t0 = time.perf_counter()
             with ThreadPoolExecutor(clients) as pool:
@@ -452,7 +466,8 @@ def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int
         raise RuntimeError(f"bench serve: all {requests_total} requests failed")
     latencies = [ms for ms, _ in ok]
     rps = len(ok) / elapsed
-    return {"benchmark": "serve", "arch": arch, "device": _device_name(device), "replicas": replicas, "clients": clients,
+    return {"benchmark": "serve", "arch": arch, "device": _device_name(device), "replicas_running": running,
+            "torch_threads": {"replica": replica_threads, "in_process": torch.get_num_threads()}, "clients": clients,
             "max_batch_size": max_batch_size, "requests": requests_total, "errors": errors,
             "baseline": f"in-process batched inference, batch {max_batch_size}, the replica's detector",
             "in_process_images_per_s": round(in_process, 2), "http_requests_per_s": round(rps, 2),

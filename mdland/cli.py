@@ -205,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="ServeConfig fields (max_batch_size, batch_wait_timeout_s, max_bytes, max_pixels, use_gpu, ...) "
-                        "and num_replicas / autoscaling_config / ray_actor_options")
+                   help="ServeConfig fields (max_batch_size, batch_wait_timeout_s, max_bytes, max_pixels, use_gpu, "
+                        "cuda_graphs, ...) and num_replicas / autoscaling_config / ray_actor_options")
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("bench", help="speed against a named baseline, in the same process")

@@ -171,8 +171,10 @@ def deepspeed_engine(model: torch.nn.Module, *, batch_size: int, optimizer: dict
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": gradient_clipping,
         "zero_optimization": {"stage": zero_stage, "overlap_comm": on_gpu and world > 1, "contiguous_gradients": True},
-        # Each gradient goes into the fp32 accumulator as backward makes it, and its bf16 copy is freed: the ~3
-        # small kernels per parameter run while backward still works the GPU, not in a serial pass after it.
+        # Where DeepSpeed runs its BF16_Optimizer (bf16 with ZeRO stage 1, so every single-rank run; ZeRO-2 across
+        # ranks has a gradient path of its own): each gradient goes into the fp32 accumulator as backward makes it
+        # and its bf16 copy is freed, so the small kernels per parameter overlap backward instead of following it.
+        # A backward through engine.module outside engine.backward would leak into the next step (mdland has none).
         "bf16": {"enabled": bf16, "immediate_grad_update": True},
         # DeepSpeed's "Adam" is AdamW unless adam_w_mode is off.
         "optimizer": {"type": "Adam", "params": {**params, "torch_adam": True, "adam_w_mode": kind == "AdamW",

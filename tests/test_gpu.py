@@ -110,6 +110,7 @@ def test_generation_pipeline_on_gpu_writes_the_planned_set(faces, tmp_path):
 
 def test_cuda_graph_detector_matches_the_eager_network():
     import gc
+    import weakref
 
     from mdland.detector.inference import CudaGraphDetector, crop_landmarks
     from mdland.detector.model import ARCHS, STARNet
@@ -126,9 +127,12 @@ def test_cuda_graph_detector_matches_the_eager_network():
     assert (eager[1:] - eager[:-1]).abs().mean(dim=(1, 2)).min() > 0.5  # faces' points tell apart: mixing shows
     graphed = CudaGraphDetector(net, torch.float16, 12)
     assert graphed.sizes == [1, 2, 3, 4, 5, 6, 7, 8, 12]
-    # The caller's network may go: the graphs keep reading its weights. Reused memory would show in the points.
+    # The caller's network may go: the graphs keep reading its weights (so it must stay alive), and reused memory
+    # would show in the points.
+    alive = weakref.ref(net)
     del net
     gc.collect()
+    assert alive() is not None
     torch.cuda.empty_cache()
     filler = torch.full((64, 2**20), 7.0, device=device)
     assert (graphed(crops[:12]) - eager12).abs().max() < 0.05  # the same batch size: the same kernels

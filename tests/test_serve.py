@@ -76,6 +76,7 @@ def test_single_image_matches_in_process_inference(server):
     assert serve.status().applications["landmarks"].deployments["LandmarkDetector"].status == "HEALTHY"
     model = requests.get(f"{url}/v1/model", timeout=30).json()
     assert model["points"] == 68 and model["input_size"] == 64
+    assert model["cuda_graphs"] is False and model["dtype"] == "float32"  # CUDA graphs are for a GPU's replica
     assert "/v1/landmarks/batch" in requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]
     assert requests.get(f"{url}/docs", timeout=30).status_code == 200
 

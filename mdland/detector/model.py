@@ -225,7 +225,7 @@ class STARNet(nn.Module):
 
 def to_network_input(crops: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B, S, S, 3) RGB uint8 crops -> (B, 3, S, S) BGR in [-1, 1], as STAR feeds its network; scaled in float32, then
-    cast to `dtype`. Its memory stays channels-last (a view of the crops' layout), as cuDNN prefers."""
+    cast to `dtype`."""
     return ((crops.flip(-1).permute(0, 3, 1, 2).float() - 127.5) / 127.5).to(dtype)
 
 
