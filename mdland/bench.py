@@ -379,15 +379,11 @@ def bench_detector(arch: str = "star-300w", batch_size: int = 32, repeats: int =
 
 
 def _in_process_images_per_s(detector: str, images: list, batch_size: int, device: torch.device) -> float:
-    """The replica's own inference (CUDA graphs on a GPU), warping and all, in this process."""
-    from mdland.detector.checkpoint import load_detector
-    from mdland.detector.inference import CudaGraphDetector, predict
+    """The replica's own inference (`serving_detector`), warping and all, in this process."""
+    from mdland.detector.inference import predict, serving_detector
     from mdland.landmarks.align import crop_from_box
 
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    net = load_detector(detector, device=device).eval().to(dtype=dtype)
-    if device.type == "cuda":
-        net = CudaGraphDetector(net, dtype, batch_size)
+    net, dtype = serving_detector(detector, device, batch_size)
     size = net.arch.input_size
     crops = [crop_from_box((0, 0, size, size))] * batch_size
     return batch_size / _timed(lambda: predict(net, images[:batch_size], crops, dtype), 5, 2, device)
@@ -404,8 +400,8 @@ def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
-    import requests
     import ray
+    import requests
     from ray import serve
 
     from mdland.data.procedural import procedural_faces

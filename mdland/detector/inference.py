@@ -6,6 +6,7 @@ is one launch."""
 import numpy as np
 import torch
 
+from mdland.detector.checkpoint import load_detector
 from mdland.detector.model import STARNet, normalised_to_pixels, to_network_input
 from mdland.landmarks.align import crop_matrix, uncrop_points, warp_image
 
@@ -89,3 +90,19 @@ def predict(net: STARNet | CudaGraphDetector, images: list[np.ndarray],
     size = net.arch.input_size
     matrices = [crop_matrix(centre, scale, size) for centre, scale in crops]
     return predict_crops(net, [warp_image(im, m, size) for im, m in zip(images, matrices)], matrices, dtype)
+
+
+def serving_detector(uri: str, device: torch.device, max_batch_size: int,
+                     cuda_graphs: bool = True) -> tuple[STARNet | CudaGraphDetector, torch.dtype]:
+    """The detector as a serving replica runs it, warmed up, and its precision: fp16 on a GPU (from CUDA graphs with
+    `cuda_graphs`: their capture warms every batch size; eagerly, one pass per batch size lets cuDNN pick its kernels
+    first), fp32 on CPU."""
+    on_gpu = device.type == "cuda"
+    dtype = torch.float16 if on_gpu else torch.float32
+    net = load_detector(uri, device=device).eval().to(dtype=dtype)
+    if on_gpu and cuda_graphs:
+        return CudaGraphDetector(net, dtype, max_batch_size), dtype
+    size = net.arch.input_size
+    for n in range(1, max_batch_size + 1) if on_gpu else [1]:
+        predict_crops(net, [np.zeros((size, size, 3), np.uint8)] * n, [np.eye(3)] * n, dtype)
+    return net, dtype

@@ -34,7 +34,7 @@ from ray import serve
 from mdland.config import check_counts, from_dict
 from mdland.data import storage
 from mdland.detector.checkpoint import load_detector
-from mdland.detector.inference import CudaGraphDetector, predict_crops
+from mdland.detector.inference import CudaGraphDetector, predict_crops, serving_detector
 from mdland.landmarks.align import crop_from_box, crop_matrix, warp_image
 from mdland.session import pick_device
 
@@ -154,17 +154,9 @@ class LandmarkService:
         self.failure: str | None = None
         self.pending: list[tuple[tuple[np.ndarray, np.ndarray], asyncio.Future]] = []
         self.forward_task: asyncio.Task | None = None
-        device = pick_device(self.cfg.use_gpu)  # on a GPU, with cuDNN autotuning
-        on_gpu = device.type == "cuda"
-        self.dtype = torch.float16 if on_gpu else torch.float32
-        net = load_detector(self.cfg.detector, device=device).eval().to(dtype=self.dtype)
-        # Warm-up before the replica reports healthy, so no request pays for it: on a GPU, cuDNN's kernel choice at
-        # every batch size it will see (done by the graphs' capture, which makes a batch one launch).
-        graphs = on_gpu and self.cfg.cuda_graphs
-        self.net = CudaGraphDetector(net, self.dtype, self.cfg.max_batch_size) if graphs else net
-        size = net.arch.input_size
-        for n in range(1, self.cfg.max_batch_size + 1) if on_gpu and not graphs else [1]:
-            predict_crops(self.net, [np.zeros((size, size, 3), np.uint8)] * n, [np.eye(3)] * n, self.dtype)
+        # Warmed up before the replica reports healthy, so no request pays for it.
+        self.net, self.dtype = serving_detector(self.cfg.detector, pick_device(self.cfg.use_gpu),
+                                                self.cfg.max_batch_size, self.cfg.cuda_graphs)
         self.enqueue.set_max_batch_size(self.cfg.max_batch_size)
         self.enqueue.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
