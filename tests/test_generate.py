@@ -335,9 +335,15 @@ def test_assembler_counts_a_row_delivered_twice_once(inputs, tmp_path):
 
     assert len(assembler.add(rows([0, 1]))["shard"]) == 0
     assert len(assembler.add(rows([1]))["shard"]) == 0  # a retried task's duplicate: still two distinct rows
-    assert list(assembler.add(rows([2]))["shard"]) == [0]
-    # A retried task delivering the whole shard again after it was written: not written twice, nothing held back.
+    first = assembler.add(rows([2]))
+    assert list(first["shard"]) == [0] and json.loads(first["summary"][0])["rows"] == 3
+    # The completing delivery retried (its answer lost with the task): the shard is reported again, not rewritten.
+    mtime = os.stat(tmp_path / "out" / shard_name(0)).st_mtime_ns
+    again = assembler.add(rows([2]))
+    assert list(again["shard"]) == [0] and list(again["summary"]) == list(first["summary"])
+    # Another delivery of the shard's rows again after it was written: not written twice, not reported, none held.
     assert len(assembler.add(rows([0, 1, 2]))["shard"]) == 0 and not assembler.rows
+    assert os.stat(tmp_path / "out" / shard_name(0)).st_mtime_ns == mtime
     table = read_dataset(str(tmp_path / "out"))
     assert table.column("key").to_pylist() == ["00000000", "00000001", "00000002"]
     # A shard whose write fails keeps its rows: the retried delivery of its last row writes it whole.

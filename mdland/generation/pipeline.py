@@ -105,7 +105,9 @@ class ShardAssembler:
         self.total = total  # from the driver, which read the styles file
         # Keyed by sample index, so a row delivered twice (a retried task) counts once.
         self.rows: dict[int, dict[int, Face | None]] = defaultdict(dict)
-        self.written: set[int] = set()  # rows of these that come again (a retried task) are dropped
+        # Written shard -> (the delivery that completed it, its summary). Rows that come again (a retried task) are
+        # dropped; a retry of the completing delivery gets the summary again, as its first answer died with it.
+        self.written: dict[int, tuple[int, str]] = {}
         self.model = f"{self.cfg.controlnet}@{storage.fingerprint(self.cfg.controlnet)}"  # path@version
 
     def rejects(self, score: float) -> bool:
@@ -117,9 +119,13 @@ class ShardAssembler:
     def add(self, batch: dict) -> dict:
         """Take rows of this assembler's shards; returns the shards this completed and wrote, with summaries."""
         points = landmarks_from_rows(batch["landmarks"])
+        delivery = int(batch["index"][0])  # sample indices are in one block only: the same for a retried delivery
+        written = []
         for i in range(len(batch["index"])):
             shard = int(batch["shard"][i])
             if shard in self.written:
+                if self.written[shard][0] == delivery and shard not in (w[0] for w in written):
+                    written.append((shard, self.written[shard][1]))
                 continue
             score = float(batch["alignment"][i])
             self.rows[shard][int(batch["index"][i])] = None if self.rejects(score) else Face(
@@ -128,14 +134,13 @@ class ShardAssembler:
                 source="synthetic", edits=str(batch["edits"][i]).split(","),
                 edit_params=json.loads(batch["edit_params"][i]), seed=int(batch["seed"][i]), model=self.model,
                 alignment=None if np.isnan(score) else score)
-        written = []
         for shard in [s for s, rows in self.rows.items() if len(rows) == self.expected(s)]:
             faces = sorted((f for f in self.rows[shard].values() if f is not None), key=lambda f: f.key)
-            summary = write_shard(storage.join(self.cfg.output, shard_name(shard)), faces)
+            summary = json.dumps(write_shard(storage.join(self.cfg.output, shard_name(shard)), faces))
             # Dropped only once written: when a write fails, the retried delivery completes the shard again.
             del self.rows[shard]
-            self.written.add(shard)
-            written.append((shard, json.dumps(summary)))
+            self.written[shard] = (delivery, summary)
+            written.append((shard, summary))
         return {"shard": np.array([w[0] for w in written], dtype=np.int64),
                 "summary": np.array([w[1] for w in written], dtype=object)}
 
