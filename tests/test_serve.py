@@ -49,9 +49,9 @@ def expected(net, png: bytes, box=None) -> np.ndarray:
     return predict(net, [image], [(((x0 + x1) / 2 - 0.5, (y0 + y1) / 2 - 0.5), max(x1 - x0, y1 - y0) / 200)])[0]
 
 
-def post_image(url, png, **params):
+def post_image(url, png, timeout=60, **params):
     return requests.post(f"{url}/v1/landmarks", data=png, headers={"content-type": "image/png"}, params=params,
-                         timeout=60)
+                         timeout=timeout)
 
 
 def test_single_image_matches_in_process_inference(server):
@@ -202,6 +202,42 @@ def test_a_batch_fills_to_max_batch_size(server, tmp_path):
     assert [a["batch_size"] for a in answers] == [8] * 8
     for png, answer in zip(faces, answers):
         np.testing.assert_allclose(answer["landmarks"], expected(net, png), atol=2e-3)
+
+
+def test_a_caller_that_went_away_is_left_out_of_the_next_forward_pass(server, tmp_path):
+    # A full-size detector keeps the replica busy with 16 faces for seconds on CPU. A caller that sends a face
+    # meanwhile and hangs up is cancelled by Serve, and its face must not take a place in a forward pass.
+    from ray import serve
+
+    from mdland.serve.app import build_app
+
+    url, _, faces = server
+    torch.manual_seed(0)
+    save_checkpoint(STARNet(ARCHS["star-300w"]), str(tmp_path / "big.pkl"))
+    serve.run(build_app({"detector": str(tmp_path / "big.pkl"), "max_batch_size": 8}), name="hangup",
+              route_prefix="/hangup")
+    app = f"{url}/hangup"
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            files = [("images", (f"{i}.png", faces[i], "image/png")) for i in range(16)]
+            busy = pool.submit(lambda: (requests.post(f"{app}/v1/landmarks/batch", files=files, timeout=300),
+                                        time.perf_counter()))
+            time.sleep(1.0)
+            with pytest.raises(requests.exceptions.ReadTimeout):
+                post_image(app, faces[16], timeout=0.5)
+            hung_up = time.perf_counter()
+            time.sleep(1.0)
+            waiting = pool.submit(post_image, app, faces[17])
+            busy_answer, busy_done = busy.result()
+            answer = waiting.result()
+    finally:
+        serve.delete("hangup")
+    assert busy_answer.status_code == 200 and answer.status_code == 200, answer.text
+    assert busy_done > hung_up + 0.5, "the replica was not busy when the caller hung up"
+    # Each answer names the size of its forward pass, so a pass of k faces has k answers, unless one of its faces
+    # was the one nobody waited for.
+    sizes = [r["batch_size"] for r in busy_answer.json()["results"]] + [answer.json()["batch_size"]]
+    assert all(sizes.count(k) % k == 0 for k in sizes), sizes
 
 
 def test_batches_fill_under_load(server):
