@@ -28,6 +28,17 @@ def test_write_list_read_overwrite(storage_root):
     storage.delete_folder(storage.join(storage_root, "x"))  # already gone: fine
 
 
+def test_copy_from_local_uploads_files_in_chunks(storage_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "UPLOAD_CHUNK", 1000)
+    (tmp_path / "sub").mkdir()
+    payload = os.urandom(3500)  # three full chunks and a part
+    (tmp_path / "sub" / "optim_states.pt").write_bytes(payload)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    storage.copy_from_local(str(tmp_path), storage.join(storage_root, "ckpt"))
+    assert storage.read_bytes(storage.join(storage_root, "ckpt", "sub", "optim_states.pt")) == payload
+    assert storage.read_bytes(storage.join(storage_root, "ckpt", "empty.txt")) == b""
+
+
 def test_fingerprint_changes_when_anything_is_rewritten(storage_root):
     folder = storage.join(storage_root, "export")
     storage.write_bytes(storage.join(folder, "config.json"), b"{}")
