@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from mdland.data import storage
 from mdland.log import get_logger
 
 PRECISIONS = ("auto", "bf16", "fp32")
+WORKERS = "workers.json"  # in each Ray Train checkpoint: {"workers": the number of ranks that wrote it}
 log = get_logger(__name__)
 
 
@@ -45,6 +47,8 @@ class RaySession:
                                   local_shuffle_seed=seed + self.rank)
 
     def report(self, metrics: dict, checkpoint_dir: str, step: int) -> None:
+        if self.rank == 0:  # how many ranks wrote it, even if a crash leaves some ranks' files out of it
+            (Path(checkpoint_dir) / WORKERS).write_text(json.dumps({"workers": self.world}))
         self.train.report(metrics, checkpoint=self.train.Checkpoint.from_directory(checkpoint_dir),
                           checkpoint_dir_name=f"checkpoint_{step:06d}")
 
@@ -204,12 +208,17 @@ def check_checkpoint_workers(run: str, workers: int, restart_hint: str) -> None:
     mid-load, inside every worker, and Ray Train's retries repeat it). `restart_hint` says how to start over from
     the weights instead."""
     checkpoints = [c for c in storage.list_folders(run) if c.rstrip("/").split("/")[-1].startswith("checkpoint_")]
-    if not checkpoints or not storage.exists(storage.join(checkpoints[-1], "latest")):
+    # checkpoint_<step>, zero-padded: the last name is the latest step. One without rank 0's files (`latest`) was cut
+    # short, and Ray resumes from the one before it.
+    latest = next((c for c in reversed(checkpoints) if storage.exists(storage.join(c, "latest"))), None)
+    if latest is None:
         return
-    latest = checkpoints[-1]  # checkpoint_<step>, zero-padded: the last name is the latest step
-    tag = storage.read_bytes(storage.join(latest, "latest")).decode().strip()
-    # bf16 engines prefix the names with "bf16_".
-    saved = sum("zero_pp_rank_" in f for f in storage.list_files(storage.join(latest, tag), "_optim_states.pt"))
+    if storage.exists(storage.join(latest, WORKERS)):
+        saved = json.loads(storage.read_bytes(storage.join(latest, WORKERS)))["workers"]
+    else:  # written in the plain-process mode (one rank), or before WORKERS was: count the ranks' files
+        tag = storage.read_bytes(storage.join(latest, "latest")).decode().strip()
+        # bf16 engines prefix the names with "bf16_".
+        saved = sum("zero_pp_rank_" in f for f in storage.list_files(storage.join(latest, tag), "_optim_states.pt"))
     if saved and saved != workers:
         raise ValueError(f"num_workers: {latest} was written by {saved} worker(s) and this run has {workers}; "
                          f"ZeRO's optimizer state cannot be re-partitioned. Resume with num_workers={saved}, or "
@@ -228,6 +237,15 @@ def master_weights(engine) -> dict[str, torch.Tensor]:
         value = value if master is None else master
         weights[name] = value.detach().float().cpu() if value.is_floating_point() else value.detach().cpu()
     return weights
+
+
+def mean_over_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean of a scalar over all ranks (the loss each logs). Collective when `world` > 1."""
+    if world > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= world
+    return value
 
 
 def reseed(seed: int, rank: int, step: int) -> None:

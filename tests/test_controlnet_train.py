@@ -8,10 +8,11 @@ import torch
 
 from mdland.config import load_config
 from mdland.data import storage
-from mdland.data.shards import Face, ShardWriter, encode_image
+from mdland.data.shards import Face, ShardWriter, encode_image, read_dataset
 from mdland.data.procedural import write_faces
 from mdland.diffusion.models import build_controlnet, build_preset, save_components
-from mdland.diffusion.train import ControlNetTrainConfig, _with_prompts, check_config, run_training
+from mdland.diffusion.data import COLUMNS, prepare_batch
+from mdland.diffusion.train import ControlNetTrainConfig, _with_prompts, check_config, probe_batch, run_training
 
 TINY = dict(model="tiny", resolution=64, batch_size=2, learning_rate=1e-3, log_every=2, num_validation=2,
             validation_steps=2)
@@ -81,6 +82,29 @@ def test_bad_configs_fail_fast(tmp_path, faces_dir):
         load_config(ControlNetTrainConfig, tmp_path / "c.yaml")
     with pytest.raises(ValueError, match="max_steps: expected int"):
         load_config(ControlNetTrainConfig, None, ["max_steps=many"])
+    for field, value, message in [("validation_steps", 0, "validation_steps: must be at least 1"),
+                                  ("validation_steps", 1001, "validation_steps: at most SD's 1000"),
+                                  ("num_validation", 0, "num_validation: must be at least 1"),
+                                  ("keep_checkpoints", -1, "keep_checkpoints: must be at least 1"),
+                                  ("empty_prompt_share", 1.5, "empty_prompt_share: a share between 0 and 1")]:
+        with pytest.raises(ValueError, match=message):
+            check(**{field: value})
+
+
+def test_probe_batch_is_the_datas_first_faces_in_file_order(tmp_path, faces_dir):
+    small = str(tmp_path / "small-shards")
+    write_faces(small, 5, seed=3, size=64, rows_per_shard=2)
+    data = [small, faces_dir]
+    probe = probe_batch(ControlNetTrainConfig(**{**TINY, "batch_size": 4, "data": data}))
+    first = read_dataset(small).slice(0, 4)  # across the first two shards
+    expected = prepare_batch({c: first.column(c).to_pylist() for c in COLUMNS}, 64)
+    assert probe["image"].shape == (4, 3, 64, 64)
+    np.testing.assert_array_equal(probe["image"], expected["image"])
+    np.testing.assert_array_equal(probe["condition"], expected["condition"])
+    wide = probe_batch(ControlNetTrainConfig(**{**TINY, "batch_size": 7, "data": data}))
+    rest = read_dataset(faces_dir).slice(0, 2)  # the five faces, then the next dataset's first two
+    np.testing.assert_array_equal(wide["image"][5:], prepare_batch({c: rest.column(c).to_pylist() for c in COLUMNS},
+                                                                   64)["image"])
 
 
 def test_prompts_by_stage():
@@ -159,6 +183,32 @@ def test_bf16_training_with_accumulation_exports_fp32_master_weights_and_resumes
     again = run_training(cfg, local=True)
     assert [(r["step"], "resumed" in r) for r in history(again["checkpoint"]) if "loss" in r or "resumed" in r] == [
         (2, False), (2, True), (3, False)]
+
+
+def test_the_worker_check_reads_the_checkpoint_ray_resumes_from(tmp_path):
+    from mdland.session import check_checkpoint_workers
+
+    run = tmp_path / "run"
+
+    def checkpoint(step: int, ranks: list[int], latest: bool = True, workers: int | None = None):
+        folder = run / f"checkpoint_{step:06d}"
+        (folder / f"step{step}").mkdir(parents=True)
+        for r in ranks:
+            (folder / f"step{step}" / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"state")
+        if latest:
+            (folder / "latest").write_text(f"step{step}")
+        if workers:
+            (folder / "workers.json").write_text(json.dumps({"workers": workers}))
+
+    checkpoint(4, [0, 1])  # no workers.json (a checkpoint from before it was written): the ranks' files are counted
+    with pytest.raises(ValueError, match=r"checkpoint_000004 was written by 2 worker\(s\) and this run has 1"):
+        check_checkpoint_workers(str(run), 1, "start over")
+    checkpoint(8, [1], latest=False)  # rank 0's upload cut short: not a checkpoint Ray resumes from
+    check_checkpoint_workers(str(run), 2, "start over")
+    checkpoint(12, [0], workers=2)  # rank 1's upload cut short: rank 0 recorded the count
+    check_checkpoint_workers(str(run), 2, "start over")
+    with pytest.raises(ValueError, match=r"checkpoint_000012 was written by 2 worker\(s\) and this run has 1"):
+        check_checkpoint_workers(str(run), 1, "start over")
 
 
 def test_bf16_engine_starts_its_master_copy_from_the_fp32_weights():
@@ -265,6 +315,7 @@ def test_ray_train_two_workers_checkpoints_to_s3_survive_a_lost_worker_and_resum
         assert any(n.endswith("zero_pp_rank_0_mp_rank_00_optim_states.pt") for n in names)
         assert any(n.endswith("zero_pp_rank_1_mp_rank_00_optim_states.pt") for n in names)
         assert storage.exists(f"{ckpt}/controlnet/config.json") and storage.exists(f"{ckpt}/validation.png")
+        assert json.loads(storage.read_bytes(f"{ckpt}/workers.json")) == {"workers": 2}
         cfg.max_steps = 20
         second = run_training(cfg)
         assert second["step"] == 20

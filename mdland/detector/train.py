@@ -31,7 +31,7 @@ from mdland.detector.model import ARCHS, normalised_to_pixels, to_network_input
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
 from mdland.session import (LocalSession, RaySession, check_checkpoint_workers, check_precision, deepspeed_engine,
-                            launch, master_weights, pick_device, training_dtype)
+                            launch, master_weights, mean_over_ranks, pick_device, training_dtype)
 
 log = get_logger(__name__)
 
@@ -157,7 +157,8 @@ def train_func(config: dict) -> None:
                 log.info("epoch %d step %d loss %.4f (star %.4f) %.1f images/s", epoch + 1, engine.global_steps,
                          loss.item(), parts["star"].item(), seen / (time.time() - t0))
         epoch += 1
-        record = {"step": engine.global_steps, "epoch": epoch, "loss": float(torch.stack(losses).float().mean()),
+        loss = mean_over_ranks(torch.stack(losses).float().mean(), session.world)  # every rank ends the epoch here
+        record = {"step": engine.global_steps, "epoch": epoch, "loss": float(loss),
                   "images_per_s": seen / (time.time() - t0)}
         if val is not None:
             record["val_nme"] = validation_nme(engine.module, val, device, dtype)

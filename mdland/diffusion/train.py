@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel
@@ -36,7 +37,7 @@ from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
 from mdland.session import (LocalSession, RaySession, check_checkpoint_workers, check_precision, deepspeed_engine,
-                            endless, launch, master_weights, pick_device, reseed, training_dtype)
+                            endless, launch, master_weights, mean_over_ranks, pick_device, reseed, training_dtype)
 
 log = get_logger(__name__)
 STAGES = ("stage1", "stage2")
@@ -88,7 +89,11 @@ def check_config(cfg: ControlNetTrainConfig) -> int:
     if cfg.resolution % 64:
         raise ValueError(f"resolution: must be a multiple of 64, got {cfg.resolution}")
     check_counts(cfg, ("batch_size", "gradient_accumulation", "max_steps", "checkpoint_every", "log_every",
-                       "num_workers"))
+                       "num_workers", "num_validation", "validation_steps", "keep_checkpoints"))
+    if cfg.validation_steps > 1000:
+        raise ValueError(f"validation_steps: at most SD's 1000 training timesteps, got {cfg.validation_steps}")
+    if not 0 <= cfg.empty_prompt_share <= 1:
+        raise ValueError(f"empty_prompt_share: a share between 0 and 1, got {cfg.empty_prompt_share}")
     if not cfg.data:
         raise ValueError("data: no training dataset given")
     check_one_filesystem(cfg.data)
@@ -190,6 +195,19 @@ def noised_latents(scheduler, latents: torch.Tensor, generator: torch.Generator 
     return noisy, t, noise if kind == "epsilon" else scheduler.get_velocity(latents, noise, t)
 
 
+def probe_batch(cfg: ControlNetTrainConfig) -> dict:
+    """The first `batch_size` faces of the data in file order, prepared: the same batch on every rank and after
+    every resume, whatever order the epochs draw."""
+    tables, rows = [], 0
+    for uri in (u for d in cfg.data for u in shard_uris(d)):
+        tables.append(read_shard(uri).select(COLUMNS).slice(0, cfg.batch_size - rows))
+        rows += tables[-1].num_rows
+        if rows == cfg.batch_size:
+            break
+    table = pa.concat_tables(tables)
+    return prepare_batch({c: table.column(c).to_pylist() for c in COLUMNS}, cfg.resolution)
+
+
 def validation_conditions(cfg: ControlNetTrainConfig) -> tuple[np.ndarray, list[str]]:
     """Held-out conditions: landmark sets from the data, each changed by two random edits, at `resolution`."""
     table = read_shard(shard_uris(cfg.data[0])[0])
@@ -252,7 +270,7 @@ def train_func(config: dict) -> None:
         return diffusion_loss(components, engine, text, batch, dtype, generator)
 
     batches = endless(session, cfg.batch_size, cfg.seed + step)
-    probe = _with_prompts(next(batches), cfg, np.random.default_rng(cfg.seed))
+    probe = _with_prompts(probe_batch(cfg), cfg, np.random.default_rng(cfg.seed))
 
     @torch.no_grad()
     def probe_loss() -> float:
@@ -277,7 +295,8 @@ def train_func(config: dict) -> None:
             continue  # inside a gradient-accumulation cycle
         step = engine.global_steps
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            mean_loss = float(torch.stack(losses).float().mean())  # waits for the device: time after it
+            # Waits for the device: time after it.
+            mean_loss = float(mean_over_ranks(torch.stack(losses).float().mean(), session.world))
             rate = seen / (time.time() - t0)
             history.append({"step": step, "loss": mean_loss, "samples_per_s": rate})
             if session.rank == 0:
