@@ -53,6 +53,11 @@ def test_targets():
     r, c = np.unravel_index(maps[5].argmax(), maps[5].shape)
     # Sampled at 64-grid centres 4u + 1.5: the nearest is 1 px away in x and y, sigma 1.5.
     assert (r, c) == (25, 50) and abs(maps[5].max() - np.exp(-2 / (2 * 1.5**2))) < 1e-6
+    # At any input size a point's map peaks as high: the Gaussian is 0.375 map cells wide whatever the size, so even
+    # a point halfway between cell centres (2 px from the nearest in x and y) peaks at exp(-8 / 4.5).
+    for size in (64, 128, 256):
+        inside = np.random.default_rng(size).uniform(2, size - 3, (68, 2)).astype(np.float32)
+        assert point_maps(inside, size).reshape(68, -1).max(1).min() >= np.exp(-8 / 4.5) - 1e-6
     points[7] = [-30.0, 300.0]  # moved out of the crop by augmentation: held at the edge, peak 1
     maps = point_maps(points, 256)
     assert np.unravel_index(maps[7].argmax(), maps[7].shape) == (63, 0) and maps[7].max() == 1

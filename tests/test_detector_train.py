@@ -41,6 +41,9 @@ def test_bad_configs_fail_fast(faces, tmp_path):
         check(batch_size=40, num_workers=2)
     with pytest.raises(ValueError, match="unknown detector architecture"):
         check(arch="resnet")
+    for field in ("epochs", "batch_size", "keep_checkpoints"):
+        with pytest.raises(ValueError, match=f"{field}: must be at least 1, got 0"):
+            check(**{field: 0})
     from mdland.data.shards import ShardWriter
 
     ShardWriter(str(tmp_path / "empty")).close()

@@ -71,15 +71,15 @@ def texture_augment(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def point_maps(points: np.ndarray, size: int, sigma: float = 1.5) -> np.ndarray:
-    """(68, S/4, S/4) unnormalised Gaussians (peak 1, sigma 1.5 input pixels at S=256) sampled where STAR's
+    """(68, S/4, S/4) unnormalised Gaussians (peak 1, sigma 1.5 input pixels: 0.375 map cells, as STAR's at S=256,
+    whatever S; scaled down with S they would fall between the cells' centres) sampled where STAR's
     bilinear 4x downscaling samples them. A point that augmentation moved out of the crop is held at the map's edge,
     as STAR's heatmap encoder holds it (and as its STAR-loss target is held), so the maps never go empty."""
     h = size // 4
     centres = np.arange(h) * 4 + 1.5
     points = np.clip(points, centres[0], centres[-1])
-    s = sigma * size / 256
-    gx = np.exp(-((centres[None, :] - points[:, :1]) ** 2) / (2 * s * s))
-    gy = np.exp(-((centres[None, :] - points[:, 1:]) ** 2) / (2 * s * s))
+    gx = np.exp(-((centres[None, :] - points[:, :1]) ** 2) / (2 * sigma * sigma))
+    gy = np.exp(-((centres[None, :] - points[:, 1:]) ** 2) / (2 * sigma * sigma))
     return (gy[:, :, None] * gx[:, None, :]).astype(np.float32)
 
 

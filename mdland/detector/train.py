@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mdland.config import from_dict
+from mdland.config import check_counts, from_dict
 from mdland.data import storage
 from mdland.data.datasets import check_one_filesystem, count_rows, local_epoch, read_shards
 from mdland.data.shards import read_dataset
@@ -65,6 +65,7 @@ def check_config(cfg: DetectorTrainConfig) -> tuple[int, int]:
     """Fail before any worker starts; returns the number of training faces and the network's input size."""
     if not cfg.data:
         raise ValueError("data: no training datasets given")
+    check_counts(cfg, ("epochs", "batch_size", "num_workers", "log_every", "keep_checkpoints"))
     check_one_filesystem(cfg.data)
     check_precision(cfg.precision, cfg.zero_stage, cfg.use_gpu, bf16_weights=False)
     if cfg.init is None and cfg.arch not in ARCHS:
