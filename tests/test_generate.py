@@ -234,9 +234,18 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
         run_generation(config(inputs, "s3://mdland-missing-bucket/out"))
     with pytest.raises(ValueError, match="not a ControlNet export"):
         run_generation(config(inputs, str(tmp_path / "o"), controlnet=str(tmp_path)))
-    for name in ("num_assemblers", "num_actors", "rows_per_shard"):
+    for name in ("num_assemblers", "num_actors", "rows_per_shard", "num_inference_steps"):
         with pytest.raises(ValueError, match=f"{name}: must be at least 1, got 0"):
             run_generation(config(inputs, str(tmp_path / "o"), **{name: 0}))
+    for settings, message in [({"edits_per_sample": 9}, "edits_per_sample: between 1 and 8"),
+                              ({"seed": -1}, "seed: must not be negative"),
+                              ({"resolution": 36}, "resolution: must be a multiple of 64"),
+                              ({"edit_strength": float("nan")}, "edit_strength: must be a finite number"),
+                              ({"guidance_scale": -2.0}, "guidance_scale: must be a finite number"),
+                              ({"use_gpu": True, "dtype": "float8"}, "dtype: expected float16 or bfloat16")]:
+        with pytest.raises(ValueError, match=message):
+            run_generation(config(inputs, str(tmp_path / "o"), **settings))
+    assert not (tmp_path / "o").exists()  # each failed before writing anything
     with pytest.raises(ValueError, match="empty is an empty dataset"):  # one dataset alone, as a string
         run_generation(config(inputs, str(tmp_path / "o"), source=str(tmp_path / "empty")))
     for nothing in ([], [""]):

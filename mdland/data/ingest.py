@@ -185,6 +185,9 @@ def ingest(fmt: str, src: str | Path, dest: str, size: int = 256, margin: float 
     except BaseException:
         if target != dest:
             storage.delete_folder(target)
+        else:  # a new dataset: take back its shards, or readers would take them for a set without a manifest
+            for shard in writer.written:
+                storage.delete(storage.join(dest, shard["name"]))
         raise
     if target != dest:
         _swap_in(target, dest, old_shards, manifest)

@@ -20,6 +20,7 @@ from mdland.data.shards import (Face, encode_image, landmarks_from_rows, shard_n
                                  write_shard)
 from mdland.diffusion.models import PRESETS
 from mdland.generation.plan import GenerateConfig, load_styles, render_conditions, shard_rows, source_landmarks
+from mdland.landmarks.edits import EDITS
 from mdland.log import get_logger, setup_logging
 
 log = get_logger(__name__)
@@ -204,6 +205,29 @@ def _shard_summary(uri: str) -> dict:
     return summarise_table(table, uri.rstrip("/").split("/")[-1])
 
 
+def check_generation_settings(cfg: GenerateConfig) -> None:
+    """The sampling and editing settings, checked on the driver: in a task or an actor they fail later and without
+    the field's name."""
+    check_counts(cfg, ("images_per_style", "rows_per_shard", "batch_size", "num_actors", "num_assemblers",
+                       "num_inference_steps", "vae_batch_size"))
+    if not 1 <= cfg.edits_per_sample <= len(EDITS):
+        raise ValueError(f"edits_per_sample: between 1 and {len(EDITS)} (the distinct edits), got "
+                         f"{cfg.edits_per_sample}")
+    if cfg.seed < 0:
+        raise ValueError(f"seed: must not be negative, got {cfg.seed}")
+    if cfg.resolution < 64 or cfg.resolution % 64:
+        raise ValueError(f"resolution: must be a multiple of 64 (the UNet halves the latent three times), got "
+                         f"{cfg.resolution}")
+    for name in ("guidance_scale", "eta", "edit_strength"):
+        value = getattr(cfg, name)
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"{name}: must be a finite number of at least 0, got {value}")
+    if cfg.num_inference_steps > 1000:
+        raise ValueError(f"num_inference_steps: at most SD's 1000 training timesteps, got {cfg.num_inference_steps}")
+    if cfg.use_gpu:
+        _torch_dtype(cfg, on_gpu=True)
+
+
 def run_generation(cfg: GenerateConfig) -> dict:
     """Generate the planned set's missing shards, then write the manifest (when the set is complete)."""
     sources = [cfg.source] if isinstance(cfg.source, str) else cfg.source or []  # one dataset may be given alone
@@ -224,7 +248,7 @@ def run_generation(cfg: GenerateConfig) -> dict:
         from mdland.detector.checkpoint import load_detector
 
         load_detector(cfg.detector)  # a bad checkpoint fails here, before any actor starts
-    check_counts(cfg, ("images_per_style", "rows_per_shard", "batch_size", "num_actors", "num_assemblers"))
+    check_generation_settings(cfg)
     landmarks = source_landmarks(cfg)
     storage.check_writable(cfg.output)
     plan = _check_plan(cfg)
