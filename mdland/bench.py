@@ -309,7 +309,7 @@ def bench_write(images: str = "faces", count: int = 4000, rows_per_shard: int = 
         build_controlnet(build_preset("tiny")).save_pretrained(f"{d}/controlnet")  # the id the rows carry
         cfg = GenerateConfig(output=output or f"{d}/out", controlnet=f"{d}/controlnet", styles=["cartoon"],
                              images_per_style=count, rows_per_shard=rows_per_shard, batch_size=batch_size)
-        assembler = ShardAssembler(asdict(cfg), total=count)
+        assembler = ShardAssembler(asdict(cfg), total=count, weights=cfg.plan_identity()["weights"])
         batches = []
         for start in range(0, count, batch_size):
             index = np.arange(start, min(start + batch_size, count))

@@ -272,6 +272,13 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
     # No shard written yet: the new plan replaces the old (a launch that wrote nothing fixes nothing).
     replaced = _check_plan(planned)
     assert json.loads((tmp_path / "o" / "plan.json").read_text()) == replaced
+    # An actor loads the weights the plan names, and refuses an export re-published after the plan was made.
+    from mdland.generation.pipeline import GenerationActor
+
+    assert GenerationActor(asdict(planned), replaced["weights"]).sampler is not None
+    config_file.write_text(config_file.read_text() + " ")
+    with pytest.raises(ValueError, match=f"controlnet: {controlnet} changed after this run planned"):
+        GenerationActor(asdict(planned), replaced["weights"])
     (tmp_path / "o" / "shard-000000.parquet").write_bytes(b"earlier work")
     config_file.write_text(config_file.read_text() + " ")
     with pytest.raises(ValueError, match=r"differs in \['weights'\]"):  # with a shard written, the plan is fixed
@@ -331,7 +338,7 @@ def test_assembler_counts_a_row_delivered_twice_once(inputs, tmp_path):
     from mdland.generation.pipeline import ShardAssembler
 
     cfg = config(inputs, str(tmp_path / "out"), styles=["cartoon"], images_per_style=3, rows_per_shard=3)
-    assembler = ShardAssembler(asdict(cfg), total=3)
+    assembler = ShardAssembler(asdict(cfg), total=3, weights=cfg.plan_identity()["weights"])
 
     def rows(indices):
         n = len(indices)
@@ -358,7 +365,8 @@ def test_assembler_counts_a_row_delivered_twice_once(inputs, tmp_path):
     # A shard whose write fails keeps its rows: the retried delivery of its last row writes it whole.
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the output folder should be")
-    assembler = ShardAssembler(asdict(replace(cfg, output=str(blocked))), total=3)
+    assembler = ShardAssembler(asdict(replace(cfg, output=str(blocked))), total=3,
+                               weights=cfg.plan_identity()["weights"])
     with pytest.raises(OSError):
         assembler.add(rows([0, 1, 2]))
     assert len(assembler.rows[0]) == 3

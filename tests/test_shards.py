@@ -117,6 +117,16 @@ def test_reading_some_columns_only(storage_root, tmp_path):
     lm[1, 3, 0] = np.inf
     bad = bad.set_column(2, "landmarks", pa.array(lm.tolist(), type=bad.schema.field("landmarks").type))
     (tmp_path / "bad").mkdir()
-    pq.write_table(bad, tmp_path / "bad" / "shard-000000.parquet")
-    with pytest.raises(ShardError, match="face 1: landmarks are not finite"):
+    pq.write_table(faces_to_table(some_faces(3)), tmp_path / "bad" / "shard-000000.parquet")
+    pq.write_table(bad, tmp_path / "bad" / "shard-000001.parquet")
+    with pytest.raises(ShardError, match="shard-000001.parquet: row 1: landmarks are not finite"):
         read_columns(str(tmp_path / "bad"), ["landmarks"])
+    # An image size comes from the first shard with a face in it (a filtered set may have empty ones).
+    (tmp_path / "sparse").mkdir()
+    pq.write_table(faces_to_table(some_faces(2)).slice(0, 0), tmp_path / "sparse" / "shard-000000.parquet")
+    pq.write_table(faces_to_table(some_faces(2)), tmp_path / "sparse" / "shard-000001.parquet")
+    assert first_image_size(str(tmp_path / "sparse")) == (64, 64)
+    (tmp_path / "none").mkdir()
+    pq.write_table(faces_to_table(some_faces(2)).slice(0, 0), tmp_path / "none" / "shard-000000.parquet")
+    with pytest.raises(ShardError, match="none: no faces"):
+        first_image_size(str(tmp_path / "none"))

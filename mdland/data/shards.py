@@ -244,27 +244,29 @@ def read_columns(root: str, columns: list[str]) -> pa.Table:
     for uri in shard_uris(root):
         fs, path = storage.filesystem(uri)
         try:
-            tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+            table = pq.read_table(path, filesystem=fs, columns=columns)
         except (pa.ArrowInvalid, KeyError) as e:
             raise ShardError(f"{uri}: cannot read columns {columns} ({e})") from None
-    table = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], SCHEMA.field(c).type) for c in columns})
-    if "landmarks" in columns and table.num_rows:
-        finite = np.isfinite(landmarks_array(table)).reshape(table.num_rows, -1).all(axis=1)
-        if not finite.all():
-            raise ShardError(f"{root}: face {int(np.argmin(finite))}: landmarks are not finite")
-    return table
+        if "landmarks" in columns and table.num_rows:
+            finite = np.isfinite(landmarks_array(table)).reshape(table.num_rows, -1).all(axis=1)
+            if not finite.all():
+                raise ShardError(f"{uri}: row {int(np.argmin(finite))}: landmarks are not finite")
+        tables.append(table)
+    return pa.concat_tables(tables) if tables else pa.table({c: pa.array([], SCHEMA.field(c).type) for c in columns})
 
 
 def first_image_size(root: str) -> tuple[int, int]:
-    """(width, height) of a dataset's first image, reading only its first row group's images."""
-    uri = shard_uris(root)[0]
-    fs, path = storage.filesystem(uri)
-    with fs.open_input_file(path) as f:
-        images = pq.ParquetFile(f).read_row_group(0, columns=["image"]).column("image")
-    if not len(images):
-        raise ShardError(f"{uri}: no faces")
-    image = decode_image(images[0].as_py(), uri)
-    return image.shape[1], image.shape[0]
+    """(width, height) of a dataset's first image, reading only the first non-empty row group's images."""
+    for uri in shard_uris(root):
+        fs, path = storage.filesystem(uri)
+        with fs.open_input_file(path) as f:
+            shard = pq.ParquetFile(f)
+            images = next((shard.read_row_group(g, columns=["image"]).column("image")
+                           for g in range(shard.num_row_groups) if shard.metadata.row_group(g).num_rows), None)
+        if images is not None:
+            image = decode_image(images[0].as_py(), uri)
+            return image.shape[1], image.shape[0]
+    raise ShardError(f"{root}: no faces")
 
 
 class ShardWriter:

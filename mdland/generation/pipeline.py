@@ -53,14 +53,25 @@ def build_sampler(cfg: GenerateConfig):
                            fuse_qkv=cfg.fuse_qkv and on_gpu)
 
 
+def check_weights(cfg: GenerateConfig, weights: dict) -> None:
+    """Fail when the weights at the config's paths are no longer the ones the run planned with (`weights`: the plan's
+    fingerprints): a training run that goes on re-publishes its export at the same path, and one output folder must
+    not mix the images of two ControlNets."""
+    for name, planned in weights.items():
+        if name != "source" and storage.fingerprint(getattr(cfg, name)) != planned:
+            raise ValueError(f"{name}: {getattr(cfg, name)} changed after this run planned its samples (re-published?); "
+                             "run again to plan with the weights there now")
+
+
 class GenerationActor:
     """Holds one sampler (and optionally a detector) for its lifetime; turns batches of conditions into images (uint8
     on GPU, for the encode tasks; PNG on CPU), each scored by the detector's NME against the landmarks it was drawn
     from."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, weights: dict):
         setup_logging()
         self.cfg = from_dict(GenerateConfig, config)
+        check_weights(self.cfg, weights)
         self.sampler = build_sampler(self.cfg)
         self.detector = None
         if self.cfg.detector:
@@ -68,6 +79,7 @@ class GenerationActor:
 
             self.detector = load_detector(self.cfg.detector, device=self.sampler.device).eval().to(
                 dtype=self.sampler.dtype)
+        check_weights(self.cfg, weights)  # nothing was re-published while this actor loaded
         self.done, self.t0 = 0, time.time()
 
     def alignment(self, images: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -100,7 +112,7 @@ class ShardAssembler:
     """Collects generated rows by shard and writes each shard, atomically, as soon as all its rows are in
     (leaving out the pairs the alignment filter rejects)."""
 
-    def __init__(self, config: dict, total: int):
+    def __init__(self, config: dict, total: int, weights: dict):
         setup_logging()
         self.cfg = from_dict(GenerateConfig, config)
         self.total = total  # from the driver, which read the styles file
@@ -109,7 +121,7 @@ class ShardAssembler:
         # Written shard -> (the delivery that completed it, its summary). Rows that come again (a retried task) are
         # dropped; a retry of the completing delivery gets the summary again, as its first answer died with it.
         self.written: dict[int, tuple[int, str]] = {}
-        self.model = f"{self.cfg.controlnet}@{storage.fingerprint(self.cfg.controlnet)}"  # path@version
+        self.model = f"{self.cfg.controlnet}@{weights['controlnet']}"  # path@version, as planned (check_weights)
 
     def rejects(self, score: float) -> bool:
         return self.cfg.min_alignment is not None and not np.isnan(score) and score > self.cfg.min_alignment
@@ -257,7 +269,7 @@ def run_generation(cfg: GenerateConfig) -> dict:
         pending = pending[: cfg.max_shards]
     log.info("plan: %d styles x %d = %d samples in %d shards; %d to generate", len(styles), cfg.images_per_style,
              cfg.total, cfg.num_shards, len(pending))
-    steady = _run_pipeline(cfg, pending, styles, landmarks) if pending else None
+    steady = _run_pipeline(cfg, pending, styles, landmarks, plan["weights"]) if pending else None
     remaining = pending_shards(cfg)
     if remaining:
         log.info("%d shard(s) still missing; the manifest is written once the set is complete", len(remaining))
@@ -285,7 +297,8 @@ def conditioned_rows(cfg: GenerateConfig, pending: list[int], styles: list[dict]
     return ds.repartition(target_num_rows_per_block=cfg.batch_size, strict=True) if cfg.use_gpu else ds
 
 
-def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], landmarks: np.ndarray) -> float | None:
+def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], landmarks: np.ndarray,
+                  weights: dict) -> float | None:
     """Run the pipeline over `pending` shards; returns the steady images/s (first to last shard written)."""
     import ray
 
@@ -293,7 +306,7 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], l
         ray.init()
     config = asdict(cfg)
     ds = conditioned_rows(cfg, pending, styles, landmarks)
-    ds = ds.map_batches(GenerationActor, fn_constructor_kwargs={"config": config}, batch_size=cfg.batch_size,
+    ds = ds.map_batches(GenerationActor, fn_constructor_kwargs={"config": config, "weights": weights}, batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                         num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor)
     # Plain actors, not a Ray Data stage, so that each shard's rows meet in one of them. One keeps up with about
@@ -304,7 +317,8 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], l
     expected = sum(min(cfg.rows_per_shard, total - k * cfg.rows_per_shard) for k in pending)
     assemblers = []
     try:
-        assemblers += [ray.remote(ShardAssembler).options(num_cpus=0.25).remote(config, total) for _ in range(count)]
+        assemblers += [ray.remote(ShardAssembler).options(num_cpus=0.25).remote(config, total, weights)
+                       for _ in range(count)]
         # With GPUs, these tasks also PNG-encode, so a GPU only samples. (A CPU actor encodes its own images: the
         # tasks would only compete with it for the same cores.)
         # A failed shard write (OSError: S3 throttling, a network error) retries the delivery task, as do lost

@@ -119,8 +119,8 @@ def source_landmarks(cfg: GenerateConfig) -> np.ndarray:
         table = read_columns(source, ["landmarks"])
         if table.num_rows == 0:
             raise ValueError(f"source: {source} is an empty dataset")
-        size = first_image_size(source)[0]  # each dataset at its own size
-        sets.append(resize_points(landmarks_array(table), (size, size), (cfg.resolution, cfg.resolution)))
+        size = first_image_size(source)  # each dataset at its own size
+        sets.append(resize_points(landmarks_array(table), size, (cfg.resolution, cfg.resolution)))
     return np.concatenate(sets)
 
 
