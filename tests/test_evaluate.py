@@ -6,7 +6,7 @@ import torch
 
 from mdland.cli import main
 from mdland.data.procedural import procedural_faces
-from mdland.data.shards import ShardWriter, decode_image
+from mdland.data.shards import Face, ShardWriter, decode_image
 from mdland.detector.checkpoint import load_detector, save_checkpoint
 from mdland.detector.inference import predict
 from mdland.detector.evaluate import eval_faces
@@ -116,6 +116,21 @@ def test_bad_faces_fail_by_name_or_are_skipped(setup, tmp_path):
                 (only / f"{name}{suffix}").write_bytes((src / f"{name}{suffix}").read_bytes())
         with pytest.raises(ValueError, match=f"{name}.*{message}"):
             eval_faces(str(only), "artface")
+    # Landmarks whose outer eye corners coincide have no inter-ocular NME: named before inference, or skipped.
+    points = faces[3].landmarks.copy()
+    points[45] = points[36]
+    degenerate = tmp_path / "degenerate"
+    writer = ShardWriter(str(degenerate))
+    writer.add(faces[4])
+    writer.add(Face(image=faces[3].image, landmarks=points, key="squint"))
+    writer.close()
+    with pytest.raises(ValueError, match=r"degenerate: squint: normalising distance \(inter_ocular\) is zero"):
+        eval_faces(str(degenerate))
+    assert [f.key for f in eval_faces(str(degenerate), skip_bad=True)] == [faces[4].key]
+    assert len(eval_faces(str(degenerate), norm="box")) == 2
+    ShardWriter(str(tmp_path / "none")).close()  # a set with a manifest and no shard
+    with pytest.raises(ValueError, match="none: no faces to evaluate"):
+        eval_faces(str(tmp_path / "none"))
 
 
 def test_reports_go_to_s3(setup, s3_bucket, tmp_path, monkeypatch):

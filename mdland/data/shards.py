@@ -234,8 +234,9 @@ def shard_uris(root: str) -> list[str]:
 
 
 def read_dataset(root: str, validate: bool = True) -> pa.Table:
-    """All shards of a dataset as one table."""
-    return pa.concat_tables([read_shard(u, validate=validate) for u in shard_uris(root)])
+    """All shards of a dataset as one table (an empty one with the shard schema when the set has no shards)."""
+    tables = [read_shard(u, validate=validate) for u in shard_uris(root)]
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 
 def read_columns(root: str, columns: list[str]) -> pa.Table:

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from mdland.data import storage
 from mdland.data.ingest import iter_samples, load_image, skip_or_raise
 from mdland.data.shards import decode_image, landmarks_array, read_dataset
-from mdland.detector.metrics import check_threshold, nme, plot_ced, summarise
+from mdland.detector.metrics import check_threshold, nme, normalising_distance, plot_ced, summarise
 from mdland.landmarks.io import LANDMARK_SUFFIXES, read_landmark_file
 from mdland.landmarks.render import draw_landmarks, image_grid
 from mdland.log import get_logger
@@ -45,6 +45,9 @@ def evaluate_predictions(pred: str, gt: str, out: str | None = None, norm: str =
     keys = sorted(truth)
     p = np.stack([predicted[k] for k in keys])
     g = np.stack([truth[k] for k in keys])
+    zero = [k for k, d in zip(keys, normalising_distance(g, norm)) if d <= 0]
+    if zero:
+        raise ValueError(f"{gt}: normalising distance ({norm}) is zero for face(s) {zero[:3]}")
     errors = nme(p, g, norm)
     result = {"name": name, **summarise(errors, norm, threshold).as_dict()}
     if out:
@@ -74,21 +77,30 @@ class EvalFace:
     crop: tuple[tuple[float, float], float] | None = None  # (centre, scale) the set gives (STAR TSVs do)
 
 
-def eval_faces(src: str, fmt: str | None = None, skip_bad: bool = False,
-               skipped: list[str] | None = None) -> list[EvalFace]:
+def eval_faces(src: str, fmt: str | None = None, skip_bad: bool = False, skipped: list[str] | None = None,
+               norm: str = "inter_ocular") -> list[EvalFace]:
     """Faces of an evaluation set: a shard dataset, or a raw folder in an ingest format (artface, cariface, ...).
-    Bad faces (no landmarks, wrong point count, unreadable image) fail naming the file, or are logged, added to
-    `skipped` and left out."""
+    Bad faces (no landmarks, wrong point count, unreadable image, landmarks whose `norm` distance is zero) fail
+    naming the file or key, or are logged, added to `skipped` and left out, before any inference."""
+    faces = []
     if fmt is None:
         table = read_dataset(src)
-        return [EvalFace(k, decode_image(im, f"{src}: {k}"), p) for k, im, p in
-                zip(table.column("key").to_pylist(), table.column("image").to_pylist(), landmarks_array(table))]
-    faces = []
-    for sample in iter_samples(fmt, src, skip_bad=skip_bad, skipped=skipped):
-        try:
-            faces.append(EvalFace(sample.key, load_image(sample.image_path), sample.landmarks, sample.crop))
-        except ValueError as e:
-            skip_or_raise(str(e), skip_bad, skipped)
+        faces = [EvalFace(k, decode_image(im, f"{src}: {k}"), p) for k, im, p in
+                 zip(table.column("key").to_pylist(), table.column("image").to_pylist(), landmarks_array(table))]
+        where = {f.key: f"{src}: {f.key}" for f in faces}
+    else:
+        where = {}
+        for sample in iter_samples(fmt, src, skip_bad=skip_bad, skipped=skipped):
+            try:
+                faces.append(EvalFace(sample.key, load_image(sample.image_path), sample.landmarks, sample.crop))
+                where[sample.key] = str(sample.image_path)
+            except ValueError as e:
+                skip_or_raise(str(e), skip_bad, skipped)
+    if faces:
+        zero = normalising_distance(np.stack([f.landmarks for f in faces]), norm) <= 0
+        for face in (f for f, z in zip(faces, zero) if z):
+            skip_or_raise(f"{where[face.key]}: normalising distance ({norm}) is zero", skip_bad, skipped)
+        faces = [f for f, z in zip(faces, zero) if not z]
     if not faces:
         raise ValueError(f"{src}: no faces to evaluate")
     return faces
@@ -110,7 +122,7 @@ def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], ou
     with storage.staged_folder(out) as out_dir:
         for name, src, fmt in sets:
             skipped: list[str] = []
-            faces = eval_faces(src, fmt, skip_bad, skipped)
+            faces = eval_faces(src, fmt, skip_bad, skipped, norm)
             preds = []
             for start in tqdm(range(0, len(faces), batch_size), desc=f"evaluate {name}", unit="batch",
                               mininterval=2):
