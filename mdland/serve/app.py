@@ -98,10 +98,10 @@ def parse_box(box: str | list | None, width: int, height: int, what: str = "box"
     except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer too large for a float
         raise BadInput(400, f"{what}: expected four numbers x0,y0,x1,y1, got {box!r:.80}") from None
     if len(values) != 4 or not all(np.isfinite(values)):
-        raise BadInput(400, f"{what}: expected four finite numbers x0,y0,x1,y1, got {box!r}")
+        raise BadInput(400, f"{what}: expected four finite numbers x0,y0,x1,y1, got {box!r:.80}")
     x0, y0, x1, y1 = values
     if x1 - x0 < 2 or y1 - y0 < 2:
-        raise BadInput(400, f"{what}: degenerate box {values} (x1 > x0 and y1 > y0 needed)")
+        raise BadInput(400, f"{what}: degenerate box {values} (each side at least 2 pixels needed)")
     if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
         raise BadInput(400, f"{what}: box {values} is outside the {width}x{height} image")
     # A box that overlaps the image can still be absurdly large; its crop would be one blurred pixel (and past ~1e11
@@ -177,12 +177,12 @@ class LandmarkService:
         """Forward passes over what waits in `pending` (up to max_batch_size faces each) until nothing does, in the
         forward thread: the event loop keeps taking requests meanwhile."""
         loop = asyncio.get_running_loop()
-        while self.pending:
+        while True:
+            self.pending = [(item, future) for item, future in self.pending if not future.done()]  # callers gone
+            if not self.pending:
+                break
             taken = self.pending[: self.cfg.max_batch_size]
             del self.pending[: len(taken)]
-            taken = [(item, future) for item, future in taken if not future.done()]  # callers that went away
-            if not taken:
-                continue
             try:
                 points = await loop.run_in_executor(self.forward_pool, predict_crops, self.net,
                                                     [crop for (crop, _), _ in taken], [m for (_, m), _ in taken],
@@ -215,12 +215,15 @@ class LandmarkService:
         matrix = crop_matrix((cx - 0.5, cy - 0.5), scale, size)
         return (image.shape[1], image.shape[0]), box, warp_image(image, matrix, size), matrix
 
-    async def answer(self, data: bytes, box, index: int | None = None) -> dict:
-        """One face: decode and crop (in a thread), batched forward pass. `index` names the image's place in a
+    async def prepare(self, data: bytes, box, index: int | None = None) -> tuple:
+        """Decode and crop one upload in the decode pool (`_decode_and_crop`). `index` names the image's place in a
         batch request."""
-        t0 = time.perf_counter()
-        image_size, box, crop, matrix = await asyncio.get_running_loop().run_in_executor(
-            self.decode_pool, self._decode_and_crop, data, box, index)
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, self._decode_and_crop, data, box,
+                                                                index)
+
+    async def detect(self, face: tuple, t0: float) -> dict:
+        """The answer for one prepared face, from a batched forward pass; `t0`: when its request came in."""
+        image_size, box, crop, matrix = face
         points, batch = await (await self.enqueue((crop, matrix)))
         return {"landmarks": np.round(points.astype(np.float64), 3).tolist(), "box": list(box),
                 "image_size": list(image_size), "model": self.cfg.detector, "batch_size": batch,
@@ -254,7 +257,8 @@ class LandmarkService:
             box = form.get("box", [box])[0]
         else:
             raise BadInput(415, f"content type {kind or 'missing'!r}: send image bytes (image/*) or multipart/form-data")
-        return await self.answer(data, box)
+        t0 = time.perf_counter()
+        return await self.detect(await self.prepare(data, box), t0)
 
     @api.post("/v1/landmarks/batch")
     async def landmarks_batch(self, request: Request) -> dict:
@@ -268,6 +272,8 @@ class LandmarkService:
                 raise BadInput(400, "JSON: the body is not UTF-8") from None
             except json.JSONDecodeError as e:
                 raise BadInput(400, f"JSON: malformed at line {e.lineno} column {e.colno} ({e.msg})") from None
+            except RecursionError:
+                raise BadInput(400, "JSON: nested too deeply") from None
             except (KeyError, TypeError, AttributeError):
                 raise BadInput(400, 'JSON: expected {"images": [{"image": <base64>, "box": [x0, y0, x1, y1]}]}') from None
             except (binascii.Error, ValueError):
@@ -288,7 +294,11 @@ class LandmarkService:
             raise BadInput(400, "batch: no images")
         if len(pairs) > self.cfg.max_images:
             raise BadInput(413, f"batch: {len(pairs)} images is over the {self.cfg.max_images}-image limit")
-        return {"results": list(await asyncio.gather(*(self.answer(data, b, i) for i, (data, b) in enumerate(pairs))))}
+        t0 = time.perf_counter()
+        # Every image is decoded and checked before any joins a batch: a request refused for one bad image costs
+        # no forward pass.
+        faces = await asyncio.gather(*(self.prepare(data, b, i) for i, (data, b) in enumerate(pairs)))
+        return {"results": list(await asyncio.gather(*(self.detect(face, t0) for face in faces)))}
 
     async def _form(self, request: Request) -> dict[str, list[bytes | str]]:
         """A multipart body as {field: [file bytes or text, ...]}, held to `max_bytes` as it streams in."""
