@@ -18,11 +18,17 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         if value is None:
             return None
         return _coerce(value, options[0], where)
-    if kind is bool and isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"{where}: expected true/false, got {value!r}")
-        return value.lower() in ("true", "1", "yes")
-    if kind in (int, float) and not isinstance(value, bool):
+    if kind is bool:
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"{where}: expected true/false, got {value!r}")
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+            return bool(value)
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if kind in (int, float):
+        if isinstance(value, bool):  # YAML's `yes` for a count is a slip, not 1
+            raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}")
         try:
             number = kind(value)
         except (TypeError, ValueError):
@@ -35,10 +41,13 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         if value is None or isinstance(value, (list, dict)):
             raise ValueError(f"{where}: expected text, got {value!r}")
         return str(value)
-    if origin in (list, tuple) and isinstance(value, (list, tuple)):
-        return list(value) if origin is list else tuple(value)
-    if origin is list and isinstance(value, str):  # one item may be given alone
-        return [value]
+    if origin is list:
+        if isinstance(value, str):  # one item may be given alone
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(kind) or (Any,)
+        return [v if item is Any else _coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
 
 
