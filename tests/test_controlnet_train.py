@@ -384,6 +384,13 @@ def test_training_noise_is_exact_for_bf16_latents():
     alpha_bar = torch.cumprod(1 - betas, 0)[t].view(-1, 1, 1, 1)
     expected = alpha_bar.sqrt() * latents.double() + (1 - alpha_bar).sqrt() * noise.double()
     torch.testing.assert_close(noisy.double(), expected, rtol=0, atol=1e-5)
+    # SD 2.x-style v-prediction schedulers regress v = sqrt(a) * noise - sqrt(1 - a) * x0 on the same draw.
+    v_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                prediction_type="v_prediction")
+    v_noisy, v_t, v = noised_latents(v_scheduler, latents, torch.Generator().manual_seed(0))
+    assert torch.equal(v_t, t) and torch.equal(v_noisy, noisy)
+    torch.testing.assert_close(v.double(), alpha_bar.sqrt() * noise.double() - (1 - alpha_bar).sqrt() * latents.double(),
+                               rtol=0, atol=1e-5)
     scheduler = DDPMScheduler(prediction_type="sample")
     with pytest.raises(ValueError, match="prediction_type 'sample'"):
         noised_latents(scheduler, latents)
