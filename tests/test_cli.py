@@ -60,6 +60,13 @@ def test_evaluate_preds_hand_computed(tmp_path, capsys):
     assert result["fr"] == pytest.approx(np.mean(expected > 0.10))
     assert (tmp_path / "ev" / "ced.png").stat().st_size > 1000
     assert "| predictions | 4 |" in capsys.readouterr().out
+    # A ground-truth face without an inter-ocular distance is named by its key.
+    flat = faces[2].landmarks.copy()
+    flat[45] = flat[36]
+    write_pts(gt_dir / f"{faces[2].key}.pts", flat)
+    assert main(["evaluate-preds", str(pred_dir), str(gt_dir)]) == 2
+    assert f"face {faces[2].key}: normalising distance (inter_ocular) is zero" in capsys.readouterr().err
+    write_pts(gt_dir / f"{faces[2].key}.pts", faces[2].landmarks)
     # Predictions as an (N, 68, 2) .npy against a shard dataset keyed by row index is refused clearly...
     np.save(tmp_path / "p.npy", np.zeros((3, 68, 2)))
     assert main(["evaluate-preds", str(tmp_path / "p.npy"), str(gt_dir)]) == 2

@@ -33,6 +33,8 @@ def test_nme_errors():
     flat[45] = flat[36]
     with pytest.raises(ValueError, match="face 0: normalising distance"):
         nme(GT, flat)
+    with pytest.raises(ValueError, match=r"face squint: normalising distance \(inter_ocular\) is zero"):
+        nme(np.stack([GT, GT]), np.stack([GT, flat]), names=["fine", "squint"])
 
 
 def test_fr_and_auc_hand_computed():

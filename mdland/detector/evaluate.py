@@ -45,10 +45,10 @@ def evaluate_predictions(pred: str, gt: str, out: str | None = None, norm: str =
     keys = sorted(truth)
     p = np.stack([predicted[k] for k in keys])
     g = np.stack([truth[k] for k in keys])
-    zero = [k for k, d in zip(keys, normalising_distance(g, norm)) if d <= 0]
-    if zero:
-        raise ValueError(f"{gt}: normalising distance ({norm}) is zero for face(s) {zero[:3]}")
-    errors = nme(p, g, norm)
+    try:
+        errors = nme(p, g, norm, names=keys)
+    except ValueError as e:
+        raise ValueError(f"{gt}: {e}") from None
     result = {"name": name, **summarise(errors, norm, threshold).as_dict()}
     if out:
         with storage.staged_folder(out) as out_dir:

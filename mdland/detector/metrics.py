@@ -31,8 +31,9 @@ def normalising_distance(gt: np.ndarray, norm: str = "inter_ocular") -> np.ndarr
     raise ValueError(f"unknown NME normalisation {norm!r}; choose one of {NORMALISATIONS}")
 
 
-def nme(pred: np.ndarray, gt: np.ndarray, norm: str = "inter_ocular") -> np.ndarray:
-    """Per-face NME of (N, 68, 2) predictions (a single (68, 2) face is taken as N=1)."""
+def nme(pred: np.ndarray, gt: np.ndarray, norm: str = "inter_ocular", names: list[str] | None = None) -> np.ndarray:
+    """Per-face NME of (N, 68, 2) predictions (a single (68, 2) face is taken as N=1). A face whose normalising
+    distance is zero fails, named by `names` (its key) or else by its position."""
     pred = np.asarray(pred, dtype=np.float64)
     gt = np.asarray(gt, dtype=np.float64)
     if pred.ndim == 2:
@@ -42,7 +43,7 @@ def nme(pred: np.ndarray, gt: np.ndarray, norm: str = "inter_ocular") -> np.ndar
     dist = normalising_distance(gt, norm)
     if np.any(dist <= 0):
         bad = int(np.argmax(dist <= 0))
-        raise ValueError(f"face {bad}: normalising distance ({norm}) is zero")
+        raise ValueError(f"face {names[bad] if names else bad}: normalising distance ({norm}) is zero")
     return np.linalg.norm(pred - gt, axis=-1).mean(axis=-1) / dist
 
 
