@@ -253,7 +253,7 @@ def read_columns(root: str, columns: list[str]) -> pa.Table:
             if not finite.all():
                 raise ShardError(f"{uri}: row {int(np.argmin(finite))}: landmarks are not finite")
         tables.append(table)
-    return pa.concat_tables(tables) if tables else pa.table({c: pa.array([], SCHEMA.field(c).type) for c in columns})
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(columns)
 
 
 def first_image_size(root: str) -> tuple[int, int]:

@@ -306,8 +306,8 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], l
         ray.init()
     config = asdict(cfg)
     ds = conditioned_rows(cfg, pending, styles, landmarks)
-    ds = ds.map_batches(GenerationActor, fn_constructor_kwargs={"config": config, "weights": weights}, batch_size=cfg.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+    ds = ds.map_batches(GenerationActor, fn_constructor_kwargs={"config": config, "weights": weights},
+                        batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                         num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor)
     # Plain actors, not a Ray Data stage, so that each shard's rows meet in one of them. One keeps up with about
     # 20-50 GPUs (`mdland bench write`), hence one per 16 generation actors by default.
