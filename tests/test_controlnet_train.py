@@ -8,7 +8,7 @@ import torch
 
 from mdland.config import load_config
 from mdland.data import storage
-from mdland.data.shards import Face, ShardWriter, encode_image, read_dataset
+from mdland.data.shards import Face, ShardWriter, encode_image, read_dataset, read_shard, shard_uris
 from mdland.data.procedural import write_faces
 from mdland.diffusion.models import build_controlnet, build_preset, save_components
 from mdland.diffusion.data import COLUMNS, prepare_batch
@@ -95,13 +95,14 @@ def test_probe_batch_is_the_datas_first_faces_in_file_order(tmp_path, faces_dir)
     small = str(tmp_path / "small-shards")
     write_faces(small, 5, seed=3, size=64, rows_per_shard=2)
     data = [small, faces_dir]
-    probe = probe_batch(ControlNetTrainConfig(**{**TINY, "batch_size": 4, "data": data}))
+    first_shard = read_shard(shard_uris(small)[0])
+    probe = probe_batch(ControlNetTrainConfig(**{**TINY, "batch_size": 4, "data": data}), first_shard)
     first = read_dataset(small).slice(0, 4)  # across the first two shards
     expected = prepare_batch({c: first.column(c).to_pylist() for c in COLUMNS}, 64)
     assert probe["image"].shape == (4, 3, 64, 64)
     np.testing.assert_array_equal(probe["image"], expected["image"])
     np.testing.assert_array_equal(probe["condition"], expected["condition"])
-    wide = probe_batch(ControlNetTrainConfig(**{**TINY, "batch_size": 7, "data": data}))
+    wide = probe_batch(ControlNetTrainConfig(**{**TINY, "batch_size": 7, "data": data}), first_shard)
     rest = read_dataset(faces_dir).slice(0, 2)  # the five faces, then the next dataset's first two
     np.testing.assert_array_equal(wide["image"][5:], prepare_batch({c: rest.column(c).to_pylist() for c in COLUMNS},
                                                                    64)["image"])

@@ -306,16 +306,34 @@ def test_serve_config_file_builds_the_app(server, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:coroutine .*ASGIIngressWrapper.__del__. was never awaited")
-def test_a_replica_whose_forward_pass_failed_reports_unhealthy():
-    from mdland.serve.app import LandmarkService
+def test_a_failing_forward_pass_fails_its_callers_and_marks_the_replica_unhealthy():
+    import asyncio
 
-    # The class as Serve runs it, without its constructor (which needs a replica context).
+    from mdland.serve.app import LandmarkService, ServeConfig
+
+    # The class as Serve runs it, without its constructor (which needs a replica context), around a network on the
+    # meta device: its forward pass runs, and reading its points back fails, as a lost CUDA context would.
     replica = LandmarkService.func_or_class.__new__(LandmarkService.func_or_class)
-    replica.failure = None
+    replica.cfg = ServeConfig(detector="unused", max_batch_size=2)
+    replica.forward_pool = ThreadPoolExecutor(1)
+    replica.net, replica.dtype = STARNet(ARCHS["tiny"]).to("meta").eval(), torch.float32
+    replica.failure, replica.pending = None, []
     replica.check_health()
-    replica.failure = "forward pass failed: AcceleratorError: CUDA error: an illegal memory access"
-    with pytest.raises(RuntimeError, match="illegal memory access"):
+    face = (np.zeros((64, 64, 3), np.uint8), np.eye(3)[:2])
+
+    async def three_callers() -> list:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(3)]
+        replica.pending.extend((face, f) for f in futures)
+        await replica._forward_loop()  # two passes: two faces, then one
+        return [f.exception() for f in futures]
+
+    errors = asyncio.run(three_callers())
+    assert all(isinstance(e, NotImplementedError) for e in errors), errors
+    assert replica.pending == []
+    with pytest.raises(RuntimeError, match="forward pass failed: NotImplementedError: .*meta"):
         replica.check_health()
+    replica.forward_pool.shutdown()
 
 
 def test_16_bit_grey_uploads_keep_their_tones():

@@ -195,31 +195,32 @@ def noised_latents(scheduler, latents: torch.Tensor, generator: torch.Generator 
     return noisy, t, noise if kind == "epsilon" else scheduler.get_velocity(latents, noise, t)
 
 
-def probe_batch(cfg: ControlNetTrainConfig) -> dict:
+def probe_batch(cfg: ControlNetTrainConfig, first: pa.Table) -> dict:
     """The first `batch_size` faces of the data in file order, prepared: the same batch on every rank and after
-    every resume, whatever order the epochs draw."""
-    tables, rows = [], 0
-    for uri in (u for d in cfg.data for u in shard_uris(d)):
-        tables.append(read_shard(uri).select(COLUMNS).slice(0, cfg.batch_size - rows))
-        rows += tables[-1].num_rows
+    every resume, whatever order the epochs draw. `first`: the data's first shard, already read."""
+    tables = [first.select(COLUMNS).slice(0, cfg.batch_size)]
+    rows = tables[0].num_rows
+    for uri in [u for d in cfg.data for u in shard_uris(d)][1:]:
         if rows == cfg.batch_size:
             break
+        tables.append(read_shard(uri).select(COLUMNS).slice(0, cfg.batch_size - rows))
+        rows += tables[-1].num_rows
     table = pa.concat_tables(tables)
     return prepare_batch({c: table.column(c).to_pylist() for c in COLUMNS}, cfg.resolution)
 
 
-def validation_conditions(cfg: ControlNetTrainConfig) -> tuple[np.ndarray, list[str]]:
-    """Held-out conditions: landmark sets from the data, each changed by two random edits, at `resolution`."""
-    table = read_shard(shard_uris(cfg.data[0])[0])
-    n = min(cfg.num_validation, table.num_rows)
-    points = landmarks_array(table)[:n]
-    size = decode_image(table.column("image")[0].as_py(), cfg.data[0]).shape[1]
+def validation_conditions(cfg: ControlNetTrainConfig, first: pa.Table) -> tuple[np.ndarray, list[str]]:
+    """Held-out conditions: landmark sets from the data's first shard `first`, each changed by two random edits, at
+    `resolution`."""
+    n = min(cfg.num_validation, first.num_rows)
+    points = landmarks_array(first)[:n]
+    size = decode_image(first.column("image")[0].as_py(), cfg.data[0]).shape[1]
     edited = []
     for i, p in enumerate(points):
         p = resize_points(p, (size, size), (cfg.resolution, cfg.resolution))
         e, _ = sample_edits(p, np.random.default_rng([cfg.seed, 1_000_003, i]), k=2)
         edited.append(fit_in_frame(e, cfg.resolution))
-    prompts = [str(s) for s in table.column("prompt").to_pylist()[:n]] if cfg.stage == "stage2" else [""] * n
+    prompts = [str(s) for s in first.column("prompt").to_pylist()[:n]] if cfg.stage == "stage2" else [""] * n
     return np.stack(edited), prompts
 
 
@@ -270,14 +271,16 @@ def train_func(config: dict) -> None:
         return diffusion_loss(components, engine, text, batch, dtype, generator)
 
     batches = endless(session, cfg.batch_size, cfg.seed + step)
-    probe = _with_prompts(probe_batch(cfg), cfg, np.random.default_rng(cfg.seed))
+    first = read_shard(shard_uris(cfg.data[0])[0])  # read once: the probe batch and the validation faces
+    probe = _with_prompts(probe_batch(cfg, first), cfg, np.random.default_rng(cfg.seed))
 
     @torch.no_grad()
     def probe_loss() -> float:
         """Loss on one fixed batch with fixed noise: a steady measure of fitting, unlike the noisy training loss."""
         return float(loss_of(probe, torch.Generator(device=device).manual_seed(cfg.seed)))
 
-    points, prompts = validation_conditions(cfg) if session.rank == 0 else (None, None)
+    points, prompts = validation_conditions(cfg, first) if session.rank == 0 else (None, None)
+    del first
     if not history:
         history.append({"step": step, "probe_loss": probe_loss()})
     log.info("stage %s from step %d to %d: %d worker(s) x batch %d x accumulation %d, lr %g", cfg.stage, step,
