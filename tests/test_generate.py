@@ -246,8 +246,8 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
         with pytest.raises(ValueError, match=message):
             run_generation(config(inputs, str(tmp_path / "o"), **settings))
     assert not (tmp_path / "o").exists()  # each failed before writing anything
-    with pytest.raises(ValueError, match="empty is an empty dataset"):  # one dataset alone, as a string
-        run_generation(config(inputs, str(tmp_path / "o"), source=str(tmp_path / "empty")))
+    with pytest.raises(ValueError, match="empty is an empty dataset"):
+        run_generation(config(inputs, str(tmp_path / "o"), source=[str(tmp_path / "empty")]))
     for nothing in ([], [""]):
         with pytest.raises(ValueError, match="source: no source dataset given"):
             run_generation(config(inputs, str(tmp_path / "o"), source=nothing))

@@ -242,8 +242,7 @@ def check_generation_settings(cfg: GenerateConfig) -> None:
 
 def run_generation(cfg: GenerateConfig) -> dict:
     """Generate the planned set's missing shards, then write the manifest (when the set is complete)."""
-    sources = [cfg.source] if isinstance(cfg.source, str) else cfg.source or []  # one dataset may be given alone
-    cfg = replace(cfg, source=[storage.absolute(s) for s in sources], output=storage.absolute(cfg.output),
+    cfg = replace(cfg, source=[storage.absolute(s) for s in cfg.source], output=storage.absolute(cfg.output),
                   controlnet=storage.absolute(cfg.controlnet), styles_file=storage.absolute(cfg.styles_file),
                   model=cfg.model if cfg.model in PRESETS else storage.absolute(cfg.model),
                   detector=cfg.detector and storage.absolute(cfg.detector))
