@@ -47,10 +47,15 @@ def _serve(a: argparse.Namespace) -> None:
 
     # ServeConfig fields plus deployment options (num_replicas, ...); build_app checks every key.
     args = {"detector": a.detector, **parse_overrides(a.set)}
+    from ray import serve
+
     url = start_server(args, a.host, a.port)
     print(f"serving {a.detector} at {url}/v1/landmarks (docs: {url}/docs); Ctrl-C stops", flush=True)
-    while True:
-        time.sleep(3600)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
 
 
 def _generate(a: argparse.Namespace) -> None:
@@ -129,19 +134,27 @@ def _demo(a: argparse.Namespace) -> None:
     print(metrics_table(run_demo(a.out, a.storage, sizes)["metrics"]), end="")
 
 
+# Repeatable, each adding to the list: `--set a=1 --set b=2` sets both.
+SET = dict(action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mdland.data.ingest import FORMATS
     from mdland.detector.metrics import NORMALISATIONS
 
     parser = argparse.ArgumentParser(prog="mdland", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    # Also after the stage (the jobs put the stage first); SUPPRESS keeps a level given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    metric_options = argparse.ArgumentParser(add_help=False)  # shared by evaluate and evaluate-preds
+    metric_options = argparse.ArgumentParser(add_help=False, parents=[common])  # shared by evaluate and evaluate-preds
     metric_options.add_argument("--norm", default="inter_ocular", choices=NORMALISATIONS,
                                 help="NME normaliser: outer eye corners (default), pupils or box size")
     metric_options.add_argument("--threshold", type=float, default=0.10, help="FR / AUC threshold on the NME")
 
-    p = sub.add_parser("ingest", help="turn an annotated image folder into shards")
+    p = sub.add_parser("ingest", parents=[common], help="turn an annotated image folder into shards")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("src", help="source folder (or the TSV / JSON file for star-tsv / ffhq)")
     p.add_argument("dest", help="output dataset: local path or s3://bucket/prefix")
@@ -157,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="their prompt (default: the shipped prompt of --style; none without a style)")
     p.set_defaults(run=_ingest)
 
-    p = sub.add_parser("render", help="draw landmarks over images into a PNG grid")
+    p = sub.add_parser("render", parents=[common], help="draw landmarks over images into a PNG grid")
     p.add_argument("src", help="shard dataset, one .parquet shard, or a raw folder with --format")
     p.add_argument("out", help="output PNG")
     p.add_argument("--format", choices=FORMATS, help="read SRC as a raw annotated folder of this format")
@@ -173,15 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="predictions")
     p.set_defaults(run=_evaluate_preds)
 
-    p = sub.add_parser("train-controlnet", help="stage 1 / stage 2: train the landmark ControlNet (Ray Train)")
+    p = sub.add_parser("train-controlnet", parents=[common], help="stage 1 / stage 2: train the landmark ControlNet (Ray Train)")
     p.add_argument("--config", help="YAML file, or a shipped one: stage1, stage2, tiny-stage1, tiny-stage2")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--set", **SET)
     p.add_argument("--local", action="store_true", help="run train_func in this process, without Ray (debugging)")
     p.set_defaults(run=_train_controlnet)
 
-    p = sub.add_parser("train-detector", help="fine-tune the STAR detector on shards (Ray Train + DeepSpeed)")
+    p = sub.add_parser("train-detector", parents=[common], help="fine-tune the STAR detector on shards (Ray Train + DeepSpeed)")
     p.add_argument("--config", help="YAML file, or a shipped one: finetune, tiny")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--set", **SET)
     p.add_argument("--local", action="store_true", help="run train_func in this process, without Ray (debugging)")
     p.set_defaults(run=_train_detector)
 
@@ -195,21 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(run=_evaluate)
 
-    p = sub.add_parser("generate", help="the synthetic set: edited landmarks x style prompts -> shards (Ray Data)")
+    p = sub.add_parser("generate", parents=[common], help="the synthetic set: edited landmarks x style prompts -> shards (Ray Data)")
     p.add_argument("--config", help="YAML file of GenerateConfig fields, or the shipped `generate`")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--set", **SET)
     p.set_defaults(run=_generate)
 
-    p = sub.add_parser("serve", help="host a detector checkpoint over HTTP with Ray Serve")
+    p = sub.add_parser("serve", parents=[common], help="host a detector checkpoint over HTTP with Ray Serve")
     p.add_argument("--detector", required=True, help="detector checkpoint (.pkl), local or s3://")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="ServeConfig fields (max_batch_size, batch_wait_timeout_s, max_bytes, max_pixels, use_gpu, "
-                        "cuda_graphs, ...) and num_replicas / autoscaling_config / ray_actor_options")
+    p.add_argument("--set", **{**SET,
+                   "help": "ServeConfig fields (max_batch_size, batch_wait_timeout_s, max_bytes, max_pixels, use_gpu, "
+                        "cuda_graphs, ...) and num_replicas / autoscaling_config / ray_actor_options"})
     p.set_defaults(run=_serve)
 
-    p = sub.add_parser("bench", help="speed against a named baseline, in the same process")
+    p = sub.add_parser("bench", parents=[common], help="speed against a named baseline, in the same process")
     bench = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     # Defaults are the issues' GPU settings; CPU smoke runs pass --preset tiny / --arch tiny and smaller sizes.
     b = bench.add_parser("train", help="ControlNet training step vs a plain bf16-autocast loop")
@@ -258,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mdland.demo import DemoSize
 
-    p = sub.add_parser("demo", help="run the pipeline on the embedded default and write a report")
+    p = sub.add_parser("demo", parents=[common], help="run the pipeline on the embedded default and write a report")
     p.add_argument("--out", default="demo-report")
     p.add_argument("--storage", default="demo-data", help="local folder or s3://bucket/prefix for the data")
     p.add_argument("--train", type=int, default=DemoSize.train, help="procedural faces to learn from")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mdland.config import check_counts
 from mdland.data import storage
 from mdland.data.ingest import ingest
 from mdland.data.preview import write_preview
@@ -96,8 +97,12 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
     from mdland.generation.pipeline import run_generation
     from mdland.generation.plan import DEFAULT_STYLES, GenerateConfig, load_styles
 
-    t0 = time.time()
     s = sizes
+    check_counts(s, ("train", "test", "size", "controlnet_steps", "styles", "images_per_style", "sampling_steps",
+                     "detector_epochs"))
+    if s.styles > len(load_styles(DEFAULT_STYLES)):
+        raise ValueError(f"styles: at most {len(load_styles(DEFAULT_STYLES))} (the shipped styles), got {s.styles}")
+    t0 = time.time()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     root = storage.absolute(storage_root)

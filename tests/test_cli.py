@@ -99,3 +99,32 @@ def test_a_malformed_override_is_a_clear_error(capsys, tmp_path):
     (tmp_path / "list.yaml").write_text("- epochs: 3\n")
     assert main(["train-detector", "--config", str(tmp_path / "list.yaml")]) == 2
     assert "list.yaml: expected a mapping of config keys, got a list" in capsys.readouterr().err
+    assert main(["train-detector", "--config", "tiny", "--set", "data=[a"]) == 2  # not a YAML traceback
+    assert "override 'data=[a': not a YAML value" in capsys.readouterr().err
+
+
+def test_repeated_set_options_all_apply_and_the_log_level_goes_either_side_of_the_stage():
+    from mdland.cli import build_parser
+
+    args = build_parser().parse_args(["train-controlnet", "--set", "max_steps=5", "--set", "name=x", "y=1",
+                                      "--log-level", "debug"])
+    assert args.set == ["max_steps=5", "name=x", "y=1"] and args.log_level == "DEBUG"  # as jobs/*.py pass it
+    assert build_parser().parse_args(["--log-level", "warning", "render", "a", "b"]).log_level == "WARNING"
+    out = run_cli("--log-level", "verbose", "render", "a", "b")
+    assert out.returncode == 2 and "invalid choice: 'VERBOSE'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_out_of_range_sizes_fail_before_any_work(tmp_path, capsys):
+    from mdland.detector.model import ARCHS, STARNet
+    from mdland.detector.checkpoint import save_checkpoint
+
+    for flag, value, message in [("--styles", "0", "styles: must be at least 1, got 0"),
+                                 ("--styles", "26", "styles: at most 25"),
+                                 ("--epochs", "0", "detector_epochs: must be at least 1")]:
+        assert main(["demo", "--storage", str(tmp_path / "data"), "--out", str(tmp_path / "r"), flag, value]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "r").exists()
+    save_checkpoint(STARNet(ARCHS["tiny"]), str(tmp_path / "d.pkl"))
+    assert main(["evaluate", "--detector", str(tmp_path / "d.pkl"), "--data", str(tmp_path), "--batch-size",
+                 "0", "--out", str(tmp_path / "eval")]) == 2
+    assert "batch_size: must be at least 1, got 0" in capsys.readouterr().err

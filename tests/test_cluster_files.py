@@ -1,6 +1,7 @@
 """No cluster runs here, so the cluster files are checked for what would break a launch: they parse, name the
 fields their tools require, use one image, ask for GPUs, and point at entrypoints and configs that exist."""
 
+import json
 import shlex
 from pathlib import Path
 
@@ -37,8 +38,6 @@ def check_entrypoint(command: str) -> None:
 
 
 def test_launcher_config():
-    import json
-
     import jsonschema
     import ray.autoscaler
 
@@ -51,8 +50,14 @@ def test_launcher_config():
     assert c["head_node_type"] in nodes
     gpu = {name: n for name, n in nodes.items() if n["resources"].get("GPU")}
     assert {"g5", "p4d", "p5"} <= {name.split("-")[-1] for name in gpu}
-    for n in nodes.values():
+    for name, n in nodes.items():
         assert n["node_config"]["InstanceType"]
+        # Ray's fallback image is Ubuntu 18.04, and it gives its default role (S3 access) to the head alone.
+        assert n["node_config"]["ImageId"] == nodes[c["head_node_type"]]["node_config"]["ImageId"], name
+        assert n["node_config"]["IamInstanceProfile"]["Name"] == ("mdland-head" if name == c["head_node_type"]
+                                                                  else "mdland-nodes")
+    terraform = (ROOT / "infra" / "terraform" / "main.tf").read_text()
+    assert 'output "node_ami"' in terraform and 'resource "aws_iam_instance_profile"' in terraform
     setup = " ".join(c["setup_commands"])
     assert "torch==2.13.0" in setup and "constraints.txt" in setup and "pip install" in setup
     assert c["docker"]["image"] == IMAGE
@@ -74,6 +79,9 @@ def test_kuberay_manifests(path):
     assert spec["authOptions"] == {"mode": "token"}
     assert not [e for c in containers(spec) for e in c.get("env", []) if e["name"].startswith("RAY_AUTH")]
     assert {c["image"] for c in containers(spec)} == {IMAGE}
+    # Credentials from a secret, optional so pods also start where IRSA gives them (EKS).
+    assert {json.dumps(e, sort_keys=True) for c in containers(spec) for e in c["envFrom"]} == {
+        json.dumps({"secretRef": {"name": "mdland-s3", "optional": True}}, sort_keys=True)}
     workers = [c for g in spec["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]
     assert all(c["resources"]["limits"]["nvidia.com/gpu"] for c in workers)
     if m["kind"] == "RayJob":

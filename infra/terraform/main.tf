@@ -1,7 +1,8 @@
 # The buckets the shipped configs name (mdland-data: shards; mdland-runs: checkpoints, exports, reports;
 # mdland-models: SD 1.x and STAR weights) and the IAM policy mdland's jobs need.
 #   terraform init && terraform apply            # or -var prefix=acme-mdland, and the same prefix in the configs
-# Attach `mdland_jobs` to the nodes' instance role (cluster launcher: IamInstanceProfile; EKS: IRSA).
+# The cluster launcher's nodes get their instance profiles (<prefix>-head, <prefix>-nodes) and ImageId (`node_ami`)
+# from here (cluster/aws-gpu.yaml); on EKS attach `policy_arn` to the pods' service account (IRSA) instead.
 terraform {
   required_providers {
     aws = { source = "hashicorp/aws", version = ">= 5.0" }
@@ -79,6 +80,76 @@ data "aws_iam_policy_document" "mdland_jobs" {
 resource "aws_iam_policy" "mdland_jobs" {
   name   = "${var.prefix}-jobs"
   policy = data.aws_iam_policy_document.mdland_jobs.json
+}
+
+# Instance roles for the Ray cluster launcher: workers read and write the buckets; the head also launches and stops
+# workers, handing them the workers' role.
+data "aws_iam_policy_document" "ec2_assume" {
+  statement {
+    actions = ["sts:AssumeRole"]
+    principals {
+      type        = "Service"
+      identifiers = ["ec2.amazonaws.com"]
+    }
+  }
+}
+
+resource "aws_iam_role" "mdland" {
+  for_each           = toset(["head", "nodes"])
+  name               = "${var.prefix}-${each.key}"
+  assume_role_policy = data.aws_iam_policy_document.ec2_assume.json
+}
+
+resource "aws_iam_role_policy_attachment" "jobs" {
+  for_each   = aws_iam_role.mdland
+  role       = each.value.name
+  policy_arn = aws_iam_policy.mdland_jobs.arn
+}
+
+resource "aws_iam_role_policy_attachment" "head_ec2" {
+  role       = aws_iam_role.mdland["head"].name
+  policy_arn = "arn:aws:iam::aws:policy/AmazonEC2FullAccess"
+}
+
+data "aws_iam_policy_document" "pass_nodes_role" {
+  statement {
+    actions   = ["iam:PassRole"]
+    resources = [aws_iam_role.mdland["nodes"].arn]
+  }
+}
+
+resource "aws_iam_role_policy" "head_pass_role" {
+  name   = "pass-node-roles"
+  role   = aws_iam_role.mdland["head"].name
+  policy = data.aws_iam_policy_document.pass_nodes_role.json
+}
+
+resource "aws_iam_instance_profile" "mdland" {
+  for_each = aws_iam_role.mdland
+  name     = each.value.name
+  role     = each.value.name
+}
+
+# The newest NVIDIA-driver Deep Learning base AMI (Docker and the NVIDIA container toolkit included) in the region.
+data "aws_ami" "node" {
+  most_recent = true
+  owners      = ["amazon"]
+  filter {
+    name   = "name"
+    values = ["Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"]
+  }
+  filter {
+    name   = "architecture"
+    values = ["x86_64"]
+  }
+}
+
+output "instance_profiles" {
+  value = { for k, p in aws_iam_instance_profile.mdland : k => p.name }
+}
+
+output "node_ami" {
+  value = data.aws_ami.node.id
 }
 
 output "buckets" {

@@ -116,7 +116,8 @@ def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], ou
     from mdland.session import pick_device
 
     check_threshold(threshold)
-
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
     net = load_detector(detector, device=pick_device(use_gpu=True)).eval()  # fp32, on a GPU when there is one
     rows, curves = [], {}
     with storage.staged_folder(out) as out_dir:
