@@ -184,6 +184,8 @@ def deepspeed_engine(model: torch.nn.Module, *, batch_size: int, optimizer: dict
         "optimizer": {"type": "Adam", "params": {**params, "torch_adam": True, "adam_w_mode": kind == "AdamW",
                                                  "fused": on_gpu}},
         "steps_per_print": 10**9,
+        # Its throughput timer synchronises the device at each forward and step; mdland logs samples/s itself.
+        "timers": {"throughput": {"enabled": False}},
     }
     if bf16 and zero_stage > 0:
         config["data_types"] = {"grad_accum_dtype": "fp32"}

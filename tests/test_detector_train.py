@@ -142,3 +142,4 @@ def test_the_engine_runs_its_own_bf16_autocast_over_fp32_weights():
     assert out.fusionmaps[-1].dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in engine.module.parameters())
     assert all(b.dtype == torch.float32 for n, b in engine.module.named_buffers() if "running" in n)
+    assert not engine.tput_timer.config.enabled  # it would wait for the device twice a step

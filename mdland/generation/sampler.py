@@ -64,7 +64,9 @@ class LandmarkSampler:
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         latents = self.initial_noise(generators, h, w)
         self.scheduler.set_timesteps(self.steps, device=self.device)
-        for t in self.scheduler.timesteps:
+        # DDIM's step indexes its CPU tables with the timestep: given the GPU tensor, it would wait for the device
+        # three times a step; the networks take the tensor.
+        for t, step in zip(self.scheduler.timesteps, self.scheduler.timesteps.tolist()):
             model_in = torch.cat([latents, latents]) if self.guided else latents
             model_in = self.scheduler.scale_model_input(model_in, t)
             down, mid = self.controlnet(model_in, t, encoder_hidden_states=hidden, controlnet_cond=image,
@@ -78,16 +80,16 @@ class LandmarkSampler:
             if self.eta > 0:
                 noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g, dtype=torch.float32)
                                    for g in generators]).to(self.device, self.dtype)
-            latents = self.scheduler.step(pred, t, latents, eta=self.eta, variance_noise=noise, return_dict=False)[0]
+            latents = self.scheduler.step(pred, step, latents, eta=self.eta, variance_noise=noise,
+                                          return_dict=False)[0]
         return self.decode(latents)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        out = []
-        for chunk in latents.split(self.vae_batch):
-            images = self.vae.decode(chunk / self.vae.config.scaling_factor, return_dict=False)[0]
-            out.append((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy())
-        return np.concatenate(out)
+        """Latents -> (B, H, W, 3) float images in [0, 1], decoded `vae_batch_size` at a time, copied back once."""
+        sf = self.vae.config.scaling_factor
+        images = torch.cat([self.vae.decode(c / sf, return_dict=False)[0] for c in latents.split(self.vae_batch)])
+        return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
