@@ -154,9 +154,11 @@ class LandmarkService:
         self.failure: str | None = None
         self.pending: list[tuple[tuple[np.ndarray, np.ndarray], asyncio.Future]] = []
         self.forward_task: asyncio.Task | None = None
-        # Warmed up before the replica reports healthy, so no request pays for it.
-        self.net, self.dtype = serving_detector(self.cfg.detector, pick_device(self.cfg.use_gpu),
-                                                self.cfg.max_batch_size, self.cfg.cuda_graphs)
+        # Warmed up before the replica reports healthy, so no request pays for it; in the forward thread, as cuDNN
+        # keeps the kernels it picked per thread.
+        self.net, self.dtype = self.forward_pool.submit(serving_detector, self.cfg.detector,
+                                                        pick_device(self.cfg.use_gpu), self.cfg.max_batch_size,
+                                                        self.cfg.cuda_graphs).result()
         self.enqueue.set_max_batch_size(self.cfg.max_batch_size)
         self.enqueue.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
