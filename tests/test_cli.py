@@ -77,6 +77,10 @@ def test_evaluate_preds_hand_computed(tmp_path, capsys):
     writer.close()
     assert main(["evaluate-preds", str(pred_dir), str(tmp_path / "ds"), "--out", str(tmp_path / "ev2")]) == 0
     assert json.loads((tmp_path / "ev2" / "metrics.json").read_text())["nme"] == pytest.approx(result["nme"])
+    # Two landmark files for one face: refused, not one picked.
+    write_pts(pred_dir / f"{faces[0].key}.pts", faces[0].landmarks + [5, 0])
+    assert main(["evaluate-preds", str(pred_dir), str(gt_dir)]) == 2
+    assert f"{faces[0].key}.txt: a second landmark file for key '{faces[0].key}'" in capsys.readouterr().err
 
 
 def test_bad_input_exits_2_with_a_message(tmp_path):

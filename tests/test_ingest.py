@@ -103,6 +103,16 @@ def test_star_tsv_uses_its_own_crop(tmp_path):
     # margin 1.6 around the landmarks: the face spans 128 / 1.6 = 80 px along its longer side.
     assert np.ptp(pts[0], axis=0).max() == pytest.approx(80, abs=0.5)
 
+    # STAR's own TSVs name images under their rawImages folder, some with Windows separators, as STAR reads them.
+    (tmp_path / "300W").mkdir()
+    for i, row in enumerate(rows):
+        (tmp_path / row.image_path).rename(tmp_path / "300W" / row.image_path)
+        row.image_path = (".\\rawImages\\300W\\" if i == 0 else "./rawImages/300W/") + row.image_path
+    write_star_tsv(tmp_path / "star.tsv", rows)
+    manifest = ingest("star-tsv", tmp_path / "star.tsv", str(tmp_path / "star"), size=128)
+    assert manifest["count"] == 2
+    assert read_dataset(str(tmp_path / "star")).column("key").to_pylist() == ["face0-0", "face1-1"]
+
 
 def test_bad_inputs_fail_by_name_or_are_skipped(tmp_path):
     src, faces = artface_folder(tmp_path, 3, points=False)
@@ -211,3 +221,13 @@ def test_a_swap_cut_short_is_refused_by_readers_and_redone(tmp_path, monkeypatch
     assert read_dataset(dest).column("source").to_pylist() == ["new"] * 3
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "manifest.json", "shard-000000.parquet", "shard-000001.parquet", "shard-000002.parquet"]
+
+
+def test_16_bit_grey_images_keep_their_tones(tmp_path):
+    from mdland.data.ingest import load_image
+
+    ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (8, 1))
+    Image.fromarray(ramp).save(tmp_path / "scan.png")
+    image = load_image(tmp_path / "scan.png")
+    assert image.shape == (8, 32, 3) and image.dtype == np.uint8
+    np.testing.assert_allclose(image[0, :, 1], ramp[0] / 257, atol=1)  # not clipped to white

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from PIL import Image, UnidentifiedImageError
 
 from mdland.data import storage
-from mdland.data.shards import MANIFEST, SWAPPING, Face, ShardWriter, encode_image
+from mdland.data.shards import MANIFEST, SWAPPING, Face, ShardWriter, encode_image, rgb_array
 from mdland.landmarks.align import crop_face, crop_from_landmarks
 from mdland.landmarks.io import read_ffhq_json, read_pts, read_star_tsv, read_txt
 from mdland.log import get_logger
@@ -47,7 +47,8 @@ def _by_stem(root: Path, suffixes: set[str]) -> dict[str, Path]:
     for path in sorted(root.rglob("*")):
         if path.suffix.lower() in suffixes and path.is_file():
             if path.stem in found:
-                raise ValueError(f"{path}: name clashes with {found[path.stem]} (pairing is by file name stem)")
+                raise ValueError(f"{path}: name clashes with {found[path.stem]} (pairing is by file name stem: "
+                                 "ingest such folders one at a time)")
             found[path.stem] = path
     return found
 
@@ -97,15 +98,24 @@ def iter_samples(fmt: str, src: str | Path, skip_bad: bool = False, ffhq_variant
     else:
         base = Path(image_dir) if image_dir else src.parent
         for i, row in enumerate(read_star_tsv(src)):
-            yield Sample(f"{Path(row.image_path).stem}-{i}", base / row.image_path, row.landmarks,
-                         (row.center, row.scale))
+            path = star_image_path(row.image_path)
+            yield Sample(f"{Path(path).stem}-{i}", base / path, row.landmarks, (row.center, row.scale))
+
+
+def star_image_path(path: str) -> str:
+    """A STAR TSV's image path as STAR's loader reads it: `/` separators, and relative to the image folder where
+    STAR's files name their own `rawImages` folder (`./rawImages/...`, or a network share for WFLW's test set)."""
+    path = path.replace("\\", "/")
+    if path.startswith(("./rawImages/", "//")) and "rawImages/" in path:
+        path = path.split("rawImages/", 1)[1]
+    return path
 
 
 def load_image(path: Path) -> np.ndarray:
     """An image file as (H, W, 3) uint8 RGB, or a ValueError naming the file."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return rgb_array(im)
     except FileNotFoundError:
         raise ValueError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:

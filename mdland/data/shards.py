@@ -60,13 +60,22 @@ def encode_image(image: np.ndarray | Image.Image, fmt: str = "PNG", quality: int
     return buf.getvalue()
 
 
+def rgb_array(im: Image.Image) -> np.ndarray:
+    """An opened image as (H, W, 3) uint8 RGB. 16-bit grey is scaled to 8 bits: PIL's RGB conversion clips it, which
+    turns nearly every pixel white."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L"):
+        grey = np.clip(np.asarray(im, dtype=np.float64) / 257, 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
+
+
 def decode_image(data: bytes, where: str = "image") -> np.ndarray:
     """Encoded bytes -> (H, W, 3) uint8 RGB, or a ShardError naming `where`."""
     if not data:
         raise ShardError(f"{where}: empty image bytes")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
+            return rgb_array(im)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ShardError(f"{where}: image does not decode ({e})") from None
 

@@ -29,8 +29,12 @@ def read_landmark_set(path: str) -> dict[str, np.ndarray]:
             raise ValueError(f"{p}: expected an (N, 68, 2) array, got shape {arr.shape}")
         return {str(i): a.astype(np.float32) for i, a in enumerate(arr)}
     if p.is_dir() and any(f.suffix.lower() in LANDMARK_SUFFIXES for f in p.iterdir()):
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in LANDMARK_SUFFIXES)
-        return {f.stem: read_landmark_file(f) for f in files}
+        found: dict[str, np.ndarray] = {}
+        for f in sorted(f for f in p.iterdir() if f.suffix.lower() in LANDMARK_SUFFIXES):
+            if f.stem in found:  # a.pts and a.txt: which is the face's is not for a reader to guess
+                raise ValueError(f"{f}: a second landmark file for key {f.stem!r}")
+            found[f.stem] = read_landmark_file(f)
+        return found
     table = read_dataset(path)
     return dict(zip(table.column("key").to_pylist(), landmarks_array(table)))
 

@@ -152,6 +152,14 @@ def five_points(points: np.ndarray) -> np.ndarray:
     return np.stack([left, right, points[30], points[48], points[54]]).astype(np.float32)
 
 
+def _numbers(text: str) -> bool:
+    try:
+        [float(v) for v in text.split(",")]
+    except ValueError:
+        return False
+    return True
+
+
 def _floats(text: str, count: int, where: str) -> np.ndarray:
     try:
         values = np.asarray([float(v) for v in text.split(",")], dtype=np.float32)
@@ -167,7 +175,8 @@ def _floats(text: str, count: int, where: str) -> np.ndarray:
 def read_star_tsv(path: str | Path) -> list[StarRow]:
     """STAR's annotation TSV: image path, 5 points, 68 points, scale (face size / 200), centre x, centre y.
 
-    STAR reads these with a header row (pandas' default); a file without one is read too.
+    STAR reads these with a header row (pandas' default): a first row whose landmarks are not numbers is taken for
+    one, whatever its names; a file without one is read whole.
     """
     lines = _read_text(path)
     rows = []
@@ -175,7 +184,7 @@ def read_star_tsv(path: str | Path) -> list[StarRow]:
         if not line.strip():
             continue
         fields = line.rstrip("\n").split("\t")
-        if i == 0 and fields[:3] == STAR_TSV_HEADER[:3]:
+        if i == 0 and len(fields) > 2 and not _numbers(fields[2]):
             continue
         where = f"{path}:{i + 1}"
         if len(fields) < 6:

@@ -33,6 +33,7 @@ from ray import serve
 
 from mdland.config import check_counts, from_dict
 from mdland.data import storage
+from mdland.data.shards import rgb_array
 from mdland.detector.checkpoint import load_detector
 from mdland.detector.inference import CudaGraphDetector, predict_crops, serving_detector
 from mdland.landmarks.align import crop_from_box, crop_matrix, warp_image
@@ -72,11 +73,7 @@ def decode_upload(data: bytes, limits: ServeConfig, what: str = "image") -> np.n
             if im.width * im.height > limits.max_pixels:
                 raise BadInput(413, f"{what}: {im.width}x{im.height} pixels is over the {limits.max_pixels}-pixel limit")
             # Points are given in the image as viewers show it: phone photos store it sideways with an EXIF turn.
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: RGB conversion would clip it to white
-                grey = np.clip(np.asarray(im, dtype=np.float64) / 257, 0, 255).astype(np.uint8)
-                return np.repeat(grey[..., None], 3, axis=2)
-            return np.asarray(im.convert("RGB"))
+            return rgb_array(ImageOps.exif_transpose(im))
     except BadInput:
         raise
     except Image.DecompressionBombError:
