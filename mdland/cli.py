@@ -49,9 +49,9 @@ def _serve(a: argparse.Namespace) -> None:
     args = {"detector": a.detector, **parse_overrides(a.set)}
     from ray import serve
 
-    url = start_server(args, a.host, a.port)
-    print(f"serving {a.detector} at {url}/v1/landmarks (docs: {url}/docs); Ctrl-C stops", flush=True)
-    try:
+    try:  # Ctrl-C, while Serve starts too
+        url = start_server(args, a.host, a.port)
+        print(f"serving {a.detector} at {url}/v1/landmarks (docs: {url}/docs); Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -132,3 +132,40 @@ def test_out_of_range_sizes_fail_before_any_work(tmp_path, capsys):
     assert main(["evaluate", "--detector", str(tmp_path / "d.pkl"), "--data", str(tmp_path), "--batch-size",
                  "0", "--out", str(tmp_path / "eval")]) == 2
     assert "batch_size: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_serve_answers_then_stops_cleanly_on_ctrl_c(tmp_path):
+    import signal
+    import socket
+    import time
+
+    import requests
+
+    from mdland.detector.checkpoint import save_checkpoint
+    from mdland.detector.model import ARCHS, STARNet
+
+    save_checkpoint(STARNet(ARCHS["tiny"]), str(tmp_path / "d.pkl"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mdland", "serve", "--detector", str(tmp_path / "d.pkl"), "--port",
+                             str(port), "--set", "max_batch_size=2", "--set", "decode_threads=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(2)
+        model = requests.get(f"http://127.0.0.1:{port}/v1/model", timeout=30).json()
+        assert model["max_batch_size"] == 2  # both --set options applied
+        proc.send_signal(signal.SIGINT)  # healthy: serve.run may still be waiting for the app to report running
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
