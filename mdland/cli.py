@@ -55,7 +55,10 @@ def _serve(a: argparse.Namespace) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
+        import ray
+
+        if ray.is_initialized():  # else shutdown would start a Ray only to find no Serve
+            serve.shutdown()
 
 
 def _generate(a: argparse.Namespace) -> None:
@@ -135,7 +138,7 @@ def _demo(a: argparse.Namespace) -> None:
 
 
 # Repeatable, each adding to the list: `--set a=1 --set b=2` sets both.
-SET = dict(action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
+SET_OPTION = dict(action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -179,26 +182,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--condition", action="store_true", help="also show each face's condition image")
     p.set_defaults(run=_render)
 
-    p = sub.add_parser("evaluate-preds", parents=[metric_options], help="NME / FR / AUC and a CED plot from prediction and truth files")
+    p = sub.add_parser("evaluate-preds", parents=[metric_options],
+                       help="NME / FR / AUC and a CED plot from prediction and truth files")
     p.add_argument("pred", help="folder of .pts/.txt, an (N,68,2) .npy, or a shard dataset")
     p.add_argument("gt", help="same kinds as PRED; faces are paired by key (file stem, row index, `key` column)")
     p.add_argument("--out", help="folder for metrics.json, metrics.md and ced.png")
     p.add_argument("--name", default="predictions")
     p.set_defaults(run=_evaluate_preds)
 
-    p = sub.add_parser("train-controlnet", parents=[common], help="stage 1 / stage 2: train the landmark ControlNet (Ray Train)")
+    p = sub.add_parser("train-controlnet", parents=[common],
+                       help="stage 1 / stage 2: train the landmark ControlNet (Ray Train)")
     p.add_argument("--config", help="YAML file, or a shipped one: stage1, stage2, tiny-stage1, tiny-stage2")
-    p.add_argument("--set", **SET)
+    p.add_argument("--set", **SET_OPTION)
     p.add_argument("--local", action="store_true", help="run train_func in this process, without Ray (debugging)")
     p.set_defaults(run=_train_controlnet)
 
-    p = sub.add_parser("train-detector", parents=[common], help="fine-tune the STAR detector on shards (Ray Train + DeepSpeed)")
+    p = sub.add_parser("train-detector", parents=[common],
+                       help="fine-tune the STAR detector on shards (Ray Train + DeepSpeed)")
     p.add_argument("--config", help="YAML file, or a shipped one: finetune, tiny")
-    p.add_argument("--set", **SET)
+    p.add_argument("--set", **SET_OPTION)
     p.add_argument("--local", action="store_true", help="run train_func in this process, without Ray (debugging)")
     p.set_defaults(run=_train_detector)
 
-    p = sub.add_parser("evaluate", parents=[metric_options], help="NME / FR@10%% / AUC@10%%, CED plot and overlays of a detector on eval sets")
+    p = sub.add_parser("evaluate", parents=[metric_options],
+                       help="NME / FR@10%% / AUC@10%%, CED plot and overlays of a detector on eval sets")
     p.add_argument("--detector", required=True, help="detector checkpoint (.pkl: STAR's or mdland's), local or s3://")
     p.add_argument("--data", required=True, action="append", metavar="[NAME=]PATH",
                    help="an evaluation set: shard dataset, or a raw folder with --format (repeatable)")
@@ -208,16 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(run=_evaluate)
 
-    p = sub.add_parser("generate", parents=[common], help="the synthetic set: edited landmarks x style prompts -> shards (Ray Data)")
+    p = sub.add_parser("generate", parents=[common],
+                       help="the synthetic set: edited landmarks x style prompts -> shards (Ray Data)")
     p.add_argument("--config", help="YAML file of GenerateConfig fields, or the shipped `generate`")
-    p.add_argument("--set", **SET)
+    p.add_argument("--set", **SET_OPTION)
     p.set_defaults(run=_generate)
 
     p = sub.add_parser("serve", parents=[common], help="host a detector checkpoint over HTTP with Ray Serve")
     p.add_argument("--detector", required=True, help="detector checkpoint (.pkl), local or s3://")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--set", **{**SET,
+    p.add_argument("--set", **{**SET_OPTION,
                    "help": "ServeConfig fields (max_batch_size, batch_wait_timeout_s, max_bytes, max_pixels, use_gpu, "
                         "cuda_graphs, ...) and num_replicas / autoscaling_config / ray_actor_options"})
     p.set_defaults(run=_serve)
@@ -225,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", parents=[common], help="speed against a named baseline, in the same process")
     bench = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     # Defaults are the issues' GPU settings; CPU smoke runs pass --preset tiny / --arch tiny and smaller sizes.
-    b = bench.add_parser("train", help="ControlNet training step vs a plain bf16-autocast loop")
+    b = bench.add_parser("train", parents=[common], help="ControlNet training step vs a plain bf16-autocast loop")
     b.add_argument("--preset", default="sd15", help="model size: sd15 (GPU) or tiny (a CPU smoke run)")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--resolution", type=int, default=256)
@@ -236,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cache-latents", action=argparse.BooleanOptionalAction, default=True,
                    help="step on cached VAE latents, as Ray Train runs do (config `cache_latents`)")
     b.add_argument("--profile", metavar="PATH", help="also profile 3 steps: PATH.txt (operators by time), PATH.json.gz")
-    b = bench.add_parser("generate", help="mdland's sampler (and Ray Data pipeline) vs the stock diffusers pipeline")
+    b = bench.add_parser("generate", parents=[common],
+                             help="mdland's sampler (and Ray Data pipeline) vs the stock diffusers pipeline")
     b.add_argument("--preset", default="sd15", help="model size: sd15 (GPU) or tiny (a CPU smoke run)")
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--resolution", type=int, default=256)
@@ -248,18 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pipeline", action="store_true", help="also time the Ray Data pipeline")
     b.add_argument("--pipeline-images", type=int, default=512)
     b.add_argument("--profile", metavar="PATH", help="also profile a 3-step batch: PATH.txt, PATH.json.gz (a trace)")
-    b = bench.add_parser("detector", help="batched and single-image inference of the STAR network")
+    b = bench.add_parser("detector", parents=[common],
+                             help="batched and single-image inference of the STAR network")
     b.add_argument("--arch", default="star-300w", help="star-300w or tiny")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--repeats", type=int, default=5, help="timed batches")
     b.add_argument("--warmup", type=int, default=2, help="untimed batches first")
-    b = bench.add_parser("serve", help="HTTP through Ray Serve vs in-process batched inference")
+    b = bench.add_parser("serve", parents=[common],
+                             help="HTTP through Ray Serve vs in-process batched inference")
     b.add_argument("--arch", default="star-300w", help="star-300w or tiny")
     b.add_argument("--batch-size", type=int, default=16, help="max_batch_size of the replica and the in-process batch")
     b.add_argument("--requests", type=int, default=200, help="requests in the load run")
     b.add_argument("--clients", type=int, help="concurrent clients (default: twice the batch size per replica)")
     b.add_argument("--replicas", type=int, default=1, help="replicas sharing the device")
-    b = bench.add_parser("write", help="the generation pipeline's shard assembler and PNG encoding, images/s on CPU")
+    b = bench.add_parser("write", parents=[common],
+                             help="the generation pipeline's shard assembler and PNG encoding, images/s on CPU")
     b.add_argument("--images", default="faces", choices=["faces", "noise"], help="what the 256x256 PNGs hold")
     b.add_argument("--count", type=int, default=4000)
     b.add_argument("--rows-per-shard", type=int, default=1000)

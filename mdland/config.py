@@ -63,12 +63,16 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     return cls(**{k: _coerce(v, hints[k], f"{where}: {k}") for k, v in data.items()})
 
 
+def check_count(name: str, value: int | None) -> None:
+    """Fail naming the count `name` when it is below 1 (None is unset and passes)."""
+    if value is not None and value < 1:
+        raise ValueError(f"{name}: must be at least 1, got {value}")
+
+
 def check_counts(cfg, names: tuple[str, ...]) -> None:
-    """Fail naming the first of `cfg`'s count fields `names` below 1 (a field left None is unset and passes)."""
+    """`check_count` for each of `cfg`'s count fields `names`, in order."""
     for name in names:
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise ValueError(f"{name}: must be at least 1, got {value}")
+        check_count(name, getattr(cfg, name))
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

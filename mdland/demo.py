@@ -100,8 +100,9 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
     s = sizes
     check_counts(s, ("train", "test", "size", "controlnet_steps", "styles", "images_per_style", "sampling_steps",
                      "detector_epochs"))
-    if s.styles > len(load_styles(DEFAULT_STYLES)):
-        raise ValueError(f"styles: at most {len(load_styles(DEFAULT_STYLES))} (the shipped styles), got {s.styles}")
+    shipped = load_styles(DEFAULT_STYLES)
+    if s.styles > len(shipped):
+        raise ValueError(f"styles: at most {len(shipped)} (the shipped styles), got {s.styles}")
     t0 = time.time()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +150,7 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
                                                     controlnet=stage1["export"], name="stage2"))
     stage("stage 2", t)
 
-    styles = [st["name"] for st in load_styles(DEFAULT_STYLES)[: s.styles]]
+    styles = [st["name"] for st in shipped[: s.styles]]
     log.info("[4/8] generate: %d styles x %d edited landmark sets (Ray Data, generation actors)", len(styles),
              s.images_per_style)
     t = time.time()

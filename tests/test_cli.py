@@ -80,7 +80,7 @@ def test_evaluate_preds_hand_computed(tmp_path, capsys):
     # Two landmark files for one face: refused, not one picked.
     write_pts(pred_dir / f"{faces[0].key}.pts", faces[0].landmarks + [5, 0])
     assert main(["evaluate-preds", str(pred_dir), str(gt_dir)]) == 2
-    assert f"{faces[0].key}.txt: a second landmark file for key '{faces[0].key}'" in capsys.readouterr().err
+    assert f"{faces[0].key}.txt: name clashes with {pred_dir / faces[0].key}.pts" in capsys.readouterr().err
 
 
 def test_bad_input_exits_2_with_a_message(tmp_path):
@@ -134,10 +134,27 @@ def test_out_of_range_sizes_fail_before_any_work(tmp_path, capsys):
     assert "batch_size: must be at least 1, got 0" in capsys.readouterr().err
 
 
-def test_serve_answers_then_stops_cleanly_on_ctrl_c(tmp_path):
+def _serve_until(tmp_path, marker: str, port: int) -> tuple[subprocess.Popen, list[str]]:
+    """`mdland serve` in a subprocess, its output collected line by line, once a line holds `marker`."""
+    import threading
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "mdland", "serve", "--detector", str(tmp_path / "d.pkl"),
+                             "--port", str(port), "--set", "max_batch_size=2", "--set", "decode_threads=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    deadline = time.time() + 240
+    while not any(marker in line for line in lines) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "".join(lines)[-3000:]
+    return proc, lines
+
+
+@pytest.mark.parametrize("moment", ["starting", "serving"])
+def test_serve_stops_cleanly_on_ctrl_c(tmp_path, moment):
     import signal
     import socket
-    import time
 
     import requests
 
@@ -148,24 +165,18 @@ def test_serve_answers_then_stops_cleanly_on_ctrl_c(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mdland", "serve", "--detector", str(tmp_path / "d.pkl"), "--port",
-                             str(port), "--set", "max_batch_size=2", "--set", "decode_threads=1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # While serve.run waits for the replica, or once the app is up.
+    marker = "Deploying new version of Deployment" if moment == "starting" else "Ctrl-C stops"
+    proc, lines = _serve_until(tmp_path, marker, port)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(2)
-        model = requests.get(f"http://127.0.0.1:{port}/v1/model", timeout=30).json()
-        assert model["max_batch_size"] == 2  # both --set options applied
-        proc.send_signal(signal.SIGINT)  # healthy: serve.run may still be waiting for the app to report running
-        out, err = proc.communicate(timeout=120)
+        if moment == "serving":
+            model = requests.get(f"http://127.0.0.1:{port}/v1/model", timeout=30).json()
+            assert model["max_batch_size"] == 2  # both --set options applied
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err[-2000:]
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    output = "".join(lines)
+    assert proc.returncode == 0, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output

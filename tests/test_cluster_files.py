@@ -57,7 +57,10 @@ def test_launcher_config():
         assert n["node_config"]["IamInstanceProfile"]["Name"] == ("mdland-head" if name == c["head_node_type"]
                                                                   else "mdland-nodes")
     terraform = (ROOT / "infra" / "terraform" / "main.tf").read_text()
-    assert 'output "node_ami"' in terraform and 'resource "aws_iam_instance_profile"' in terraform
+    # The profile names the launcher config uses are terraform's: <prefix>-head and <prefix>-nodes, prefix mdland.
+    assert 'output "node_ami"' in terraform and 'resource "aws_iam_instance_profile" "mdland"' in terraform
+    assert 'for_each           = toset(["head", "nodes"])' in terraform and '"${var.prefix}-${each.key}"' in terraform
+    assert 'default     = "mdland"' in terraform
     setup = " ".join(c["setup_commands"])
     assert "torch==2.13.0" in setup and "constraints.txt" in setup and "pip install" in setup
     assert c["docker"]["image"] == IMAGE
@@ -80,8 +83,7 @@ def test_kuberay_manifests(path):
     assert not [e for c in containers(spec) for e in c.get("env", []) if e["name"].startswith("RAY_AUTH")]
     assert {c["image"] for c in containers(spec)} == {IMAGE}
     # Credentials from a secret, optional so pods also start where IRSA gives them (EKS).
-    assert {json.dumps(e, sort_keys=True) for c in containers(spec) for e in c["envFrom"]} == {
-        json.dumps({"secretRef": {"name": "mdland-s3", "optional": True}}, sort_keys=True)}
+    assert all(c["envFrom"] == [{"secretRef": {"name": "mdland-s3", "optional": True}}] for c in containers(spec))
     workers = [c for g in spec["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]
     assert all(c["resources"]["limits"]["nvidia.com/gpu"] for c in workers)
     if m["kind"] == "RayJob":

@@ -103,11 +103,12 @@ def test_star_tsv_uses_its_own_crop(tmp_path):
     # margin 1.6 around the landmarks: the face spans 128 / 1.6 = 80 px along its longer side.
     assert np.ptp(pts[0], axis=0).max() == pytest.approx(80, abs=0.5)
 
-    # STAR's own TSVs name images under their rawImages folder, some with Windows separators, as STAR reads them.
+    # STAR's own TSVs name images under their rawImages folder (WFLW's test set on a network share), some with
+    # Windows separators: read as STAR reads them.
     (tmp_path / "300W").mkdir()
     for i, row in enumerate(rows):
         (tmp_path / row.image_path).rename(tmp_path / "300W" / row.image_path)
-        row.image_path = (".\\rawImages\\300W\\" if i == 0 else "./rawImages/300W/") + row.image_path
+        row.image_path = (".\\rawImages\\300W\\" if i == 0 else "//share/wflw/rawImages/300W/") + row.image_path
     write_star_tsv(tmp_path / "star.tsv", rows)
     manifest = ingest("star-tsv", tmp_path / "star.tsv", str(tmp_path / "star"), size=128)
     assert manifest["count"] == 2

@@ -100,7 +100,7 @@ def test_star_tsv_round_trip_with_and_without_header(tmp_path):
     five = np.array(lines[1].split("\t")[1].split(","), dtype=float).reshape(5, 2)
     np.testing.assert_allclose(five[2], POINTS[30], atol=1e-3)  # nose tip
     other_names = "\t".join(["path", "five", "points", "s", "x", "y"])  # pandas takes any first row for names
-    for text in (path.read_text(), "\n".join(lines[1:]) + "\n", "\n".join([other_names, *lines[1:]]) + "\n"):
+    for text in (path.read_text(), "\n".join(lines[1:]) + "\n", "\n".join(["", other_names, *lines[1:]]) + "\n"):
         path.write_text(text)
         back = read_star_tsv(path)
         assert [r.image_path for r in back] == ["img/a.jpg", "img/b.jpg"]

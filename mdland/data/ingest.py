@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from mdland.data import storage
 from mdland.data.shards import MANIFEST, SWAPPING, Face, ShardWriter, encode_image, rgb_array
 from mdland.landmarks.align import crop_face, crop_from_landmarks
-from mdland.landmarks.io import read_ffhq_json, read_pts, read_star_tsv, read_txt
+from mdland.landmarks.io import files_by_stem, read_ffhq_json, read_pts, read_star_tsv, read_txt
 from mdland.log import get_logger
 
 log = get_logger(__name__)
@@ -40,17 +40,6 @@ class Sample:
     image_path: Path
     landmarks: np.ndarray
     crop: tuple[tuple[float, float], float] | None = None  # (centre, scale); None: from the landmarks
-
-
-def _by_stem(root: Path, suffixes: set[str]) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() in suffixes and path.is_file():
-            if path.stem in found:
-                raise ValueError(f"{path}: name clashes with {found[path.stem]} (pairing is by file name stem: "
-                                 "ingest such folders one at a time)")
-            found[path.stem] = path
-    return found
 
 
 def skip_or_raise(message: str, skip_bad: bool, skipped: list[str] | None) -> None:
@@ -74,8 +63,8 @@ def iter_samples(fmt: str, src: str | Path, skip_bad: bool = False, ffhq_variant
 
     if fmt in _SIDECAR_READERS:
         readers = _SIDECAR_READERS[fmt]
-        images = _by_stem(src, IMAGE_SUFFIXES)
-        marks = _by_stem(src, set(readers))
+        images = files_by_stem(src, IMAGE_SUFFIXES)
+        marks = files_by_stem(src, set(readers))
         for stem in sorted(marks.keys() - images.keys()):
             try:
                 readers[marks[stem].suffix.lower()](marks[stem])

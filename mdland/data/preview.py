@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mdland.config import check_count
 from mdland.data.ingest import iter_samples, load_image
 from mdland.data.shards import decode_image, landmarks_array, read_shard, shard_uris
 from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
@@ -12,8 +13,7 @@ from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
 
 def preview_pairs(src: str, count: int = 16, fmt: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Up to `count` (image, landmarks) pairs from a shard dataset, one shard file, or a raw folder in `fmt`."""
-    if count < 1:
-        raise ValueError(f"count: must be at least 1, got {count}")
+    check_count("count", count)
     pairs: list[tuple[np.ndarray, np.ndarray]] = []
     if fmt:
         for sample in iter_samples(fmt, src):

@@ -8,11 +8,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from mdland.config import check_count
 from mdland.data import storage
 from mdland.data.ingest import iter_samples, load_image, skip_or_raise
 from mdland.data.shards import decode_image, landmarks_array, read_dataset
 from mdland.detector.metrics import check_threshold, nme, normalising_distance, plot_ced, summarise
-from mdland.landmarks.io import LANDMARK_SUFFIXES, read_landmark_file
+from mdland.landmarks.io import LANDMARK_SUFFIXES, files_by_stem, read_landmark_file
 from mdland.landmarks.render import draw_landmarks, image_grid
 from mdland.log import get_logger
 
@@ -29,12 +30,8 @@ def read_landmark_set(path: str) -> dict[str, np.ndarray]:
             raise ValueError(f"{p}: expected an (N, 68, 2) array, got shape {arr.shape}")
         return {str(i): a.astype(np.float32) for i, a in enumerate(arr)}
     if p.is_dir() and any(f.suffix.lower() in LANDMARK_SUFFIXES for f in p.iterdir()):
-        found: dict[str, np.ndarray] = {}
-        for f in sorted(f for f in p.iterdir() if f.suffix.lower() in LANDMARK_SUFFIXES):
-            if f.stem in found:  # a.pts and a.txt: which is the face's is not for a reader to guess
-                raise ValueError(f"{f}: a second landmark file for key {f.stem!r}")
-            found[f.stem] = read_landmark_file(f)
-        return found
+        files = files_by_stem(p, set(LANDMARK_SUFFIXES), recursive=False)
+        return {stem: read_landmark_file(f) for stem, f in files.items()}
     table = read_dataset(path)
     return dict(zip(table.column("key").to_pylist(), landmarks_array(table)))
 
@@ -120,8 +117,7 @@ def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], ou
     from mdland.session import pick_device
 
     check_threshold(threshold)
-    if batch_size < 1:
-        raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
+    check_count("batch_size", batch_size)
     net = load_detector(detector, device=pick_device(use_gpu=True)).eval()  # fp32, on a GPU when there is one
     rows, curves = [], {}
     with storage.staged_folder(out) as out_dir:

@@ -200,7 +200,9 @@ def probe_batch(cfg: ControlNetTrainConfig, first: pa.Table) -> dict:
     every resume, whatever order the epochs draw. `first`: the data's first shard, already read."""
     tables = [first.select(COLUMNS).slice(0, cfg.batch_size)]
     rows = tables[0].num_rows
-    for uri in [u for d in cfg.data for u in shard_uris(d)][1:]:
+    later = (u for d in cfg.data for u in shard_uris(d))  # listed only as far as the batch needs
+    next(later)
+    for uri in later:
         if rows == cfg.batch_size:
             break
         tables.append(read_shard(uri).select(COLUMNS).slice(0, cfg.batch_size - rows))

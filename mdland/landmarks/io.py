@@ -179,12 +179,15 @@ def read_star_tsv(path: str | Path) -> list[StarRow]:
     one, whatever its names; a file without one is read whole.
     """
     lines = _read_text(path)
-    rows = []
+    rows: list[StarRow] = []
+    first = True
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         fields = line.rstrip("\n").split("\t")
-        if i == 0 and len(fields) > 2 and not _numbers(fields[2]):
+        header = first and len(fields) > 2 and fields[2] != "" and not _numbers(fields[2])
+        first = False
+        if header:
             continue
         where = f"{path}:{i + 1}"
         if len(fields) < 6:
@@ -213,6 +216,18 @@ def write_star_tsv(path: str | Path, rows: list[StarRow]) -> None:
 
 
 LANDMARK_SUFFIXES = {".pts": read_pts, ".txt": read_txt}
+
+
+def files_by_stem(root: Path, suffixes: set[str], recursive: bool = True) -> dict[str, Path]:
+    """Stem -> file for the files under `root` (or in it alone) with one of `suffixes`; images and landmark files
+    pair by stem, so two files with one stem fail, naming both."""
+    found: dict[str, Path] = {}
+    for path in sorted(root.rglob("*") if recursive else root.iterdir()):
+        if path.suffix.lower() in suffixes and path.is_file():
+            if path.stem in found:
+                raise ValueError(f"{path}: name clashes with {found[path.stem]} (files pair by name stem)")
+            found[path.stem] = path
+    return found
 
 
 def read_landmark_file(path: str | Path) -> np.ndarray:
