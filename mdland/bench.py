@@ -21,12 +21,14 @@
 import gc
 import json
 import os
+import statistics
 import time
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
+from mdland.config import check_count
 from mdland.log import get_logger
 from mdland.session import check_precision, pick_device, set_single_process_env, training_dtype
 
@@ -51,6 +53,30 @@ def _timed(step, steps: int, warmup: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def _warmed(make, warmup: int, device: torch.device) -> tuple:
+    """(`make()`'s step after `warmup` calls, the peak GiB it allocated on the GPU above what was there before)."""
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        gc.collect()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    step = make()
+    for _ in range(warmup):
+        step()
+    peak = round((torch.cuda.max_memory_allocated(device) - before) / 2**30, 2) if on_gpu else None
+    return step, peak
+
+
+def _interleaved(steps: dict, calls: int, rounds: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each of `steps` ({name: step}), timed in turns: `rounds` rounds of `calls` calls
+    each, so drift in clocks, heat or memory state falls on every contender alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(_timed(step, calls, 0, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _profile(step, steps: int, path: str, device: torch.device) -> None:
     """`steps` calls of `step` under torch.profiler: a Chrome / Perfetto trace (`path`.json.gz) and the operators by
     their own time on the device (the CPU without a GPU) as a table (`path`.txt)."""
@@ -72,22 +98,10 @@ def _profile(step, steps: int, path: str, device: torch.device) -> None:
     log.info("profile of %d calls: %s.txt, %s.json.gz", steps, path, path)
 
 
-def _peak_and_reset(device: torch.device) -> float | None:
-    """Peak GiB allocated on the GPU since the last reset; then free what the finished run left behind."""
-    if device.type != "cuda":
-        return None
-    gc.collect()
-    peak = torch.cuda.max_memory_allocated(device) / 2**30
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    return round(peak, 2)
-
-
-def _plain_loop_seconds(preset: str, batch: dict, steps: int, warmup: int, device: torch.device,
-                        frozen_dtype: torch.dtype = torch.float32) -> float:
-    """Seconds per step of the textbook loop: fp32 ControlNet, bf16 autocast, AdamW, prompt encoded every step; the
-    frozen VAE, UNet and text encoder in `frozen_dtype` (fp32 in the plain loop, bf16 as diffusers' example has
-    them)."""
+def _plain_loop(preset: str, batch: dict, device: torch.device, frozen_dtype: torch.dtype = torch.float32):
+    """One step of the textbook loop, as a function: fp32 ControlNet, bf16 autocast, AdamW, prompt encoded every
+    step; the frozen VAE, UNet and text encoder in `frozen_dtype` (fp32 in the plain loop, bf16 as diffusers' example
+    has them)."""
     from mdland.diffusion.models import build_controlnet, build_preset
 
     c = build_preset(preset)
@@ -117,16 +131,20 @@ def _plain_loop_seconds(preset: str, batch: dict, steps: int, warmup: int, devic
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _timed(step, steps, warmup, device)
+    return step
 
 
 def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 256, steps: int = 10,
                 warmup: int = 3, compile: bool = False, zero_stage: int = 2, cache_latents: bool = True,
-                profile: str | None = None) -> dict:
-    """With `profile`, three more mdland steps run under torch.profiler (`_profile`)."""
+                profile: str | None = None, rounds: int = 3) -> dict:
+    """The plain loop, diffusers' example's setup and mdland's step, all built at once (about 50 GiB at sd15, batch
+    32), each warmed up with `warmup` steps, then timed in turns: `rounds` rounds of `steps` steps, the median round
+    reported. With `profile`, three more mdland steps run under torch.profiler (`_profile`)."""
     from mdland.diffusion.models import PromptEmbeddings, build_controlnet, build_preset, latent_distribution
     from mdland.diffusion.train import ControlNetTrainConfig, controlnet_engine, diffusion_loss
 
+    check_count("steps", steps)
+    check_count("rounds", rounds)
     device = pick_device(use_gpu=True)  # cuDNN autotuning on for the baseline and mdland alike
     check_precision("auto", zero_stage, device.type == "cuda")  # bf16 needs ZeRO's fp32 master weights
     gen = torch.Generator().manual_seed(0)
@@ -137,60 +155,73 @@ def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 25
     result = {"benchmark": "train", "preset": preset, "device": _device_name(device), "batch_size": batch_size,
               "resolution": resolution, "baseline": "plain PyTorch loop: fp32 weights, bf16 autocast, AdamW"}
 
-    plain = _plain_loop_seconds(preset, batch, steps, warmup, device)
-    result["plain_samples_per_s"] = round(batch_size / plain, 2)
-    result["plain_peak_gib"] = _peak_and_reset(device)
-    log.info("plain loop: %.2f samples/s", batch_size / plain)
+    plain_step, result["plain_peak_gib"] = _warmed(lambda: _plain_loop(preset, batch, device), warmup, device)
     # A second, stronger baseline: diffusers' train_controlnet.py keeps the frozen parts in the training precision.
-    example = _plain_loop_seconds(preset, batch, steps, warmup, device, torch.bfloat16)
+    example_step, result["diffusers_example_peak_gib"] = _warmed(
+        lambda: _plain_loop(preset, batch, device, torch.bfloat16), warmup, device)
+
+    encode = None
+
+    def build_mdland():
+        """The step train_func runs, on the batch as the run's data hands it over."""
+        nonlocal encode
+        set_single_process_env()
+        dtype = training_dtype("auto", device.type == "cuda")
+        c = build_preset(preset)
+        controlnet = build_controlnet(c)
+        cfg = replace(ControlNetTrainConfig(), batch_size=batch_size, learning_rate=1e-5, compile=compile,
+                      zero_stage=zero_stage, cache_latents=cache_latents)
+        engine = controlnet_engine(c.frozen_to(device, dtype), controlnet, cfg, device, dtype)
+        text = PromptEmbeddings(c, device)
+        # On the device already, as the plain loop's copy is: only the step itself is timed.
+        data = {**batch, "image": batch["image"].to(device), "condition": batch["condition"].to(device)}
+        result.update(compile=compile, zero_stage=zero_stage, zero_stage_run=engine.zero_optimization_stage(),
+                      cache_latents=cache_latents)
+        if cache_latents:
+            # What the run's one encoding pass (LatentEncoder) does per batch, timed on its own.
+            with torch.no_grad():
+                encode = _timed(lambda: latent_distribution(c.vae, data["image"], dtype), steps, warmup, device)
+                data = {"latents": latent_distribution(c.vae, data["image"], dtype).parameters,
+                        "condition": data["condition"], "prompt": data["prompt"]}
+            result["latent_encode_images_per_s"] = round(batch_size / encode, 2)
+
+        def mdland_step():
+            loss = diffusion_loss(c, engine, text, data, dtype)
+            engine.backward(loss)
+            engine.step()
+
+        return mdland_step
+
+    mdland_step, result["mdland_peak_gib"] = _warmed(build_mdland, warmup, device)
+    seconds = _interleaved({"plain": plain_step, "example": example_step, "mdland": mdland_step}, steps, rounds,
+                           device)
+    plain, example, ours = seconds["plain"], seconds["example"], seconds["mdland"]
+    result["rounds"] = rounds
+    result["plain_samples_per_s"] = round(batch_size / plain, 2)
     result["diffusers_example_samples_per_s"] = round(batch_size / example, 2)
-    result["diffusers_example_peak_gib"] = _peak_and_reset(device)
-    log.info("diffusers-example loop (frozen parts bf16): %.2f samples/s", batch_size / example)
-
-    # mdland: the step train_func runs.
-    set_single_process_env()
-    dtype = training_dtype("auto", device.type == "cuda")
-    c = build_preset(preset)
-    controlnet = build_controlnet(c)
-    cfg = replace(ControlNetTrainConfig(), batch_size=batch_size, learning_rate=1e-5, compile=compile,
-                  zero_stage=zero_stage, cache_latents=cache_latents)
-    engine = controlnet_engine(c.frozen_to(device, dtype), controlnet, cfg, device, dtype)
-    text = PromptEmbeddings(c, device)
-    # On the device already, as the plain loop's copy is: only the step itself is timed.
-    batch = {**batch, "image": batch["image"].to(device), "condition": batch["condition"].to(device)}
-    result.update(compile=compile, zero_stage=zero_stage, zero_stage_run=engine.zero_optimization_stage(),
-                  cache_latents=cache_latents)
-    if cache_latents:
-        # What the run's one encoding pass (LatentEncoder) does per batch, timed on its own.
-        with torch.no_grad():
-            encode = _timed(lambda: latent_distribution(c.vae, batch["image"], dtype), steps, warmup, device)
-            batch = {"latents": latent_distribution(c.vae, batch["image"], dtype).parameters,
-                     "condition": batch["condition"], "prompt": batch["prompt"]}
-        result["latent_encode_images_per_s"] = round(batch_size / encode, 2)
-
-    def mdland_step():
-        loss = diffusion_loss(c, engine, text, batch, dtype)
-        engine.backward(loss)
-        engine.step()
-
-    ours = _timed(mdland_step, steps, warmup, device)
     result["mdland_samples_per_s"] = round(batch_size / ours, 2)
-    result["mdland_peak_gib"] = _peak_and_reset(device)
     result["speedup"] = round(plain / ours, 3)
     result["speedup_vs_diffusers_example"] = round(example / ours, 3)
-    if cache_latents:
+    if encode is not None:
         # A run encodes each face once: a one-epoch run pays the whole pass, a longer one less per epoch.
         result["speedup_one_epoch_run"] = round(plain / (ours + encode), 3)
-    log.info("mdland step: %.2f samples/s (%.2fx the plain loop)", batch_size / ours, plain / ours)
+    log.info("plain loop %.2f, diffusers-example loop (frozen parts bf16) %.2f, mdland step %.2f samples/s (%.2fx the "
+             "plain loop)", batch_size / plain, batch_size / example, batch_size / ours, plain / ours)
     if profile:
         _profile(mdland_step, 3, profile, device)
     return result
 
 
 def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int = 256, steps: int = 50,
-                   guidance: float = 7.5, repeats: int = 2, compile: bool = False, pipeline: bool = False,
-                   pipeline_images: int = 512, profile: str | None = None, channels_last: bool = False) -> dict:
-    """With `profile`, one more batch of mdland's sampler runs under torch.profiler (`_profile`), at 3 steps."""
+                   guidance: float = 7.5, repeats: int = 1, compile: bool = False, pipeline: bool = False,
+                   pipeline_images: int = 512, profile: str | None = None, channels_last: bool = False,
+                   rounds: int = 3) -> dict:
+    """The stock pipeline and mdland's sampler (on its own copy of the modules: it changes their layout), each warmed
+    up with one batch, then timed in turns: `rounds` rounds of `repeats` batches, the median round reported. With
+    `profile`, one more batch of mdland's sampler runs under torch.profiler (`_profile`), at 3 steps."""
+    import copy
+    from functools import partial
+
     import numpy as np
     from diffusers import StableDiffusionControlNetPipeline
     from PIL import Image
@@ -201,10 +232,12 @@ def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int =
     from mdland.generation.sampler import LandmarkSampler
     from mdland.landmarks.render import render_landmarks
 
+    check_count("repeats", repeats)
+    check_count("rounds", rounds)
     device = pick_device(use_gpu=True)  # cuDNN autotuning on for the baseline and mdland alike
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    c = build_preset(preset).frozen_to(device, dtype)
-    controlnet = build_controlnet(c).requires_grad_(False).to(device, dtype)
+    c = build_preset(preset)  # on the CPU: each contender's peak memory counts the weights it puts on the device
+    controlnet = build_controlnet(c).requires_grad_(False)
     styles = load_styles(DEFAULT_STYLES)
     conditions = np.stack([render_landmarks(random_landmarks(np.random.default_rng(i), resolution), resolution)
                            for i in range(batch_size)])
@@ -215,34 +248,40 @@ def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int =
               "baseline": "diffusers StableDiffusionControlNetPipeline, same modules, seeds and settings",
               "compile": compile}
 
-    pipe = StableDiffusionControlNetPipeline(
-        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, controlnet=controlnet,
-        scheduler=ddim_scheduler(c), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    images = [Image.fromarray(x) for x in conditions]
+    def build_stock():
+        c.frozen_to(device, dtype)
+        pipe = StableDiffusionControlNetPipeline(
+            vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
+            controlnet=controlnet.eval().to(device, dtype), scheduler=ddim_scheduler(c), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        images = [Image.fromarray(x) for x in conditions]
+        return lambda: pipe(prompts, image=images, height=resolution, width=resolution, num_inference_steps=steps,
+                            guidance_scale=guidance, output_type="np",
+                            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
 
-    def stock():
-        pipe(prompts, image=images, height=resolution, width=resolution, num_inference_steps=steps,
-             guidance_scale=guidance, output_type="np",
-             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
-
-    t_stock = _timed(stock, repeats, 1, device)
-    result["stock_images_per_s"] = round(batch_size / t_stock, 3)
-    result["stock_peak_gib"] = _peak_and_reset(device)
-    log.info("stock pipeline: %.3f images/s", batch_size / t_stock)
     on_gpu = device.type == "cuda"
     channels_last = channels_last and on_gpu  # as the pipeline's actors apply it (build_sampler)
-    sampler = LandmarkSampler(c, controlnet, device, dtype, steps, guidance, compile=compile,
-                              channels_last=channels_last, vae_batch_size=16, fuse_qkv=on_gpu)
+
+    def build_ours():
+        # Its own copy of the modules: it changes their layout and fuses the UNet's projections.
+        sampler = LandmarkSampler(copy.deepcopy(c), copy.deepcopy(controlnet), device, dtype, steps, guidance,
+                                  compile=compile, channels_last=channels_last, vae_batch_size=16, fuse_qkv=on_gpu)
+        return partial(sampler, conditions, prompts, seeds)
+
+    stock, result["stock_peak_gib"] = _warmed(build_stock, 1, device)
+    ours, result["mdland_peak_gib"] = _warmed(build_ours, 1, device)
+    sampler = ours.func
     result["channels_last"] = sampler.components.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    t_ours = _timed(lambda: sampler(conditions, prompts, seeds), repeats, 1, device)
-    result["mdland_images_per_s"] = round(batch_size / t_ours, 3)
-    result["speedup"] = round(t_stock / t_ours, 3)
-    result["mdland_peak_gib"] = _peak_and_reset(device)
-    log.info("mdland sampler: %.3f images/s (%.2fx the stock pipeline)", batch_size / t_ours, t_stock / t_ours)
+    seconds = _interleaved({"stock": stock, "mdland": ours}, repeats, rounds, device)
+    t_stock, t_ours = seconds["stock"], seconds["mdland"]
+    result.update(rounds=rounds, stock_images_per_s=round(batch_size / t_stock, 3),
+                  mdland_images_per_s=round(batch_size / t_ours, 3), speedup=round(t_stock / t_ours, 3))
+    log.info("stock pipeline %.3f, mdland sampler %.3f images/s (%.2fx the stock pipeline)", batch_size / t_stock,
+             batch_size / t_ours, t_stock / t_ours)
     if profile:
         sampler.steps = min(3, steps)  # a step repeats itself: three show it and the decode, in a trace 1/16 the size
-        _profile(lambda: sampler(conditions, prompts, seeds), 1, profile, device)
+        _profile(ours, 1, profile, device)
         sampler.steps = steps
     if pipeline:
         result.update(_bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance, compile,

@@ -74,7 +74,7 @@ def _bench(a: argparse.Namespace) -> None:
 
     if a.what == "train":
         result = bench.bench_train(a.preset, a.batch_size, a.resolution, a.steps, a.warmup, a.compile,
-                                   a.zero_stage, a.cache_latents, a.profile)
+                                   a.zero_stage, a.cache_latents, a.profile, a.rounds)
     elif a.what == "detector":
         result = bench.bench_detector(a.arch, a.batch_size, a.repeats, a.warmup)
     elif a.what == "serve":
@@ -83,7 +83,7 @@ def _bench(a: argparse.Namespace) -> None:
         result = bench.bench_write(a.images, a.count, a.rows_per_shard, a.batch_size, a.output)
     else:
         result = bench.bench_generate(a.preset, a.batch_size, a.resolution, a.steps, a.guidance, a.repeats,
-                                      a.compile, a.pipeline, a.pipeline_images, a.profile, a.channels_last)
+                                      a.compile, a.pipeline, a.pipeline_images, a.profile, a.channels_last, a.rounds)
     bench.write_result(result, a.out)
 
 
@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--preset", default="sd15", help="model size: sd15 (GPU) or tiny (a CPU smoke run)")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--resolution", type=int, default=256)
-    b.add_argument("--steps", type=int, default=10, help="timed steps")
+    b.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    b.add_argument("--rounds", type=int, default=3, help="rounds of timed steps, in turns with the baselines")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     b.add_argument("--compile", action="store_true", help="torch.compile ControlNet and UNet (config `compile`)")
     b.add_argument("--zero-stage", type=int, default=2, help="DeepSpeed ZeRO stage (config `zero_stage`)")
@@ -251,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--resolution", type=int, default=256)
     b.add_argument("--steps", type=int, default=50, help="DDIM steps")
     b.add_argument("--guidance", type=float, default=7.5, help="guidance scale")
-    b.add_argument("--repeats", type=int, default=2, help="timed batches")
+    b.add_argument("--repeats", type=int, default=1, help="timed batches per round")
+    b.add_argument("--rounds", type=int, default=3, help="rounds of timed batches, in turns with the stock pipeline")
     b.add_argument("--compile", action="store_true", help="torch.compile UNet and ControlNet")
     b.add_argument("--channels-last", action="store_true", help="channels-last memory (config `channels_last`)")
     b.add_argument("--pipeline", action="store_true", help="also time the Ray Data pipeline")

@@ -10,7 +10,8 @@ def test_bench_train_runs_both_loops_on_the_same_batch(tmp_path, monkeypatch):
     monkeypatch.setenv("MDLAND_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bench.json"
     assert main(["bench", "train", "--preset", "tiny", "--batch-size", "2", "--resolution", "64", "--steps", "2",
-                 "--warmup", "1", "--profile", str(tmp_path / "prof" / "train"), "--out", str(out)]) == 0
+                 "--rounds", "2", "--warmup", "1", "--profile", str(tmp_path / "prof" / "train"), "--out",
+                 str(out)]) == 0
     result = json.loads(out.read_text())
     table = (tmp_path / "prof" / "train.txt").read_text()
     assert table.startswith("3 calls") and "aten::convolution" in table  # the step's operators, by their time
@@ -20,6 +21,7 @@ def test_bench_train_runs_both_loops_on_the_same_batch(tmp_path, monkeypatch):
     example = result["diffusers_example_samples_per_s"]
     assert example > 0 and abs(result["speedup_vs_diffusers_example"] - result["mdland_samples_per_s"] / example) < 0.05
     assert result["device"].startswith("cpu") and result["baseline"].startswith("plain PyTorch loop")
+    assert result["rounds"] == 2
 
 
 def test_bench_generate_compares_sampler_stock_and_pipeline(tmp_path, monkeypatch):
@@ -30,7 +32,7 @@ def test_bench_generate_compares_sampler_stock_and_pipeline(tmp_path, monkeypatc
     ray.init(num_cpus=4, include_dashboard=False)
     try:
         assert main(["bench", "generate", "--preset", "tiny", "--batch-size", "4", "--resolution", "64", "--steps",
-                     "3", "--repeats", "1", "--pipeline", "--pipeline-images", "50", "--profile", str(tmp_path / "gen"),
+                     "3", "--repeats", "1", "--rounds", "2", "--pipeline", "--pipeline-images", "50", "--profile", str(tmp_path / "gen"),
                      "--channels-last", "--out", str(out)]) == 0
     finally:
         ray.shutdown()
@@ -85,3 +87,13 @@ def test_bench_write_assembles_every_shard(tmp_path):
     assert r["assembler_images_per_s"] > 0 and r["encode_images_per_s_per_core"] > 0
     # Both are rounded from the same unrounded rate, so they may differ in the last digit.
     assert r["h100s_at_32_images_per_s"] == pytest.approx(r["assembler_images_per_s"] / 32, abs=0.06)
+
+
+def test_contenders_are_timed_in_turns():
+    from mdland.bench import _interleaved
+
+    calls = []
+    seconds = _interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2, 3,
+                           torch.device("cpu"))
+    assert calls == ["a", "a", "b", "b"] * 3  # round after round, not all of a's calls first
+    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
