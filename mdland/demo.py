@@ -23,7 +23,7 @@ from mdland.data.preview import write_preview
 from mdland.data.procedural import procedural_faces, write_faces
 from mdland.data.shards import landmarks_array, read_dataset
 from mdland.detector.evaluate import metrics_table
-from mdland.detector.metrics import nme, summarise
+from mdland.detector.metrics import nme, plot_ced, summarise
 from mdland.landmarks.edits import fit_in_frame, sample_edits
 from mdland.landmarks.io import write_pts
 from mdland.landmarks.render import image_grid, render_landmarks
@@ -177,6 +177,8 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
     test_points = landmarks_array(read_dataset(data["real-test"]))
     baseline = nme(np.broadcast_to(train_points.mean(axis=0), test_points.shape), test_points)
     rows.append({"name": "procedural-test (mean-shape baseline)", **summarise(baseline).as_dict()})
+    detected = np.array(list(json.loads((out_dir / "per-face.json").read_text())["procedural-test"].values()))
+    plot_ced({"procedural-test": detected, "mean-shape baseline": baseline}, out_dir / "ced.png")
     (out_dir / "metrics.json").write_text(json.dumps(rows, indent=1))
     stage("evaluate", t)
 

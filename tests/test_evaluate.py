@@ -60,6 +60,10 @@ def test_every_reader_format_gives_the_same_scores(setup):
     assert abs(expected_tsv - expected) > 1e-3
     for r, want in zip(rows, [expected, expected, expected_tsv]):
         assert r["count"] == 5 and r["nme"] == pytest.approx(want, rel=1e-4)
+    per_face = json.loads((out / "per-face.json").read_text())
+    assert sorted(per_face["artface"]) == sorted(f.key for f in faces)
+    by_key = dict(zip([f.key for f in faces], nme(pred, gt)))
+    assert all(per_face["artface"][k] == pytest.approx(by_key[k], rel=1e-4) for k in by_key)
     assert "| artface | 5 |" in (out / "metrics.md").read_text()
     for name in ("ced.png", "overlays-artface.png", "overlays-tsv.png"):
         assert (out / name).stat().st_size > 1000
@@ -142,7 +146,7 @@ def test_reports_go_to_s3(setup, s3_bucket, tmp_path, monkeypatch):
     assert main(["evaluate", "--detector", str(root / "det.pkl"), "--data", f"art={root / 'shards'}",
                  "--out", out]) == 0
     assert storage.list_files(out) == [f"{out}/{n}" for n in ("ced.png", "metrics.json", "metrics.md",
-                                                             "overlays-art.png")]
+                                                             "overlays-art.png", "per-face.json")]
     assert json.loads(storage.read_bytes(f"{out}/metrics.json"))[0]["count"] == 5
     assert not any(tmp_path.iterdir())  # no local folder named after the URI
     assert main(["evaluate-preds", str(root / "shards"), str(root / "shards"), "--out", f"{s3_bucket}/p"]) == 0

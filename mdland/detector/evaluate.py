@@ -109,7 +109,8 @@ def eval_faces(src: str, fmt: str | None = None, skip_bad: bool = False, skipped
 
 def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], out: str, skip_bad: bool = False,
                       batch_size: int = 32, threshold: float = 0.10, norm: str = "inter_ocular") -> list[dict]:
-    """Run the detector over each (name, source, format) set; write metrics.json/.md, ced.png and overlays."""
+    """Run the detector over each (name, source, format) set; write metrics.json/.md, ced.png, overlays and
+    per-face.json ({set: {face key: NME}}: the faces behind the numbers, to find the bad ones or compare runs)."""
     from mdland.detector.checkpoint import load_detector
     from mdland.detector.data import CROP_MARGIN
     from mdland.detector.inference import predict
@@ -119,7 +120,7 @@ def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], ou
     check_threshold(threshold)
     check_count("batch_size", batch_size)
     net = load_detector(detector, device=pick_device(use_gpu=True)).eval()  # fp32, on a GPU when there is one
-    rows, curves = [], {}
+    rows, curves, per_face = [], {}, {}
     with storage.staged_folder(out) as out_dir:
         for name, src, fmt in sets:
             skipped: list[str] = []
@@ -136,10 +137,12 @@ def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], ou
             gt = np.stack([f.landmarks for f in faces])
             errors = nme(pred, gt, norm)
             curves[name] = errors
+            per_face[name] = {f.key: round(float(e), 6) for f, e in zip(faces, errors)}
             rows.append({"name": name, **summarise(errors, norm, threshold).as_dict(), "skipped": skipped})
             write_overlays(faces, pred, errors, out_dir / f"overlays-{name}.png")
         (out_dir / "metrics.json").write_text(json.dumps(rows, indent=1))
         (out_dir / "metrics.md").write_text(metrics_table(rows))
+        (out_dir / "per-face.json").write_text(json.dumps(per_face, indent=1))
         plot_ced(curves, out_dir / "ced.png", threshold)
     return rows
 
