@@ -54,14 +54,15 @@ def _timed(step, steps: int, warmup: int, device: torch.device) -> float:
 
 
 def _warmed(make, warmup: int, device: torch.device) -> tuple:
-    """(`make()`'s step after `warmup` calls, the peak GiB it allocated on the GPU above what was there before)."""
+    """(`make()`'s step after `warmup` calls, at least one, the peak GiB it allocated on the GPU above what was there
+    before). One call at least: optimizers make their state and cuDNN picks its kernels in the first."""
     on_gpu = device.type == "cuda"
     if on_gpu:
         gc.collect()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     step = make()
-    for _ in range(warmup):
+    for _ in range(max(warmup, 1)):
         step()
     peak = round((torch.cuda.max_memory_allocated(device) - before) / 2**30, 2) if on_gpu else None
     return step, peak
@@ -69,11 +70,13 @@ def _warmed(make, warmup: int, device: torch.device) -> tuple:
 
 def _interleaved(steps: dict, calls: int, rounds: int, device: torch.device) -> dict[str, float]:
     """Median seconds per call of each of `steps` ({name: step}), timed in turns: `rounds` rounds of `calls` calls
-    each, so drift in clocks, heat or memory state falls on every contender alike."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            times[name].append(_timed(step, calls, 0, device))
+    each, each round starting one contender later, so drift in clocks, heat or memory state falls on every
+    contender alike."""
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(_timed(steps[name], calls, 0, device))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -137,9 +140,9 @@ def _plain_loop(preset: str, batch: dict, device: torch.device, frozen_dtype: to
 def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 256, steps: int = 10,
                 warmup: int = 3, compile: bool = False, zero_stage: int = 2, cache_latents: bool = True,
                 profile: str | None = None, rounds: int = 3) -> dict:
-    """The plain loop, diffusers' example's setup and mdland's step, all built at once (about 50 GiB at sd15, batch
-    32), each warmed up with `warmup` steps, then timed in turns: `rounds` rounds of `steps` steps, the median round
-    reported. With `profile`, three more mdland steps run under torch.profiler (`_profile`)."""
+    """The plain loop, diffusers' example's setup and mdland's step, all built at once (about 36 GiB estimated at
+    sd15, batch 32), each warmed up with `warmup` steps (one at least), then timed in turns: `rounds` rounds of
+    `steps` steps, the median round reported. With `profile`, three more mdland steps run under torch.profiler."""
     from mdland.diffusion.models import PromptEmbeddings, build_controlnet, build_preset, latent_distribution
     from mdland.diffusion.train import ControlNetTrainConfig, controlnet_engine, diffusion_loss
 
@@ -265,8 +268,10 @@ def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int =
 
     def build_ours():
         # Its own copy of the modules: it changes their layout and fuses the UNet's projections.
-        sampler = LandmarkSampler(copy.deepcopy(c), copy.deepcopy(controlnet), device, dtype, steps, guidance,
-                                  compile=compile, channels_last=channels_last, vae_batch_size=16, fuse_qkv=on_gpu)
+        own = replace(c, vae=copy.deepcopy(c.vae), unet=copy.deepcopy(c.unet),
+                      text_encoder=copy.deepcopy(c.text_encoder))
+        sampler = LandmarkSampler(own, copy.deepcopy(controlnet), device, dtype, steps, guidance, compile=compile,
+                                  channels_last=channels_last, vae_batch_size=16, fuse_qkv=on_gpu)
         return partial(sampler, conditions, prompts, seeds)
 
     stock, result["stock_peak_gib"] = _warmed(build_stock, 1, device)
@@ -284,6 +289,10 @@ def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int =
         _profile(ours, 1, profile, device)
         sampler.steps = steps
     if pipeline:
+        del stock, ours, sampler  # the pipeline's actor loads its own copy onto the device
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
         result.update(_bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance, compile,
                                       channels_last, pipeline_images, batch_size / t_ours))
     return result

@@ -177,7 +177,7 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
     test_points = landmarks_array(read_dataset(data["real-test"]))
     baseline = nme(np.broadcast_to(train_points.mean(axis=0), test_points.shape), test_points)
     rows.append({"name": "procedural-test (mean-shape baseline)", **summarise(baseline).as_dict()})
-    detected = np.array(list(json.loads((out_dir / "per-face.json").read_text())["procedural-test"].values()))
+    detected = np.array([f["nme"] for f in json.loads((out_dir / "per-face.json").read_text())["procedural-test"]])
     plot_ced({"procedural-test": detected, "mean-shape baseline": baseline}, out_dir / "ced.png")
     (out_dir / "metrics.json").write_text(json.dumps(rows, indent=1))
     stage("evaluate", t)

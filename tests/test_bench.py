@@ -95,5 +95,5 @@ def test_contenders_are_timed_in_turns():
     calls = []
     seconds = _interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2, 3,
                            torch.device("cpu"))
-    assert calls == ["a", "a", "b", "b"] * 3  # round after round, not all of a's calls first
+    assert calls == ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]  # in turns, each round rotated
     assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())

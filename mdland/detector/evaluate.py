@@ -110,7 +110,7 @@ def eval_faces(src: str, fmt: str | None = None, skip_bad: bool = False, skipped
 def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], out: str, skip_bad: bool = False,
                       batch_size: int = 32, threshold: float = 0.10, norm: str = "inter_ocular") -> list[dict]:
     """Run the detector over each (name, source, format) set; write metrics.json/.md, ced.png, overlays and
-    per-face.json ({set: {face key: NME}}: the faces behind the numbers, to find the bad ones or compare runs)."""
+    per-face.json ({set: [{"key", "nme"}, ...]}: the faces behind the numbers, to find the bad ones or compare runs)."""
     from mdland.detector.checkpoint import load_detector
     from mdland.detector.data import CROP_MARGIN
     from mdland.detector.inference import predict
@@ -137,7 +137,7 @@ def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], ou
             gt = np.stack([f.landmarks for f in faces])
             errors = nme(pred, gt, norm)
             curves[name] = errors
-            per_face[name] = {f.key: round(float(e), 6) for f, e in zip(faces, errors)}
+            per_face[name] = [{"key": f.key, "nme": float(e)} for f, e in zip(faces, errors)]
             rows.append({"name": name, **summarise(errors, norm, threshold).as_dict(), "skipped": skipped})
             write_overlays(faces, pred, errors, out_dir / f"overlays-{name}.png")
         (out_dir / "metrics.json").write_text(json.dumps(rows, indent=1))
