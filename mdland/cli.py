@@ -42,21 +42,20 @@ def _train_controlnet(a: argparse.Namespace) -> None:
 def _serve(a: argparse.Namespace) -> None:
     import time
 
+    import ray
+    from ray import serve
+
     from mdland.config import parse_overrides
     from mdland.serve.app import start_server
 
     # ServeConfig fields plus deployment options (num_replicas, ...); build_app checks every key.
     args = {"detector": a.detector, **parse_overrides(a.set)}
-    from ray import serve
-
     try:  # Ctrl-C, while Serve starts too
         url = start_server(args, a.host, a.port)
         print(f"serving {a.detector} at {url}/v1/landmarks (docs: {url}/docs); Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        import ray
-
         if ray.is_initialized():  # else shutdown would start a Ray only to find no Serve
             serve.shutdown()
 
@@ -246,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step on cached VAE latents, as Ray Train runs do (config `cache_latents`)")
     b.add_argument("--profile", metavar="PATH", help="also profile 3 steps: PATH.txt (operators by time), PATH.json.gz")
     b = bench.add_parser("generate", parents=[common],
-                             help="mdland's sampler (and Ray Data pipeline) vs the stock diffusers pipeline")
+                         help="mdland's sampler (and Ray Data pipeline) vs the stock diffusers pipeline")
     b.add_argument("--preset", default="sd15", help="model size: sd15 (GPU) or tiny (a CPU smoke run)")
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--resolution", type=int, default=256)
@@ -260,20 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pipeline-images", type=int, default=512)
     b.add_argument("--profile", metavar="PATH", help="also profile a 3-step batch: PATH.txt, PATH.json.gz (a trace)")
     b = bench.add_parser("detector", parents=[common],
-                             help="batched and single-image inference of the STAR network")
+                         help="batched and single-image inference of the STAR network")
     b.add_argument("--arch", default="star-300w", help="star-300w or tiny")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--repeats", type=int, default=5, help="timed batches")
     b.add_argument("--warmup", type=int, default=2, help="untimed batches first")
     b = bench.add_parser("serve", parents=[common],
-                             help="HTTP through Ray Serve vs in-process batched inference")
+                         help="HTTP through Ray Serve vs in-process batched inference")
     b.add_argument("--arch", default="star-300w", help="star-300w or tiny")
     b.add_argument("--batch-size", type=int, default=16, help="max_batch_size of the replica and the in-process batch")
     b.add_argument("--requests", type=int, default=200, help="requests in the load run")
     b.add_argument("--clients", type=int, help="concurrent clients (default: twice the batch size per replica)")
     b.add_argument("--replicas", type=int, default=1, help="replicas sharing the device")
     b = bench.add_parser("write", parents=[common],
-                             help="the generation pipeline's shard assembler and PNG encoding, images/s on CPU")
+                         help="the generation pipeline's shard assembler and PNG encoding, images/s on CPU")
     b.add_argument("--images", default="faces", choices=["faces", "noise"], help="what the 256x256 PNGs hold")
     b.add_argument("--count", type=int, default=4000)
     b.add_argument("--rows-per-shard", type=int, default=1000)

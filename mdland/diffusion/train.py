@@ -9,6 +9,7 @@ Checkpoints (DeepSpeed state, a diffusers-format export of the fp32 master weigh
 curve) go to `storage_path/name/checkpoint_NNNNNN`; a re-run with the same name resumes from the latest one.
 """
 
+import itertools
 import json
 import tempfile
 import time
@@ -200,13 +201,12 @@ def probe_batch(cfg: ControlNetTrainConfig, first: pa.Table) -> dict:
     every resume, whatever order the epochs draw. `first`: the data's first shard, already read."""
     tables = [first.select(COLUMNS).slice(0, cfg.batch_size)]
     rows = tables[0].num_rows
-    later = (u for d in cfg.data for u in shard_uris(d))  # listed only as far as the batch needs
-    next(later)
-    for uri in later:
-        if rows == cfg.batch_size:
-            break
-        tables.append(read_shard(uri).select(COLUMNS).slice(0, cfg.batch_size - rows))
-        rows += tables[-1].num_rows
+    if rows < cfg.batch_size:  # a short first shard: the next ones in file order, listed only as far as needed
+        for uri in itertools.islice((u for d in cfg.data for u in shard_uris(d)), 1, None):
+            tables.append(read_shard(uri).select(COLUMNS).slice(0, cfg.batch_size - rows))
+            rows += tables[-1].num_rows
+            if rows == cfg.batch_size:
+                break
     table = pa.concat_tables(tables)
     return prepare_batch({c: table.column(c).to_pylist() for c in COLUMNS}, cfg.resolution)
 

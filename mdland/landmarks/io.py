@@ -180,14 +180,12 @@ def read_star_tsv(path: str | Path) -> list[StarRow]:
     """
     lines = _read_text(path)
     rows: list[StarRow] = []
-    first = True
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         fields = line.rstrip("\n").split("\t")
-        header = first and len(fields) > 2 and fields[2] != "" and not _numbers(fields[2])
-        first = False
-        if header:
+        if i == first and len(fields) > 2 and fields[2] != "" and not _numbers(fields[2]):
             continue
         where = f"{path}:{i + 1}"
         if len(fields) < 6:
