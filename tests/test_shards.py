@@ -121,6 +121,12 @@ def test_reading_some_columns_only(storage_root, tmp_path):
     pq.write_table(bad, tmp_path / "bad" / "shard-000001.parquet")
     with pytest.raises(ShardError, match="shard-000001.parquet: row 1: landmarks are not finite"):
         read_columns(str(tmp_path / "bad"), ["landmarks"])
+    nested = landmarks_array(faces_to_table(some_faces(2))).tolist()
+    nested[1][5] = None  # a missing point: dropped by flattening, it used to surface as a reshape error
+    bad = bad.set_column(2, "landmarks", pa.array(nested, type=bad.schema.field("landmarks").type))
+    pq.write_table(bad, tmp_path / "bad" / "shard-000001.parquet")
+    with pytest.raises(ShardError, match="shard-000001.parquet: row 1: landmark 5 is missing"):
+        read_columns(str(tmp_path / "bad"), ["landmarks"])
     # An image size comes from the first shard with a face in it (a filtered set may have empty ones).
     (tmp_path / "sparse").mkdir()
     pq.write_table(faces_to_table(some_faces(2)).slice(0, 0), tmp_path / "sparse" / "shard-000000.parquet")

@@ -1,4 +1,8 @@
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -28,15 +32,53 @@ def test_write_list_read_overwrite(storage_root):
     storage.delete_folder(storage.join(storage_root, "x"))  # already gone: fine
 
 
-def test_copy_from_local_uploads_files_in_chunks(storage_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "UPLOAD_CHUNK", 1000)
+def test_copy_from_local_uploads_every_file(storage_root, tmp_path):
     (tmp_path / "sub").mkdir()
-    payload = os.urandom(3500)  # three full chunks and a part
+    payload = os.urandom(9 * 2**20)  # above boto3's 8 MiB multipart threshold: goes up in parts
     (tmp_path / "sub" / "optim_states.pt").write_bytes(payload)
     (tmp_path / "empty.txt").write_bytes(b"")
     storage.copy_from_local(str(tmp_path), storage.join(storage_root, "ckpt"))
     assert storage.read_bytes(storage.join(storage_root, "ckpt", "sub", "optim_states.pt")) == payload
     assert storage.read_bytes(storage.join(storage_root, "ckpt", "empty.txt")) == b""
+
+
+def test_s3_keys_keep_hash_and_question_marks(s3_bucket):
+    a, b = f"{s3_bucket}/run#2/a?x.bin", f"{s3_bucket}/run#2/b.bin"
+    storage.write_bytes(a, b"first")
+    storage.write_bytes(b, b"second")
+    assert storage.read_bytes(a) == b"first" and storage.read_bytes(b) == b"second"
+    assert storage.list_files(f"{s3_bucket}/run#2") == [a, b]
+
+
+_INTERRUPTED_UPLOAD = """
+import sys
+from mdland.data import storage
+print("uploading", flush=True)
+try:
+    storage.write_file(sys.argv[1], sys.argv[2])
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_interrupted_s3_upload_keeps_the_old_object(s3_bucket, tmp_path):
+    """Ctrl-C halfway through uploading a large file (a checkpoint, an export re-published in place) leaves the
+    object as it was: pyarrow's stream completed the multipart upload with what had been sent."""
+    uri = f"{s3_bucket}/export/model.safetensors"
+    storage.write_bytes(uri, b"the previous complete export")
+    fifo = tmp_path / "source"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_UPLOAD, uri, str(fifo)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "uploading"
+    with open(fifo, "wb") as f:
+        f.write(os.urandom(24 * 2**20))  # returns once the uploader has read all but the pipe's buffer: mid-upload
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+    out, _ = proc.communicate(timeout=60)
+    assert "interrupted" in out
+    assert storage.read_bytes(uri) == b"the previous complete export"
 
 
 def test_fingerprint_changes_when_anything_is_rewritten(storage_root):

@@ -132,15 +132,8 @@ def summarise_table(table: pa.Table, name: str) -> dict:
     }
 
 
-def validate_table(table: pa.Table, name: str, decode: bool = False) -> None:
-    """Check columns and every row; a ShardError names the shard, the row and the field."""
-    missing = [c for c in SCHEMA.names if c not in table.column_names]
-    if missing:
-        raise ShardError(f"{name}: missing column(s) {missing}")
-    for col in SCHEMA.names:
-        if not table.schema.field(col).type.equals(SCHEMA.field(col).type):
-            raise ShardError(f"{name}: column {col!r} has type {table.schema.field(col).type}, "
-                             f"expected {SCHEMA.field(col).type}")
+def check_landmarks(table: pa.Table, name: str) -> None:
+    """Every row of the `landmarks` column has all its points, each finite; a ShardError names the row."""
     landmarks = table.column("landmarks").combine_chunks()
     if landmarks.null_count:
         raise ShardError(f"{name}: row {_first_null(landmarks)}: landmarks are missing")
@@ -152,6 +145,18 @@ def validate_table(table: pa.Table, name: str, decode: bool = False) -> None:
     if not np.isfinite(values).all():
         bad = int(np.argmax(~np.isfinite(values))) // (NUM_POINTS * 2)
         raise ShardError(f"{name}: row {bad}: landmarks are not finite")
+
+
+def validate_table(table: pa.Table, name: str, decode: bool = False) -> None:
+    """Check columns and every row; a ShardError names the shard, the row and the field."""
+    missing = [c for c in SCHEMA.names if c not in table.column_names]
+    if missing:
+        raise ShardError(f"{name}: missing column(s) {missing}")
+    for col in SCHEMA.names:
+        if not table.schema.field(col).type.equals(SCHEMA.field(col).type):
+            raise ShardError(f"{name}: column {col!r} has type {table.schema.field(col).type}, "
+                             f"expected {SCHEMA.field(col).type}")
+    check_landmarks(table, name)
     for col in ("image", "seed", "key", "style", "source", "model"):
         arr = table.column(col).combine_chunks()
         if arr.null_count:
@@ -257,10 +262,8 @@ def read_columns(root: str, columns: list[str]) -> pa.Table:
             table = pq.read_table(path, filesystem=fs, columns=columns)
         except (pa.ArrowInvalid, KeyError) as e:
             raise ShardError(f"{uri}: cannot read columns {columns} ({e})") from None
-        if "landmarks" in columns and table.num_rows:
-            finite = np.isfinite(landmarks_array(table)).reshape(table.num_rows, -1).all(axis=1)
-            if not finite.all():
-                raise ShardError(f"{uri}: row {int(np.argmin(finite))}: landmarks are not finite")
+        if "landmarks" in columns:
+            check_landmarks(table, uri)
         tables.append(table)
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(columns)
 

@@ -3,12 +3,16 @@
 S3 settings come from the standard AWS environment: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 `AWS_SESSION_TOKEN`, `AWS_REGION` / `AWS_DEFAULT_REGION`, and `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` for
 S3-compatible servers (MinIO, Ceph, R2, moto). Writes are atomic: a reader sees the whole object or nothing.
+Reads and listings go through pyarrow (Ray Data reads the same filesystem); S3 writes go through boto3, whose
+multipart uploads are aborted when a write fails or is interrupted, where pyarrow's would publish what was sent.
 """
 
 import hashlib
+import io
 import json
 import os
 import posixpath
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -62,17 +66,37 @@ def s3_settings() -> dict:
 
 @lru_cache(maxsize=8)
 def _s3(settings: tuple) -> pafs.S3FileSystem:
-    # Delayed open: objects below the multipart threshold go up in one PUT (atomic, one request).
+    # Delayed open: Ray Train's small checkpoint files go up in one PUT each, not a three-request multipart upload.
     return pafs.S3FileSystem(allow_delayed_open=True, **dict(settings))
+
+
+@lru_cache(maxsize=8)
+def _s3_client(settings: tuple):
+    import boto3
+    from botocore.config import Config
+
+    s = dict(settings)
+    endpoint = f"{s['scheme']}://{s['endpoint_override']}" if "endpoint_override" in s else None
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, region_name=s.get("region"), aws_access_key_id=s.get("access_key"),
+        aws_secret_access_key=s.get("secret_key"), aws_session_token=s.get("session_token"),
+        # Only the checksums S3 requires: S3-compatible servers older than S3's default CRC checksums reject them.
+        config=Config(request_checksum_calculation="when_required", response_checksum_validation="when_required",
+                      retries={"mode": "standard"}))
+
+
+def _bucket_path(uri: str) -> str:
+    # Not urlparse: '#' and '?' are legal in S3 keys, and it would cut the key at them.
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket in S3 URI")
+    return f"{bucket}/{key}".rstrip("/")
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path inside it) for a local path or an s3:// URI; usable by Ray Data and pyarrow."""
     if is_s3(uri):
-        parsed = urlparse(uri)
-        if not parsed.netloc:
-            raise StorageError(f"{uri}: no bucket in S3 URI")
-        return _s3(tuple(sorted(s3_settings().items()))), f"{parsed.netloc}{parsed.path}".rstrip("/")
+        return _s3(tuple(sorted(s3_settings().items()))), _bucket_path(uri)
     return pafs.LocalFileSystem(), str(Path(uri).absolute())
 
 
@@ -84,46 +108,38 @@ def _fail(uri: str, action: str, error: Exception) -> StorageError:
         hint = " (the bucket does not exist)"
     elif any(k in code for k in ("INVALIDACCESSKEYID", "SIGNATUREDOESNOTMATCH", "ACCESSDENIED", "FORBIDDEN")):
         hint = " (access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
-    elif "COULDN'T CONNECT" in code or "CURLCODE: 7" in code:
+    elif any(k in code for k in ("COULDN'T CONNECT", "CURLCODE: 7", "COULD NOT CONNECT")):
         hint = " (cannot reach the S3 endpoint: check AWS_ENDPOINT_URL)"
     return StorageError(f"cannot {action} {uri}{hint}: {text.splitlines()[0] if text else type(error).__name__}")
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write `data` to `uri` atomically (local: temp file + rename; S3: one object PUT completes or nothing)."""
-    _write(uri, lambda out: out.write(data))
-
-
-# write_file's read size: a ZeRO optimizer-state file of an SD 1.5 ControlNet is ~4 GB, and uploading a checkpoint
-# should not need that much memory again.
-UPLOAD_CHUNK = 64 * 2**20
+    """Write `data` to `uri` atomically (local: temp file + rename; S3: the object is replaced whole or not at all)."""
+    _write(uri, lambda: io.BytesIO(data))
 
 
 def write_file(uri: str, local: str | os.PathLike) -> None:
-    """Copy the local file `local` to `uri` as `write_bytes` writes, in chunks of `UPLOAD_CHUNK` bytes."""
-
-    def fill(out) -> None:
-        with open(local, "rb") as f:
-            while chunk := f.read(UPLOAD_CHUNK):
-                out.write(chunk)
-
-    _write(uri, fill)
+    """Copy the local file `local` to `uri` as `write_bytes` writes, streamed (a ZeRO optimizer-state file of an
+    SD 1.5 ControlNet is ~4 GB)."""
+    _write(uri, lambda: open(local, "rb"))
 
 
-def _write(uri: str, fill) -> None:
-    fs, path = filesystem(uri)
+def _write(uri: str, open_source) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
     try:
         if is_s3(uri):
-            # Large objects go up as a multipart upload, which becomes visible only when the stream closes.
-            with fs.open_output_stream(path) as out:
-                fill(out)
+            bucket, _, key = _bucket_path(uri).partition("/")
+            with open_source() as src:
+                _s3_client(tuple(sorted(s3_settings().items()))).upload_fileobj(src, bucket, key)
             return
+        path = str(Path(uri).absolute())
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
         tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
         try:
-            with open(tmp, "wb") as f:
-                fill(f)
+            with open_source() as src, open(tmp, "wb") as f:
+                shutil.copyfileobj(src, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -132,7 +148,7 @@ def _write(uri: str, fill) -> None:
                 os.remove(tmp)
     except StorageError:
         raise
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, BotoCoreError, ClientError) as e:
         raise _fail(uri, "write", e) from e
 
 

@@ -181,8 +181,7 @@ def deliver_rows(batch: dict, assemblers: list, encode: bool) -> dict:
 def _plan_rows(row: dict, config: dict, styles: list[dict], landmarks) -> list[dict]:
     import ray
 
-    points = ray.get(landmarks) if isinstance(landmarks, ray.ObjectRef) else landmarks
-    return shard_rows(from_dict(GenerateConfig, config), int(row["shard"]), styles, points)
+    return shard_rows(from_dict(GenerateConfig, config), int(row["shard"]), styles, ray.get(landmarks))
 
 
 def _check_plan(cfg: GenerateConfig) -> dict:
@@ -190,10 +189,6 @@ def _check_plan(cfg: GenerateConfig) -> dict:
     uri = storage.join(cfg.output, PLAN)
     ident = cfg.plan_identity()
     existing = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
-    if existing is not None and "precision" not in existing:  # plans before it was recorded sampled at the default
-        existing["precision"] = GenerateConfig.dtype if cfg.use_gpu else "float32"
-        if existing == ident:
-            storage.write_bytes(uri, json.dumps(ident, indent=1).encode())
     if existing == ident:
         return ident
     if existing is not None:
@@ -312,6 +307,11 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], l
     # 20-50 GPUs (`mdland bench write`), hence one per 16 generation actors by default.
     total = len(styles) * cfg.images_per_style
     count = cfg.num_assemblers or -(-cfg.num_actors // 16)
+    reserved, cpus = cfg.num_actors * cfg.cpus_per_actor + 0.25 * count, ray.cluster_resources().get("CPU", 0)
+    if reserved + 0.5 > cpus:  # 0.5: a planning or rendering task
+        log.warning("generation actors and assemblers take %.2f of the cluster's %g CPUs, leaving no room for the "
+                    "0.5 CPU that planning and rendering tasks need: the run waits until the cluster grows "
+                    "(lower num_actors or cpus_per_actor)", reserved, cpus)
     t0, images, marks = time.time(), 0, []
     expected = sum(min(cfg.rows_per_shard, total - k * cfg.rows_per_shard) for k in pending)
     assemblers = []

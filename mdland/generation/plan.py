@@ -14,8 +14,7 @@ import numpy as np
 import yaml
 
 from mdland.data import storage
-from mdland.data.shards import (MANIFEST, first_image_size, landmarks_array, landmarks_from_rows, read_columns,
-                                 read_manifest)
+from mdland.data.shards import first_image_size, landmarks_array, landmarks_from_rows, read_columns
 from mdland.landmarks.align import resize_points
 from mdland.landmarks.edits import fit_in_frame, sample_edits
 from mdland.landmarks.render import render_landmarks
@@ -114,8 +113,6 @@ def source_landmarks(cfg: GenerateConfig) -> np.ndarray:
     """The source datasets' landmark sets, in output pixels, one after another in `source` order: (N, 68, 2)."""
     sets = []
     for source in cfg.source:
-        if storage.exists(storage.join(source, MANIFEST)) and read_manifest(source)["count"] == 0:
-            raise ValueError(f"source: {source} is an empty dataset")
         table = read_columns(source, ["landmarks"])
         if table.num_rows == 0:
             raise ValueError(f"source: {source} is an empty dataset")
