@@ -19,7 +19,9 @@ from mdland.data import storage
 from mdland.log import get_logger
 
 PRECISIONS = ("auto", "bf16", "fp32")
-WORKERS = "workers.json"  # in each Ray Train checkpoint: {"workers": the number of ranks that wrote it}
+WORKERS = "workers.json"  # in each checkpoint: {"workers": the number of ranks that wrote it}
+LOCAL_POINTER = "latest.json"  # a plain-process run's latest checkpoint
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 log = get_logger(__name__)
 
 
@@ -62,7 +64,7 @@ class LocalSession:
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
-        pointer = storage.join(self.root, "latest.json")
+        pointer = storage.join(self.root, LOCAL_POINTER)
         if not storage.exists(pointer):
             yield None
             return
@@ -75,8 +77,9 @@ class LocalSession:
 
     def report(self, metrics: dict, checkpoint_dir: str, step: int) -> None:
         uri = storage.join(self.root, f"checkpoint_{step:06d}")
+        (Path(checkpoint_dir) / WORKERS).write_text(json.dumps({"workers": 1}))
         storage.copy_from_local(checkpoint_dir, uri)
-        pointer = storage.join(self.root, "latest.json")
+        pointer = storage.join(self.root, LOCAL_POINTER)
         kept = json.loads(storage.read_bytes(pointer)).get("kept", []) if storage.exists(pointer) else []
         kept = [k for k in kept if k != uri] + [uri]
         storage.write_bytes(pointer, json.dumps({"checkpoint": uri, "kept": kept[-self.keep:], **metrics}).encode())
@@ -204,24 +207,26 @@ def deepspeed_engine(model: torch.nn.Module, *, batch_size: int, optimizer: dict
     return engine
 
 
-def check_checkpoint_workers(run: str, workers: int, restart_hint: str) -> None:
-    """Before a run `run` (storage_path/name) resumes: refuse its latest checkpoint if another number of workers
-    wrote it. ZeRO's optimizer state is partitioned by rank and DeepSpeed cannot re-partition it (its own error comes
-    mid-load, inside every worker, and Ray Train's retries repeat it). `restart_hint` says how to start over from
-    the weights instead."""
+def check_resumable(run: str, local: bool, workers: int, restart_hint: str) -> None:
+    """Before a run `run` (storage_path/name) starts, refuse checkpoints there that it would not, or could not,
+    resume from:
+    - another mode's: a plain-process run resumes from its `latest.json`, Ray Train from its own snapshot, so a run
+      in the other mode would start over beside them;
+    - another number of workers': ZeRO's optimizer state is partitioned by rank and DeepSpeed cannot re-partition it
+      (its own error comes mid-load, inside every worker, and Ray Train's retries repeat it).
+    `restart_hint` says how to start over from the weights instead."""
+    other, mode = (RAY_SNAPSHOT, "on Ray Train") if local else (LOCAL_POINTER, "in one process (--local)")
+    if storage.exists(storage.join(run, other)):
+        raise ValueError(f"name: {run} holds the checkpoints of a run {mode}, which this run would not resume from; "
+                         f"resume it {mode}, or give this run another name")
     checkpoints = [c for c in storage.list_folders(run) if c.rstrip("/").split("/")[-1].startswith("checkpoint_")]
     # checkpoint_<step>, zero-padded: the last name is the latest step. One without rank 0's files (`latest`) was cut
     # short, and Ray resumes from the one before it.
     latest = next((c for c in reversed(checkpoints) if storage.exists(storage.join(c, "latest"))), None)
-    if latest is None:
+    if latest is None or not storage.exists(storage.join(latest, WORKERS)):
         return
-    if storage.exists(storage.join(latest, WORKERS)):
-        saved = json.loads(storage.read_bytes(storage.join(latest, WORKERS)))["workers"]
-    else:  # written in the plain-process mode (one rank), or before WORKERS was: count the ranks' files
-        tag = storage.read_bytes(storage.join(latest, "latest")).decode().strip()
-        # bf16 engines prefix the names with "bf16_".
-        saved = sum("zero_pp_rank_" in f for f in storage.list_files(storage.join(latest, tag), "_optim_states.pt"))
-    if saved and saved != workers:
+    saved = json.loads(storage.read_bytes(storage.join(latest, WORKERS)))["workers"]
+    if saved != workers:
         raise ValueError(f"num_workers: {latest} was written by {saved} worker(s) and this run has {workers}; "
                          f"ZeRO's optimizer state cannot be re-partitioned. Resume with num_workers={saved}, or "
                          f"{restart_hint}")
@@ -264,7 +269,7 @@ def launch(train_func: Callable[[dict], None], cfg, dataset: Callable[[], object
     if local:
         set_single_process_env()
         train_func({"train": asdict(cfg), "local": True})
-        return json.loads(storage.read_bytes(storage.join(cfg.storage_path, cfg.name, "latest.json")))
+        return json.loads(storage.read_bytes(storage.join(cfg.storage_path, cfg.name, LOCAL_POINTER)))
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

@@ -1,6 +1,7 @@
 import json
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -174,11 +175,9 @@ def test_bf16_training_with_accumulation_exports_fp32_master_weights_and_resumes
     # A step is two micro-batches: DeepSpeed counted 2 optimizer steps over 2 x 2 x batch samples.
     state = torch.load(os.path.join(result["checkpoint"], "step2", "mp_rank_00_model_states.pt"), weights_only=False)
     assert state["global_steps"] == 2 and state["global_samples"] == 2 * 2 * TINY["batch_size"]
-    # Its ZeRO files (named bf16_zero_pp_rank_*) are found: resuming on 2 workers would be refused.
-    from mdland.session import check_checkpoint_workers
-
-    with pytest.raises(ValueError, match=r"written by 1 worker\(s\) and this run has 2"):
-        check_checkpoint_workers(str(tmp_path / "runs" / "bf16"), 2, "start over")
+    # Ray Train would not resume from it: a Ray run of the same name is refused, not started over beside it.
+    with pytest.raises(ValueError, match=r"bf16 holds the checkpoints of a run in one process \(--local\)"):
+        run_training(replace(cfg, max_steps=3))
     # A bf16 run resumes from its ZeRO checkpoint (fp32 master weights and Adam state) at the saved step.
     cfg.max_steps = cfg.checkpoint_every = 3
     again = run_training(cfg, local=True)
@@ -186,8 +185,8 @@ def test_bf16_training_with_accumulation_exports_fp32_master_weights_and_resumes
         (2, False), (2, True), (3, False)]
 
 
-def test_the_worker_check_reads_the_checkpoint_ray_resumes_from(tmp_path):
-    from mdland.session import check_checkpoint_workers
+def test_the_resume_check_reads_the_checkpoint_ray_resumes_from(tmp_path):
+    from mdland.session import RAY_SNAPSHOT, check_resumable
 
     run = tmp_path / "run"
 
@@ -201,15 +200,19 @@ def test_the_worker_check_reads_the_checkpoint_ray_resumes_from(tmp_path):
         if workers:
             (folder / "workers.json").write_text(json.dumps({"workers": workers}))
 
-    checkpoint(4, [0, 1])  # no workers.json (a checkpoint from before it was written): the ranks' files are counted
+    checkpoint(4, [0, 1], workers=2)
     with pytest.raises(ValueError, match=r"checkpoint_000004 was written by 2 worker\(s\) and this run has 1"):
-        check_checkpoint_workers(str(run), 1, "start over")
+        check_resumable(str(run), False, 1, "start over")
     checkpoint(8, [1], latest=False)  # rank 0's upload cut short: not a checkpoint Ray resumes from
-    check_checkpoint_workers(str(run), 2, "start over")
+    check_resumable(str(run), False, 2, "start over")
     checkpoint(12, [0], workers=2)  # rank 1's upload cut short: rank 0 recorded the count
-    check_checkpoint_workers(str(run), 2, "start over")
+    check_resumable(str(run), False, 2, "start over")
     with pytest.raises(ValueError, match=r"checkpoint_000012 was written by 2 worker\(s\) and this run has 1"):
-        check_checkpoint_workers(str(run), 1, "start over")
+        check_resumable(str(run), False, 1, "start over")
+    # A plain-process run would not resume from Ray Train's checkpoints, nor start over beside them.
+    (run / RAY_SNAPSHOT).write_text("{}")
+    with pytest.raises(ValueError, match=r"run holds the checkpoints of a run on Ray Train.*resume it on Ray Train"):
+        check_resumable(str(run), True, 1, "start over")
 
 
 def test_bf16_engine_starts_its_master_copy_from_the_fp32_weights():

@@ -120,6 +120,9 @@ def test_ray_train_two_workers_lower_validation_nme(faces, tmp_path):
         with pytest.raises(ValueError, match=r"checkpoint_\d+ was written by 2 worker\(s\) and this run has 1.*"
                                              r"num_workers=2, or start a new run .* with `init`"):
             run_training(replace(cfg, num_workers=1, epochs=4))
+        # A plain-process run of the same name would not resume from Ray Train's checkpoints: refused.
+        with pytest.raises(ValueError, match=r"ray-d holds the checkpoints of a run on Ray Train"):
+            run_training(replace(cfg, epochs=4), local=True)
     finally:
         ray.shutdown()
     hist = history(result["checkpoint"])

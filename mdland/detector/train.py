@@ -30,7 +30,7 @@ from mdland.detector.metrics import nme
 from mdland.detector.model import ARCHS, normalised_to_pixels, to_network_input
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
-from mdland.session import (LocalSession, RaySession, check_checkpoint_workers, check_precision, deepspeed_engine,
+from mdland.session import (LocalSession, RaySession, check_precision, check_resumable, deepspeed_engine,
                             launch, master_weights, mean_over_ranks, pick_device, training_dtype)
 
 log = get_logger(__name__)
@@ -195,9 +195,9 @@ def run_training(cfg: DetectorTrainConfig, local: bool = False) -> dict:
                   val_data=[storage.absolute(v) for v in cfg.val_data],
                   init=cfg.init and storage.absolute(cfg.init), storage_path=storage.absolute(cfg.storage_path))
     rows, size = check_config(cfg)
-    check_checkpoint_workers(storage.join(cfg.storage_path, cfg.name), 1 if local else cfg.num_workers,
-                             "start a new run (another name) with `init` set to this run's detector.pkl, which keeps "
-                             "the weights and resets the optimizer")
+    check_resumable(storage.join(cfg.storage_path, cfg.name), local, 1 if local else cfg.num_workers,
+                    "start a new run (another name) with `init` set to this run's detector.pkl, which keeps "
+                    "the weights and resets the optimizer")
     best = storage.join(cfg.storage_path, cfg.name, "best", "detector.pkl")
     log.info("fine-tuning the detector on %d faces from %s", rows, cfg.data)
 

@@ -37,7 +37,7 @@ from mdland.landmarks.edits import fit_in_frame, sample_edits
 from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
 from mdland.log import get_logger, setup_logging
 from mdland.plots import plot_curves
-from mdland.session import (LocalSession, RaySession, check_checkpoint_workers, check_precision, deepspeed_engine,
+from mdland.session import (LocalSession, RaySession, check_precision, check_resumable, deepspeed_engine,
                             endless, launch, master_weights, mean_over_ranks, pick_device, reseed, training_dtype)
 
 log = get_logger(__name__)
@@ -360,9 +360,9 @@ def run_training(cfg: ControlNetTrainConfig, local: bool = False) -> dict:
                   controlnet=cfg.controlnet and storage.absolute(cfg.controlnet),
                   model=storage.absolute(cfg.model) if local_model else cfg.model)
     rows = check_config(cfg)
-    check_checkpoint_workers(storage.join(cfg.storage_path, cfg.name), 1 if local else cfg.num_workers,
-                             "start a new run (another name) with `controlnet` set to this run's export, which keeps "
-                             "the weights and resets the optimizer")
+    check_resumable(storage.join(cfg.storage_path, cfg.name), local, 1 if local else cfg.num_workers,
+                    "start a new run (another name) with `controlnet` set to this run's export, which keeps "
+                    "the weights and resets the optimizer")
     export = storage.join(cfg.storage_path, cfg.name, "controlnet")
     log.info("training %s on %d faces from %s", cfg.stage, rows, ", ".join(cfg.data))
     encoder = None
