@@ -93,3 +93,12 @@ def test_fit_in_frame():
     # Shape is kept: only a uniform scale and a shift.
     ratio = np.linalg.norm(fitted[36] - fitted[45]) / np.linalg.norm(big[36] - big[45])
     np.testing.assert_allclose(np.linalg.norm(fitted[0] - fitted[16]) / np.linalg.norm(big[0] - big[16]), ratio, rtol=1e-4)
+    with pytest.raises(ValueError, match="a 4-pixel frame has no room"):  # its shrink would mirror the face
+        fit_in_frame(p, 4, margin=2)
+
+
+def test_linear_transform_records_the_matrix_it_applied():
+    for i, p in enumerate(faces(5)):
+        out, params = EDITS["linear_transform"](p, np.random.default_rng(i), 0.5)
+        centre = p.mean(axis=0)
+        np.testing.assert_allclose((p - centre) @ np.array(params["matrix"]).T + centre, out, atol=1e-3)

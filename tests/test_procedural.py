@@ -40,6 +40,8 @@ def test_drawing_sits_on_the_landmarks():
 def test_unknown_style():
     with pytest.raises(ValueError, match="unknown procedural style 'oil'"):
         list(procedural_faces(1, styles=("oil",)))
+    with pytest.raises(ValueError, match="no procedural style given"):
+        list(procedural_faces(1, styles=()))
 
 
 @pytest.mark.parametrize("size", [64, 128, 256])

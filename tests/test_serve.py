@@ -90,9 +90,12 @@ def test_batch_forms(server):
     results = r.json()["results"]
     for i, box in enumerate([(0, 0, 96, 96), (10, 10, 90, 90), (0, 0, 60, 60)]):
         np.testing.assert_allclose(results[i]["landmarks"], expected(net, faces[i], box), atol=2e-3)
-    body = {"images": [{"image": base64.b64encode(faces[3]).decode()},
+    # encodebytes breaks its lines, as the `base64` tool does.
+    body = {"images": [{"image": base64.encodebytes(faces[3]).decode()},
                        {"image": base64.b64encode(faces[4]).decode(), "box": [4, 4, 80, 80]}]}
     r = requests.post(f"{url}/v1/landmarks/batch", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["results"][0]["landmarks"], expected(net, faces[3], (0, 0, 96, 96)), atol=2e-3)
     np.testing.assert_allclose(r.json()["results"][1]["landmarks"], expected(net, faces[4], (4, 4, 80, 80)), atol=2e-3)
 
 
@@ -126,6 +129,7 @@ def png_of(shape) -> bytes:
     ("no image field", 400, "no `image` file field"),
     ("huge box", 400, "over 8x the 96x96 image's longer side"),
     ("overflowing box", 400, "boxes[0]: expected four numbers"),
+    ("binary box file", 400, "box: expected four numbers x0,y0,x1,y1, got"),
 ])
 def test_bad_input_gets_a_one_line_4xx_and_the_replica_lives(server, case, status, needle):
     url, _, faces = server
@@ -166,6 +170,9 @@ def test_bad_input_gets_a_one_line_4xx_and_the_replica_lives(server, case, statu
         "overflowing box": lambda: requests.post(batch, data=json.dumps(
             {"images": [{"image": base64.b64encode(face).decode(), "box": [10**400, 0, 5, 5]}]}),
             headers={"content-type": "application/json"}),
+        # Four bytes that, read as numbers, would have made the box (0, 0, 100, 100).
+        "binary box file": lambda: requests.post(f"{url}/v1/landmarks", files={
+            "image": ("a.png", face, "image/png"), "box": ("box.bin", b"\x00\x00dd", "application/octet-stream")}),
         "no image field": lambda: requests.post(f"{url}/v1/landmarks", files={"picture": ("a.png", face, "image/png")}),
     }[case]
     r = send()
@@ -298,6 +305,8 @@ def test_serve_config_file_builds_the_app(server, tmp_path):
     assert app.build_app(args) is not None
     with pytest.raises(ValueError, match="unknown key"):
         app.build_app({"detector": "x", "max_batch": 3})
+    with pytest.raises(ValueError, match="batch_wait_timeout_s finite and at least 0, got .* and inf"):
+        app.build_app({**args, "batch_wait_timeout_s": float("inf")})
     with pytest.raises(ValueError, match="decode_threads: must be at least 1"):
         app.build_app({**args, "decode_threads": 0})
     (tmp_path / "notes.pkl").write_text("not a checkpoint")
@@ -334,6 +343,42 @@ def test_a_failing_forward_pass_fails_its_callers_and_marks_the_replica_unhealth
     with pytest.raises(RuntimeError, match="forward pass failed: NotImplementedError: .*meta"):
         replica.check_health()
     replica.forward_pool.shutdown()
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .*ASGIIngressWrapper.__del__. was never awaited")
+def test_non_finite_points_fail_their_request_only():
+    import asyncio
+
+    from mdland.serve.app import BadInput, LandmarkService, ServeConfig
+
+    replica = LandmarkService.func_or_class.__new__(LandmarkService.func_or_class)
+    replica.cfg = ServeConfig(detector="unused", max_batch_size=2)
+    replica.forward_pool = ThreadPoolExecutor(1)
+    net = STARNet(ARCHS["tiny"]).eval()
+    with torch.no_grad():  # as an fp16 overflow would leave them
+        next(net.parameters()).fill_(float("nan"))
+    replica.net, replica.dtype = net, torch.float32
+    replica.failure, replica.pending = None, []
+
+    async def one_caller():
+        future = asyncio.get_running_loop().create_future()
+        replica.pending.append(((np.zeros((64, 64, 3), np.uint8), np.eye(3)), future))
+        await replica._forward_loop()
+        return future.exception()
+
+    error = asyncio.run(one_caller())
+    assert isinstance(error, BadInput) and error.status == 500 and "not finite" in error.message
+    replica.check_health()  # the replica itself is fine
+    replica.forward_pool.shutdown()
+
+
+def test_uploads_outside_the_raster_formats_are_refused():
+    from mdland.serve.app import BadInput, ServeConfig, decode_upload
+
+    # PostScript: Pillow would hand it to Ghostscript.
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n"
+    with pytest.raises(BadInput, match="image: not an image"):
+        decode_upload(eps, ServeConfig(detector="unused"))
 
 
 def test_16_bit_grey_uploads_keep_their_tones():

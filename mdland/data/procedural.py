@@ -133,6 +133,8 @@ def procedural_faces(
     count: int, seed: int = 0, size: int = 256, styles: tuple[str, ...] = STYLES, start: int = 0
 ) -> Iterator[Face]:
     """Faces `start` .. `start + count - 1`; face i depends only on (seed, i), so any slice is reproducible."""
+    if not styles:
+        raise ValueError(f"no procedural style given; choose from {STYLES}")
     for unknown in set(styles) - set(STYLES):
         raise ValueError(f"unknown procedural style {unknown!r}; choose from {STYLES}")
     for i in range(start, start + count):

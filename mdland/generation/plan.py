@@ -41,7 +41,7 @@ class GenerateConfig:
     guidance_scale: float = 7.5
     eta: float = 0.0
     edits_per_sample: int = 2
-    edit_strength: float = 1.0
+    edit_strength: float = 1.0  # 1: the edits' full ranges; above 1 extrapolates them
     rows_per_shard: int = 1000
     batch_size: int = 64  # images per sampler call
     num_actors: int = 1  # generation actors (one model each; one GPU each with use_gpu)

@@ -60,7 +60,9 @@ def edit_linear_transform(points: np.ndarray, rng: np.random.Generator, strength
     matrix = np.eye(2) + strength * (full - np.eye(2))
     centre = p.mean(axis=0)
     p = (p - centre) @ matrix.T + centre
-    return _done(p, angle_deg=float(np.rad2deg(angle)), scale_x=float(sx), scale_y=float(sy), shear=float(shear))
+    # The draws describe the full-strength transform; `matrix` is what was applied (about the landmarks' mean).
+    return _done(p, angle_deg=float(np.rad2deg(angle)), scale_x=float(sx), scale_y=float(sy), shear=float(shear),
+                 matrix=matrix.round(6).tolist())
 
 
 def edit_open_eyes(points: np.ndarray, rng: np.random.Generator, strength: float = 1.0):
@@ -176,6 +178,8 @@ def fit_in_frame(points: np.ndarray, size: int, margin: float = 2.0) -> np.ndarr
     """Shrink (about the face centre) and move the face just enough to lie in [margin, size - 1 - margin]."""
     p = np.asarray(points, dtype=np.float64)
     lo, hi = margin, size - 1 - margin
+    if hi <= lo:
+        raise ValueError(f"fit_in_frame: a {size}-pixel frame has no room inside a {margin:g}-pixel margin")
     extent = p.max(axis=0) - p.min(axis=0)
     shrink = min(1.0, float(np.min((hi - lo) / np.maximum(extent, 1e-6))))
     centre = (p.max(axis=0) + p.min(axis=0)) / 2

@@ -58,9 +58,16 @@ class ServeConfig:
 
 
 class BadInput(Exception):
+    """A request answered with `status` and a one-line message, never a stack trace."""
+
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+# The raster formats a face photo or drawing comes in. Pillow opens more, some through outside programs (EPS runs
+# Ghostscript on the upload's PostScript), which a public endpoint should not offer.
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
 
 
 def decode_upload(data: bytes, limits: ServeConfig, what: str = "image") -> np.ndarray:
@@ -69,7 +76,7 @@ def decode_upload(data: bytes, limits: ServeConfig, what: str = "image") -> np.n
     if len(data) > limits.max_bytes:
         raise BadInput(413, f"{what}: {len(data)} bytes is over the {limits.max_bytes}-byte limit")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as im:
             if im.width * im.height > limits.max_pixels:
                 raise BadInput(413, f"{what}: {im.width}x{im.height} pixels is over the {limits.max_pixels}-pixel limit")
             # Points are given in the image as viewers show it: phone photos store it sideways with an EXIF turn.
@@ -86,8 +93,13 @@ def decode_upload(data: bytes, limits: ServeConfig, what: str = "image") -> np.n
         raise BadInput(400, f"{what}: undecodable image ({type(e).__name__})") from None
 
 
-def parse_box(box: str | list | None, width: int, height: int, what: str = "box",
+def parse_box(box: str | bytes | list | None, width: int, height: int, what: str = "box",
               max_ratio: float = ServeConfig.max_box_ratio) -> tuple[float, ...]:
+    if isinstance(box, bytes):  # a multipart `box` sent as a file
+        try:
+            box = box.decode()
+        except UnicodeDecodeError:
+            raise BadInput(400, f"{what}: expected four numbers x0,y0,x1,y1 as text, got binary data") from None
     if box is None or box == "":
         return (0.0, 0.0, float(width), float(height))
     try:
@@ -106,6 +118,11 @@ def parse_box(box: str | list | None, width: int, height: int, what: str = "box"
     if max(x1 - x0, y1 - y0) > max_ratio * max(width, height):
         raise BadInput(400, f"{what}: box {values} is over {max_ratio:g}x the {width}x{height} image's longer side")
     return (x0, y0, x1, y1)
+
+
+def content_type(request: Request) -> str:
+    """The request's media type, without parameters (`image/png; charset=x` -> `image/png`)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 async def limited_stream(request: Request, limit: int):
@@ -156,6 +173,8 @@ class LandmarkService:
         self.net, self.dtype = self.forward_pool.submit(serving_detector, self.cfg.detector,
                                                         pick_device(self.cfg.use_gpu), self.cfg.max_batch_size,
                                                         self.cfg.cuda_graphs).result()
+        # Pillow refuses images past twice its own limit before mdland's `max_pixels` is read.
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, self.cfg.max_pixels)
         self.enqueue.set_max_batch_size(self.cfg.max_batch_size)
         self.enqueue.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
@@ -195,8 +214,12 @@ class LandmarkService:
                         future.set_exception(e)
                 continue
             for (_, future), p in zip(taken, points):
-                if not future.done():
+                if future.done():
+                    continue
+                if np.isfinite(p).all():
                     future.set_result((p, len(taken)))
+                else:  # half precision can overflow on an odd input; JSON has no NaN to answer with
+                    future.set_exception(BadInput(500, "the detector's points for this face are not finite"))
 
     def check_health(self) -> None:
         if self.failure:
@@ -244,7 +267,7 @@ class LandmarkService:
 
     @api.post("/v1/landmarks")
     async def landmarks(self, request: Request, box: str | None = None) -> dict:
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        kind = content_type(request)
         if kind.startswith("image/") or kind == "application/octet-stream":
             data = await read_body(request, self.cfg.max_bytes)
         elif kind == "multipart/form-data":
@@ -261,12 +284,14 @@ class LandmarkService:
 
     @api.post("/v1/landmarks/batch")
     async def landmarks_batch(self, request: Request) -> dict:
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        kind = content_type(request)
         if kind == "application/json":
             body = await read_body(request, self.cfg.max_bytes)
             try:
                 items = json.loads(body)["images"]
-                pairs = [(base64.b64decode(item["image"], validate=True), item.get("box")) for item in items]
+                # Whitespace dropped first: `base64` and Python's encodebytes break lines every 76 characters.
+                pairs = [(base64.b64decode("".join(item["image"].split()), validate=True), item.get("box"))
+                         for item in items]
             except UnicodeDecodeError:
                 raise BadInput(400, "JSON: the body is not UTF-8") from None
             except json.JSONDecodeError as e:
@@ -328,9 +353,9 @@ def build_app(args: dict) -> serve.Application:
     if not cfg.detector:
         raise ValueError("detector: no checkpoint given")
     check_counts(cfg, ("max_batch_size", "max_bytes", "max_pixels", "max_images", "decode_threads"))
-    if not cfg.max_box_ratio > 0 or cfg.batch_wait_timeout_s < 0:
-        raise ValueError(f"max_box_ratio must be above 0 and batch_wait_timeout_s at least 0, got "
-                         f"{cfg.max_box_ratio} and {cfg.batch_wait_timeout_s}")
+    if not (0 < cfg.max_box_ratio < float("inf") and 0 <= cfg.batch_wait_timeout_s < float("inf")):
+        raise ValueError(f"max_box_ratio must be finite and above 0 and batch_wait_timeout_s finite and at least 0, "
+                         f"got {cfg.max_box_ratio} and {cfg.batch_wait_timeout_s}")
     # Replicas run in other working directories; and a checkpoint that will not load fails here, with its reason,
     # rather than in replicas that Serve retries before it gives up with its own message.
     cfg = replace(cfg, detector=storage.absolute(cfg.detector))
