@@ -52,7 +52,7 @@ def test_bad_configs_fail_fast(tmp_path, faces_dir):
         check(model="sd2")
     with pytest.raises(ValueError, match="unknown stage"):
         check(stage="stage3")
-    with pytest.raises(ValueError, match=r"batch_size: 5 x 2 worker\(s\) is larger than the dataset \(8 faces"):
+    with pytest.raises(ValueError, match=r"batch_size: 5 x 2 worker\(s\) is larger than the training set \(8 faces"):
         check(batch_size=5, num_workers=2)
     ShardWriter(str(tmp_path / "empty")).close()
     with pytest.raises(ValueError, match="is an empty dataset"):

@@ -33,7 +33,7 @@ def test_bad_configs_fail_fast(faces, tmp_path):
         return check_config(DetectorTrainConfig(**{**base, **kw}))
 
     assert check() == (64, 64)  # faces, and the tiny network's input size
-    with pytest.raises(ValueError, match="no training datasets"):
+    with pytest.raises(ValueError, match="data: no training dataset given"):
         check(data=[])
     with pytest.raises(ValueError, match=r"all be local or all in S3 .*; got s3://b/synthetic \(s3\), .*train \(local\)"):
         check(data=["s3://b/synthetic", str(faces / "train")])
@@ -48,6 +48,8 @@ def test_bad_configs_fail_fast(faces, tmp_path):
 
     ShardWriter(str(tmp_path / "empty")).close()
     assert check(val_data=[str(faces / "val"), str(faces / "val")]) == (64, 64)  # one held-out set per domain
+    with pytest.raises(ValueError, match=r"data: .*empty is an empty dataset"):  # a wrong path among several
+        check(data=[str(faces / "train"), str(tmp_path / "empty")])
     with pytest.raises(ValueError, match=r"val_data: .*empty holds no faces"):
         check(val_data=[str(faces / "val"), str(tmp_path / "empty")])
     with pytest.raises(ValueError, match="nope.pkl: detector checkpoint not found"):

@@ -31,6 +31,23 @@ def check_one_filesystem(datasets: list[str]) -> None:
                          + ", ".join(f"{d} ({k})" for d, k in kinds.items()))
 
 
+def check_training_data(datasets: list[str], batch_size: int, num_workers: int) -> int:
+    """Fail before any worker starts on training data that cannot fill a step; returns the faces in `datasets`."""
+    if not datasets:
+        raise ValueError("data: no training dataset given")
+    check_one_filesystem(datasets)
+    rows = 0
+    for data in datasets:
+        count = count_rows(data)
+        if count == 0:
+            raise ValueError(f"data: {data} is an empty dataset")
+        rows += count
+    if batch_size * num_workers > rows:
+        raise ValueError(f"batch_size: {batch_size} x {num_workers} worker(s) is larger than the training set "
+                         f"({rows} faces at {', '.join(datasets)})")
+    return rows
+
+
 # Sets up to this many faces (about 2 GB of encoded 256-px images) are shuffled in full every epoch.
 FULL_SHUFFLE_ROWS = 20_000
 

@@ -21,7 +21,7 @@ import torch
 
 from mdland.config import check_counts, from_dict
 from mdland.data import storage
-from mdland.data.datasets import check_one_filesystem, count_rows, local_epoch, read_shards
+from mdland.data.datasets import check_training_data, count_rows, local_epoch, read_shards
 from mdland.data.shards import read_dataset
 from mdland.detector.checkpoint import load_detector, save_checkpoint
 from mdland.detector.data import COLUMNS, prepare_detector_batch
@@ -63,21 +63,13 @@ class DetectorTrainConfig:
 
 def check_config(cfg: DetectorTrainConfig) -> tuple[int, int]:
     """Fail before any worker starts; returns the number of training faces and the network's input size."""
-    if not cfg.data:
-        raise ValueError("data: no training datasets given")
     check_counts(cfg, ("epochs", "batch_size", "num_workers", "log_every", "keep_checkpoints"))
-    check_one_filesystem(cfg.data)
     check_precision(cfg.precision, cfg.zero_stage, cfg.use_gpu, bf16_weights=False)
     if cfg.init is None and cfg.arch not in ARCHS:
         raise ValueError(f"arch: unknown detector architecture {cfg.arch!r}; choose one of {sorted(ARCHS)}")
     # Reads and checks the weights now, not on every worker later.
     size = load_detector(cfg.init, cfg.arch).arch.input_size
-    rows = sum(count_rows(d) for d in cfg.data)
-    if rows == 0:
-        raise ValueError(f"data: {cfg.data} hold no faces")
-    if cfg.batch_size * cfg.num_workers > rows:
-        raise ValueError(f"batch_size: {cfg.batch_size} x {cfg.num_workers} worker(s) is larger than the "
-                         f"training set ({rows} faces)")
+    rows = check_training_data(cfg.data, cfg.batch_size, cfg.num_workers)
     for val in cfg.val_data:
         if count_rows(val) == 0:
             raise ValueError(f"val_data: {val} holds no faces")

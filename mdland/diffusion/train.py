@@ -28,7 +28,7 @@ from PIL import Image
 from mdland.config import check_counts, from_dict
 from mdland.data import storage
 from mdland.data.shards import decode_image, landmarks_array, read_columns, read_shard, shard_uris
-from mdland.data.datasets import check_one_filesystem, count_rows, local_epoch
+from mdland.data.datasets import check_training_data, local_epoch
 from mdland.diffusion.data import COLUMNS, prepare_batch, ray_dataset
 from mdland.diffusion.models import (PRESETS, PromptEmbeddings, SDComponents, build_controlnet, check_model_dir,
                                      ddim_scheduler, latent_distribution, load_components)
@@ -95,24 +95,13 @@ def check_config(cfg: ControlNetTrainConfig) -> int:
         raise ValueError(f"validation_steps: at most SD's 1000 training timesteps, got {cfg.validation_steps}")
     if not 0 <= cfg.empty_prompt_share <= 1:
         raise ValueError(f"empty_prompt_share: a share between 0 and 1, got {cfg.empty_prompt_share}")
-    if not cfg.data:
-        raise ValueError("data: no training dataset given")
-    check_one_filesystem(cfg.data)
-    rows = 0
-    for data in cfg.data:
-        count = count_rows(data)
-        if count == 0:
-            raise ValueError(f"data: {data} is an empty dataset")
-        rows += count
+    rows = check_training_data(cfg.data, cfg.batch_size, cfg.num_workers)
     if cfg.stage == "stage2":
         if not cfg.controlnet:
             raise ValueError("controlnet: stage 2 starts from stage 1's export; give its path")
         if not any(p for d in cfg.data for p in read_columns(d, ["prompt"]).column("prompt").to_pylist()):
             raise ValueError(f"data: stage 2 trains with style prompts, but every prompt in {', '.join(cfg.data)} is "
                              "empty (ingest each domain with --style / --prompt)")
-    if cfg.batch_size * cfg.num_workers > rows:
-        raise ValueError(f"batch_size: {cfg.batch_size} x {cfg.num_workers} worker(s) is larger than the dataset "
-                         f"({rows} faces at {', '.join(cfg.data)})")
     storage.check_writable(storage.join(cfg.storage_path, cfg.name))
     return rows
 
