@@ -92,6 +92,34 @@ def test_bad_configs_fail_fast(tmp_path, faces_dir):
             check(**{field: value})
 
 
+def test_a_model_directory_of_fp16_weights_only_loads(tmp_path):
+    from mdland.diffusion.models import load_components
+
+    tiny = build_preset("tiny", seed=3)
+    save_components(tiny, tmp_path / "plain")
+    for sub in ("vae", "unet", "text_encoder"):  # as `--include '*fp16*'` downloads them
+        getattr(tiny, sub).half().save_pretrained(tmp_path / "plain" / sub, variant="fp16")
+        for f in (tmp_path / "plain" / sub).iterdir():
+            if f.suffix == ".safetensors" and ".fp16" not in f.name:
+                f.unlink()
+    loaded = load_components(str(tmp_path / "plain"))
+    expected = tiny.unet.state_dict()
+    for name, value in loaded.unet.state_dict().items():
+        torch.testing.assert_close(value.float(), expected[name].float(), rtol=0, atol=0)
+
+
+def test_sampling_never_clips_latents_whatever_the_scheduler_config_leaves_out(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from mdland.diffusion.models import ddim_scheduler
+
+    tiny = build_preset("tiny")
+    config = {k: v for k, v in tiny.noise_scheduler.config.items() if k != "clip_sample" and not k.startswith("_")}
+    tiny.noise_scheduler = DDPMScheduler.from_config(config)  # an older export: DDPM's default clips
+    assert tiny.noise_scheduler.config.clip_sample is True
+    assert ddim_scheduler(tiny).config.clip_sample is False
+
+
 def test_probe_batch_is_the_datas_first_faces_in_file_order(tmp_path, faces_dir):
     small = str(tmp_path / "small-shards")
     write_faces(small, 5, seed=3, size=64, rows_per_shard=2)

@@ -93,17 +93,55 @@ def test_fingerprint_changes_when_anything_is_rewritten(storage_root):
         storage.fingerprint(storage.join(storage_root, "nothing"))
 
 
-def test_a_republished_s3_model_is_copied_again(s3_bucket, tmp_path, monkeypatch):
+def test_a_republished_s3_model_is_copied_again_and_a_copy_in_use_is_kept(s3_bucket, tmp_path, monkeypatch):
     from mdland.diffusion.models import local_copy
 
     monkeypatch.setenv("MDLAND_CACHE", str(tmp_path))
     uri = f"{s3_bucket}/runs/stage1/controlnet"
     storage.write_bytes(f"{uri}/config.json", b"first")
-    old = local_copy(uri)
-    assert (old / "config.json").read_bytes() == b"first" and local_copy(uri) == old
-    storage.write_bytes(f"{uri}/config.json", b"second export")
-    new = local_copy(uri)
-    assert (new / "config.json").read_bytes() == b"second export" and not old.exists()
+    with local_copy(uri) as old:
+        assert (old / "config.json").read_bytes() == b"first"
+        with local_copy(uri) as again:
+            assert again == old
+        # Re-published while another process still loads the first export: that copy stays until it is done.
+        storage.write_bytes(f"{uri}/config.json", b"second export")
+        with local_copy(uri) as new:
+            assert (new / "config.json").read_bytes() == b"second export"
+        assert (old / "config.json").read_bytes() == b"first"
+    storage.write_bytes(f"{uri}/config.json", b"third export")
+    with local_copy(uri) as newest:
+        assert (newest / "config.json").read_bytes() == b"third export"
+    assert not old.exists() and not new.exists()  # nobody loads from them any more
+
+
+def test_a_model_snapshot_is_copied_without_what_loading_does_not_read(s3_bucket, tmp_path, monkeypatch):
+    from mdland.diffusion.models import SUBFOLDERS, local_copy, weights_variant
+
+    monkeypatch.setenv("MDLAND_CACHE", str(tmp_path))
+    uri = f"{s3_bucket}/models/sd15"
+    snapshot = ["model_index.json", "v1-5-pruned.ckpt", "v1-5-pruned-emaonly.safetensors",
+                "safety_checker/model.safetensors", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.fp16.safetensors",
+                "unet/diffusion_pytorch_model.non_ema.safetensors", "vae/config.json",
+                "vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.bin",
+                "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+                "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                "scheduler/scheduler_config.json"]
+    for f in snapshot:
+        storage.write_bytes(f"{uri}/{f}", f.encode())
+    with local_copy(uri, tuple(SUBFOLDERS)) as path:
+        copied = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != ".complete")
+        # The plain weights where there are some; the vae holds only fp16 ones, so those (safetensors over bin).
+        assert copied == sorted(["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                                 "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors",
+                                 "text_encoder/config.json", "text_encoder/model.safetensors",
+                                 "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                                 "scheduler/scheduler_config.json"])
+        assert weights_variant(path / "vae") == "fp16" and weights_variant(path / "unet") is None
+    # A file loading does not read changes nothing: the copy is used as it is.
+    storage.write_bytes(f"{uri}/safety_checker/model.safetensors", b"other")
+    with local_copy(uri, tuple(SUBFOLDERS)) as again:
+        assert again == path
 
 
 def test_local_write_is_atomic_when_it_fails(tmp_path, monkeypatch):

@@ -223,9 +223,13 @@ def delete_folder(uri: str) -> None:
         raise _fail(uri, "delete", e) from e
 
 
-def fingerprint(uri: str) -> str:
-    """A short hash of the relative paths, sizes and modification times of the file at `uri`, or of every file under
-    it: it changes whenever something there is rewritten, so caches and plans keyed on it notice a re-export."""
+def list_tree(uri: str) -> list[str]:
+    """Relative paths of the files under `uri` (a folder or prefix), sorted; [""] when `uri` is a file itself.
+    Hidden files and folders (unfinished writes, ingest's staging folder) are not part of what is there."""
+    return [rel for rel, _, _ in _tree(uri)]
+
+
+def _tree(uri: str) -> list[tuple[str, int, int]]:
     fs, path = filesystem(uri)
     try:
         info = fs.get_file_info(path)
@@ -233,24 +237,37 @@ def fingerprint(uri: str) -> str:
             pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as e:
         raise _fail(uri, "look up", e) from e
-    # Hidden files and folders (unfinished writes, ingest's staging folder) are not part of what is there.
-    entries = sorted((i.path[len(path):], i.size, i.mtime_ns) for i in infos
-                     if i.type == pafs.FileType.File
-                     and not any(part.startswith(".") for part in i.path[len(path):].split("/")))
+    return sorted((i.path[len(path):].lstrip("/"), i.size, i.mtime_ns) for i in infos
+                  if i.type == pafs.FileType.File
+                  and not any(part.startswith(".") for part in i.path[len(path):].split("/")))
+
+
+def fingerprint(uri: str, files: list[str] | None = None) -> str:
+    """A short hash of the relative paths, sizes and modification times of the file at `uri`, or of every file under
+    it (or of `files`, relative paths under it): it changes whenever something there is rewritten, so caches and plans
+    keyed on it notice a re-export."""
+    entries = [(f"/{rel}" if rel else "", size, mtime) for rel, size, mtime in _tree(uri)
+               if files is None or rel in files]
     if not entries:
         raise StorageError(f"{uri}: not found")
     return hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:16]
 
 
-def copy_to_local(uri: str, local_dir: str | os.PathLike) -> None:
-    """Copy everything under `uri` (a folder or prefix) into `local_dir`."""
+def copy_to_local(uri: str, local_dir: str | os.PathLike, files: list[str] | None = None) -> None:
+    """Copy everything under `uri` (a folder or prefix), or only `files` (relative paths under it), into
+    `local_dir`."""
     fs, path = filesystem(uri)
     try:
-        if fs.get_file_info(path).type == pafs.FileType.NotFound and not list_files(uri):
-            raise StorageError(f"{uri}: not found")
+        if files is None:
+            if fs.get_file_info(path).type == pafs.FileType.NotFound and not list_files(uri):
+                raise StorageError(f"{uri}: not found")
+            files = [""]  # the whole folder in one copy_files call
         Path(local_dir).mkdir(parents=True, exist_ok=True)  # copy_files makes sub-folders, not the root
-        pafs.copy_files(path, str(Path(local_dir).absolute()), source_filesystem=fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+        for rel in files:
+            target = Path(local_dir, rel).absolute()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(f"{path}/{rel}" if rel else path, str(target), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
     except StorageError:
         raise
     except OSError as e:

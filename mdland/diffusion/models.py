@@ -11,8 +11,11 @@ import fcntl
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +26,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from mdland.data import storage
 
 PRESETS = ("tiny", "sd15")
-SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+# What loading reads from a diffusers-format SD directory, besides model_index.json, and the file each must have.
+SUBFOLDERS = {"vae": "config.json", "unet": "config.json", "text_encoder": "config.json", "tokenizer": "tokenizer_config.json",
+              "scheduler": "scheduler_config.json"}
 MAX_PROMPT_TOKENS = 77
 
 # SD 1.x's training noise schedule.
@@ -152,32 +157,89 @@ def _cache_root() -> Path:
     return Path(os.environ.get("MDLAND_CACHE", Path.home() / ".cache" / "mdland"))
 
 
-def local_copy(uri: str) -> Path:
-    """A local directory holding `uri`: the path itself, or for `s3://` a copy made once per node (file-locked) and
-    made again when anything under `uri` changes (a re-published export), older copies of it removed."""
+def needed_files(files: list[str], subfolders: tuple[str, ...] | None = None) -> list[str]:
+    """The files of a diffusers-format directory that loading reads: with `subfolders`, only theirs and
+    `model_index.json`; and of a weights file's variants (`.fp16`, `.non_ema`), the plain file when there is one,
+    safetensors over bin. A Hugging Face snapshot of SD 1.5 also holds single-file checkpoints, a safety checker and
+    those variants: tens of GB that every node would otherwise copy."""
+    present = set(files)
+    keep = []
+    for f in files:
+        folder, _, name = f.rpartition("/")
+        if subfolders is not None and (folder.split("/")[0] not in subfolders if folder else name != "model_index.json"):
+            continue
+        stem, _, ext = name.rpartition(".")
+        if ext in ("safetensors", "bin"):
+            base, dot, _ = stem.rpartition(".")
+            if dot and posixpath.join(folder, f"{base}.{ext}") in present:  # a variant beside the plain file
+                continue
+            if ext == "bin" and posixpath.join(folder, f"{stem}.safetensors") in present:
+                continue
+        keep.append(f)
+    return keep
+
+
+def weights_variant(folder: Path) -> str | None:
+    """"fp16" for a folder that holds only fp16 weights (a snapshot downloaded with `--include '*fp16*'`)."""
+    weights = [p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")]
+    return "fp16" if weights and all(".fp16" in w for w in weights) else None
+
+
+@contextmanager
+def local_copy(uri: str, subfolders: tuple[str, ...] | None = None) -> Iterator[Path]:
+    """A local directory holding `uri` (the files of it that loading reads, `needed_files`) for the `with` block: the
+    path itself, or for `s3://` a copy made once per node and again when those files change (a re-published export).
+    Older copies are removed once no process is loading from them."""
     if not storage.is_s3(uri):
-        return Path(uri)
+        yield Path(uri)
+        return
     models = _cache_root() / "models"
     models.mkdir(parents=True, exist_ok=True)
     name = hashlib.sha1(uri.encode()).hexdigest()[:16]
-    target = models / f"{name}-{storage.fingerprint(uri)}"
     with open(models / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / ".complete").exists():
-            for stale in models.glob(f"{name}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            storage.copy_to_local(uri, target)
-            (target / ".complete").write_text(uri)
-    return target
+        for _ in range(3):
+            files = needed_files(storage.list_tree(uri), subfolders)
+            version = storage.fingerprint(uri, files)
+            target = models / f"{name}-{version}"
+            if (target / ".complete").exists():
+                break
+            _remove_unused_copies(models, name)
+            storage.copy_to_local(uri, target, files)
+            if storage.fingerprint(uri, files) == version:  # not re-published while it was copied
+                (target / ".complete").write_text(uri)
+                break
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            raise storage.StorageError(f"{uri}: changed while it was copied, three times; try again once published")
+        in_use = open(models / f"{target.name}.in-use", "w")
+        fcntl.flock(in_use, fcntl.LOCK_SH)  # taken under the node lock: no removal comes in between
+    try:
+        yield target
+    finally:
+        in_use.close()
+
+
+def _remove_unused_copies(models: Path, name: str) -> None:
+    """Remove the copies of model `name` that no process is loading from (each reader holds its copy's in-use lock)."""
+    for copy in models.glob(f"{name}-*"):
+        if not copy.is_dir():
+            continue
+        with open(models / f"{copy.name}.in-use", "w") as in_use:
+            try:
+                fcntl.flock(in_use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            shutil.rmtree(copy, ignore_errors=True)
 
 
 def check_model_dir(uri: str) -> None:
     """Fail fast, before any worker starts, when `uri` is not a diffusers-format SD directory."""
     if uri in PRESETS:
         return
-    missing = [sub for sub in ("unet", "vae", "text_encoder") if not storage.exists(storage.join(uri, sub, "config.json"))]
+    missing = [f"{sub}/{f}" for sub, f in SUBFOLDERS.items() if not storage.exists(storage.join(uri, sub, f))]
     if missing:
-        raise ValueError(f"{uri}: not a diffusers-format Stable Diffusion directory (no {', '.join(missing)}/config.json)")
+        raise ValueError(f"{uri}: not a diffusers-format Stable Diffusion directory (no {', '.join(missing)})")
 
 
 def load_components(model: str, seed: int = 0) -> SDComponents:
@@ -185,15 +247,16 @@ def load_components(model: str, seed: int = 0) -> SDComponents:
     if model in PRESETS:
         return build_preset(model, seed=seed)
     check_model_dir(model)
-    path = local_copy(model)
-    return SDComponents(
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
-        model_id=model,
-    )
+    with local_copy(model, tuple(SUBFOLDERS)) as path:
+        return SDComponents(
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=weights_variant(path / "vae")),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=weights_variant(path / "unet")),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder",
+                                                       variant=weights_variant(path / "text_encoder")),
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+            model_id=model,
+        )
 
 
 def load_vae(model: str, seed: int = 0) -> AutoencoderKL:
@@ -201,7 +264,8 @@ def load_vae(model: str, seed: int = 0) -> AutoencoderKL:
     if model in PRESETS:
         return _preset_vae(model, seed)
     check_model_dir(model)
-    return AutoencoderKL.from_pretrained(local_copy(model), subfolder="vae")
+    with local_copy(model, tuple(SUBFOLDERS)) as path:
+        return AutoencoderKL.from_pretrained(path, subfolder="vae", variant=weights_variant(path / "vae"))
 
 
 def latent_distribution(vae: AutoencoderKL, images: torch.Tensor, dtype: torch.dtype):
@@ -216,11 +280,13 @@ def build_controlnet(components: SDComponents, init: str | None = None) -> Contr
     if init:
         if not storage.exists(storage.join(init, "config.json")):
             raise ValueError(f"{init}: not a ControlNet export (no config.json)")
-        return ControlNetModel.from_pretrained(local_copy(init))
+        with local_copy(init) as path:
+            return ControlNetModel.from_pretrained(path, variant=weights_variant(path))
     return ControlNetModel.from_unet(components.unet)
 
 
 def ddim_scheduler(components: SDComponents) -> DDIMScheduler:
-    """The sampling scheduler. DDPM's config has no `set_alpha_to_one`, and DDIM's default (True) is not SD 1.x's."""
-    return DDIMScheduler.from_config(components.noise_scheduler.config,
+    """The sampling scheduler. DDPM's config has no `set_alpha_to_one`, and DDIM's default (True) is not SD 1.x's;
+    a scheduler config without `clip_sample` gives DDPM's default (True), which would clip DDIM's latents."""
+    return DDIMScheduler.from_config(components.noise_scheduler.config, clip_sample=False,
                                      set_alpha_to_one=SCHEDULER_CONFIG["set_alpha_to_one"])
