@@ -46,10 +46,10 @@ def _serve(a: argparse.Namespace) -> None:
     from ray import serve
 
     from mdland.config import parse_overrides
-    from mdland.serve.app import start_server
+    from mdland.serve.app import ServeConfig, start_server
 
     # ServeConfig fields plus deployment options (num_replicas, ...); build_app checks every key.
-    args = {"detector": a.detector, **parse_overrides(a.set)}
+    args = {"detector": a.detector, **parse_overrides(a.set, ServeConfig)}
     try:  # Ctrl-C, while Serve starts too
         url = start_server(args, a.host, a.port)
         print(f"serving {a.detector} at {url}/v1/landmarks (docs: {url}/docs); Ctrl-C stops", flush=True)

@@ -1,6 +1,7 @@
 """The one config loader: YAML files into dataclasses, with `key=value` overrides from the command line."""
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -31,8 +32,10 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}")
         try:
             number = kind(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(.inf)
             raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{where}: expected a finite number, got {value!r}")
         if kind is int and isinstance(value, float) and value != number:  # 2.7 epochs is a typo, not 2
             raise ValueError(f"{where}: expected int, got {value!r}")
         return number
@@ -88,19 +91,30 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ValueError(f"{path}: invalid YAML ({e})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of config keys, got a {type(data).__name__}")
-    data.update(parse_overrides(overrides or []))
+    data.update(parse_overrides(overrides or [], cls))
     return from_dict(cls, data, str(path or "config"))
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """`key=value` command-line overrides as a mapping, values parsed as YAML scalars."""
+def _is_text(kind: Any) -> bool:
+    return kind is str or (typing.get_origin(kind) in (typing.Union, types.UnionType)
+                           and set(typing.get_args(kind)) == {str, type(None)})
+
+
+def parse_overrides(items: list[str], cls: type | None = None) -> dict:
+    """`key=value` command-line overrides as a mapping, values parsed as YAML scalars, except that a text field of
+    dataclass `cls` takes the text as typed (YAML reads `name=0123` as the number 83 and `name=yes` as true)."""
+    text = {k for k, kind in typing.get_type_hints(cls).items() if _is_text(kind)} if cls else set()
     data = {}
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep:
             raise ValueError(f"override {item!r}: expected key=value")
+        if key in text and value.strip() not in ("", "null", "~"):
+            data[key] = value
+            continue
         try:
-            data[key.strip()] = yaml.safe_load(value)
+            data[key] = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise ValueError(f"override {item!r}: not a YAML value ({str(e).splitlines()[0]})") from None
     return data

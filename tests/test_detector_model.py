@@ -79,6 +79,11 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
         load_detector(str(tmp_path / "junk.pkl"))
     with pytest.raises(ValueError, match="missing.pkl: detector checkpoint not found"):
         load_detector(str(tmp_path / "missing.pkl"))
+    buf = io.BytesIO()
+    torch.save({"net": STARNet(ARCHS["tiny"]).state_dict(), "arch": {"input_size": 64, "stacks": 2}}, buf)
+    (tmp_path / "other-arch.pkl").write_bytes(buf.getvalue())
+    with pytest.raises(ValueError, match="other-arch.pkl: unknown detector architecture in the checkpoint"):
+        load_detector(str(tmp_path / "other-arch.pkl"))
     tiny = STARNet(ARCHS["tiny"])
     state = tiny.state_dict()
     state.pop("pre.0.conv.bias")

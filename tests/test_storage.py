@@ -185,3 +185,7 @@ def test_bad_credentials_are_a_clear_error(s3_auth_server, monkeypatch):
         storage.write_bytes("s3://mdland-auth/a.bin", b"x")
     with pytest.raises(StorageError, match="access denied"):
         storage.check_writable("s3://mdland-auth/data")
+    from mdland.detector.checkpoint import load_detector
+
+    with pytest.raises(ValueError, match="detector checkpoint: .*mdland-auth/det.pkl.*access denied"):  # not "not found"
+        load_detector("s3://mdland-auth/det.pkl")

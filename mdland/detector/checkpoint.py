@@ -14,16 +14,23 @@ from mdland.detector.model import ARCHS, DetectorArch, STARNet
 def read_checkpoint(uri: str) -> tuple[dict, DetectorArch]:
     """(state dict, architecture) from a checkpoint file, local or s3://."""
     try:
-        blob = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
-    except storage.StorageError:
-        raise ValueError(f"{uri}: detector checkpoint not found") from None
+        data = storage.read_bytes(uri) if storage.exists(uri) else None
+    except storage.StorageError as e:  # unreadable: access denied, no endpoint, ...
+        raise ValueError(f"detector checkpoint: {e}") from None
+    if data is None:
+        raise ValueError(f"{uri}: detector checkpoint not found")
+    try:
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle that is not plain tensors and containers, or not a torch file at all
         raise ValueError(f"{uri}: not a readable detector checkpoint ({type(e).__name__}: {e})") from None
     state = blob.get("net", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{uri}: no `net` state dict in the checkpoint")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    arch = DetectorArch(**blob["arch"]) if isinstance(blob.get("arch"), dict) else infer_arch(state, uri)
+    try:
+        arch = DetectorArch(**blob["arch"]) if isinstance(blob.get("arch"), dict) else infer_arch(state, uri)
+    except TypeError as e:  # an `arch` entry with other keys
+        raise ValueError(f"{uri}: unknown detector architecture in the checkpoint ({e})") from None
     return state, arch
 
 

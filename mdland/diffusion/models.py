@@ -86,7 +86,9 @@ class PromptEmbeddings:
         tok = self.components.tokenizer
         missing = sorted(set(prompts) - self.cache.keys())
         if missing:
-            ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True,
+            # A tokenizer config without `model_max_length` gives a huge one; the encoder's positions bound it.
+            length = min(tok.model_max_length, self.components.text_encoder.config.max_position_embeddings)
+            ids = tok(missing, padding="max_length", max_length=length, truncation=True,
                       return_tensors="pt").input_ids.to(self.device)
             self.cache.update(zip(missing, self.components.text_encoder(ids)[0]))
         return torch.stack([self.cache[p] for p in prompts])
