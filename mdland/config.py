@@ -110,7 +110,8 @@ def parse_overrides(items: list[str], cls: type | None = None) -> dict:
         key = key.strip()
         if not sep:
             raise ValueError(f"override {item!r}: expected key=value")
-        if key in text and value.strip() not in ("", "null", "~"):
+        # Quoted text and null are YAML's to read.
+        if key in text and value.strip() not in ("", "null", "~") and value.strip()[:1] not in ("'", '"'):
             data[key] = value
             continue
         try:

@@ -23,6 +23,7 @@ def test_values_are_coerced_to_the_field_types():
     # A text field takes the text as typed: YAML reads 0123 as the octal 83, yes as true, 1.10 as 1.1.
     for typed in ("0123", "yes", "1.10"):
         assert load_config(Example, None, [f"name={typed}"]).name == typed
+    assert load_config(Example, None, ['name="quoted"']).name == "quoted"
 
 
 @pytest.mark.parametrize("data,message", [

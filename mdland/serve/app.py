@@ -353,9 +353,9 @@ def build_app(args: dict) -> serve.Application:
     if not cfg.detector:
         raise ValueError("detector: no checkpoint given")
     check_counts(cfg, ("max_batch_size", "max_bytes", "max_pixels", "max_images", "decode_threads"))
-    if not (0 < cfg.max_box_ratio < float("inf") and 0 <= cfg.batch_wait_timeout_s < float("inf")):
-        raise ValueError(f"max_box_ratio must be finite and above 0 and batch_wait_timeout_s finite and at least 0, "
-                         f"got {cfg.max_box_ratio} and {cfg.batch_wait_timeout_s}")
+    if not cfg.max_box_ratio > 0 or cfg.batch_wait_timeout_s < 0:  # non-finite numbers: refused by from_dict
+        raise ValueError(f"max_box_ratio must be above 0 and batch_wait_timeout_s at least 0, got "
+                         f"{cfg.max_box_ratio} and {cfg.batch_wait_timeout_s}")
     # Replicas run in other working directories; and a checkpoint that will not load fails here, with its reason,
     # rather than in replicas that Serve retries before it gives up with its own message.
     cfg = replace(cfg, detector=storage.absolute(cfg.detector))
