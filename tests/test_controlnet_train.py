@@ -120,6 +120,16 @@ def test_sampling_never_clips_latents_whatever_the_scheduler_config_leaves_out(t
     assert ddim_scheduler(tiny).config.clip_sample is False
 
 
+def test_prompts_pad_to_the_text_encoders_positions_when_the_tokenizer_sets_no_length():
+    from mdland.diffusion.models import PromptEmbeddings
+
+    tiny = build_preset("tiny")
+    expected = PromptEmbeddings(tiny, "cpu")(["a painting", ""])
+    tiny.tokenizer.model_max_length = int(1e30)  # what a tokenizer config without model_max_length gives
+    torch.testing.assert_close(PromptEmbeddings(tiny, "cpu")(["a painting", ""]), expected)
+    assert expected.shape[1] == tiny.text_encoder.config.max_position_embeddings
+
+
 def test_probe_batch_is_the_datas_first_faces_in_file_order(tmp_path, faces_dir):
     small = str(tmp_path / "small-shards")
     write_faces(small, 5, seed=3, size=64, rows_per_shard=2)
