@@ -148,6 +148,7 @@ def _serve_until(tmp_path, marker: str, port: int) -> tuple[subprocess.Popen, li
     while not any(marker in line for line in lines) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, "".join(lines)[-3000:]
+    assert any(marker in line for line in lines), f"no {marker!r} in 240 s: " + "".join(lines)[-3000:]
     return proc, lines
 
 

@@ -42,3 +42,28 @@ def test_values_are_coerced_to_the_field_types():
 def test_ill_typed_values_fail_naming_the_key(data, message):
     with pytest.raises(ValueError, match=message):
         from_dict(Example, data, "example.yaml")
+
+
+def test_the_shipped_paper_configs_load_with_the_papers_settings():
+    from pathlib import Path
+
+    import mdland
+    from mdland.detector.train import DetectorTrainConfig
+    from mdland.diffusion.train import ControlNetTrainConfig
+    from mdland.generation.plan import GenerateConfig
+
+    root = Path(mdland.__file__).parent
+    stage1 = load_config(ControlNetTrainConfig, root / "diffusion/configs/stage1.yaml")
+    stage2 = load_config(ControlNetTrainConfig, root / "diffusion/configs/stage2.yaml")
+    assert (stage1.stage, stage1.resolution, stage1.batch_size, stage1.learning_rate, stage1.max_steps) == (
+        "stage1", 256, 4, 1e-5, 200_000)
+    assert (stage2.stage, stage2.batch_size, stage2.learning_rate, stage2.max_steps) == ("stage2", 4, 1e-5, 100_000)
+    assert stage2.controlnet and len(stage2.data) == 3  # starts from stage 1's export, on the three domains
+    detector = load_config(DetectorTrainConfig, root / "detector/configs/finetune.yaml")
+    assert (detector.batch_size, detector.learning_rate) == (32, 1e-4) and detector.init.endswith(".pkl")
+    generate = load_config(GenerateConfig, root / "generation/configs/generate.yaml")
+    assert generate.total == 25 * 400 == 10_000
+    assert (generate.resolution, generate.num_inference_steps, generate.guidance_scale) == (256, 50, 7.5)
+    for tiny in ("tiny-stage1", "tiny-stage2"):
+        assert load_config(ControlNetTrainConfig, root / f"diffusion/configs/{tiny}.yaml").model == "tiny"
+    assert load_config(DetectorTrainConfig, root / "detector/configs/tiny.yaml").data

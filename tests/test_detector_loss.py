@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from mdland.detector.data import edge_maps, pixels_to_unit, point_maps
@@ -57,3 +58,30 @@ def test_loss_decreases_when_fitting_a_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.75 * losses[0] and set(parts) == {"star", "awing_points", "awing_edges"}
+
+
+def test_awing_and_smooth_l1_values_by_hand():
+    import math
+
+    from mdland.detector.loss import smooth_l1
+
+    # One pixel, target 0 (power alpha = 2.1), prediction 0.3 (< theta): omega * ln(1 + 0.3^2.1), no weight.
+    target, pred = torch.zeros(1, 1, 5, 5), torch.zeros(1, 1, 5, 5)
+    pred[0, 0, 0, 0] = 0.3
+    assert awing_loss(pred, target).item() * 25 == pytest.approx(14 * math.log1p(0.3**2.1), rel=1e-5)
+    # The same error beside a target peak (>= 0.2 in its 3x3 neighbourhood) weighs 11 times.
+    target[0, 0, 1, 1] = 0.5
+    near = torch.zeros(1, 1, 5, 5)
+    near[0, 0, 0, 0] = 0.3
+    near[0, 0, 1, 1] = 0.5
+    assert awing_loss(near, target).item() * 25 == pytest.approx(11 * 14 * math.log1p(0.3**2.1), rel=1e-5)
+    # Past theta the loss is linear: A * delta - C, continuous with the log part at theta (target 0).
+    power, ratio = 2.1, 0.5
+    big_a = 14 / (1 + ratio**power) * power * ratio ** (power - 1)
+    big_c = 0.5 * big_a - 14 * math.log1p(ratio**power)
+    far = torch.zeros(1, 1, 5, 5)
+    far[0, 0, 4, 4] = 0.9
+    assert awing_loss(far, torch.zeros(1, 1, 5, 5)).item() * 25 == pytest.approx(big_a * 0.9 - big_c, rel=1e-5)
+    # STAR's smooth L1 with scale 0.01: err^2 / 0.02 below it, |err| - 0.005 above.
+    np.testing.assert_allclose(smooth_l1(torch.tensor([0.005, -0.005, 0.02, -0.3])).numpy(),
+                               [0.00125, 0.00125, 0.015, 0.295], rtol=1e-5)

@@ -74,6 +74,12 @@ def test_plain_process_learns_keeps_the_best_and_resumes(faces, tmp_path):
     assert best.arch == ARCHS["tiny"]
     blob = torch.load(io.BytesIO(storage.read_bytes(second["best"])), weights_only=True)
     assert blob["val_nme"] == pytest.approx(min(nmes[1:])) and first["epoch"] == 3
+    # `mdland evaluate` finds the same NME: it predicts on whole images and maps the points back to their pixels,
+    # where validation compares in crop pixels (NME does not change with the crop's scale and shift).
+    from mdland.detector.evaluate import evaluate_detector
+
+    rows = evaluate_detector(second["best"], [("val", str(faces / "val"), None)], str(tmp_path / "eval"))
+    assert rows[0]["nme"] == pytest.approx(blob["val_nme"], rel=1e-4)
 
 
 def test_fine_tuning_a_finished_checkpoint_starts_at_epoch_zero(faces, tmp_path):

@@ -56,6 +56,20 @@ def test_specific_directions():
     assert np.linalg.norm(out[4] - out[12]) > np.linalg.norm(p[4] - p[12])
 
 
+@pytest.mark.parametrize("name,parts", [("shift_nose", ("nose_bridge", "nose_lower")),
+                                        ("shift_mouth", ("mouth_outer", "mouth_inner"))])
+def test_shift_nose_and_mouth_move_as_their_params_say(name, parts):
+    from mdland.landmarks.edits import face_axes
+    from mdland.landmarks.scheme import PARTS, inter_ocular
+
+    for i, p in enumerate(faces(10)):
+        out, params = EDITS[name](p, np.random.default_rng(i), 1.0)
+        right, up = face_axes(p)
+        idx = [j for part in parts for j in PARTS[part]]
+        moved = (out[idx] - p[idx]).mean(axis=0) / inter_ocular(p)
+        np.testing.assert_allclose([moved @ right, moved @ up], [params["right"], params["up"]], atol=1e-4)
+
+
 def test_shift_eyes_moves_both_eyes_as_its_params_say():
     from mdland.landmarks.edits import face_axes
     from mdland.landmarks.scheme import PARTS, inter_ocular

@@ -136,7 +136,7 @@ def test_bad_faces_fail_by_name_or_are_skipped(setup, tmp_path):
         eval_faces(str(tmp_path / "none"))
 
 
-def test_reports_go_to_s3(setup, s3_bucket, tmp_path, monkeypatch):
+def test_reports_go_to_s3(setup, s3_bucket, tmp_path, monkeypatch, capsys):
     from mdland.data import storage
 
     root, _ = setup
@@ -151,4 +151,6 @@ def test_reports_go_to_s3(setup, s3_bucket, tmp_path, monkeypatch):
     assert main(["evaluate-preds", str(root / "shards"), str(root / "shards"), "--out", f"{s3_bucket}/p"]) == 0
     assert json.loads(storage.read_bytes(f"{s3_bucket}/p/metrics.json"))["nme"] == 0
     missing = "s3://no-such-bucket-mdland/eval"
+    capsys.readouterr()
     assert main(["evaluate", "--detector", str(root / "det.pkl"), "--data", str(root / "shards"), "--out", missing]) == 2
+    assert "the bucket does not exist" in capsys.readouterr().err

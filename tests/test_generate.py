@@ -275,7 +275,12 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
     # An actor loads the weights the plan names, and refuses an export re-published after the plan was made.
     from mdland.generation.pipeline import GenerationActor
 
-    assert GenerationActor(asdict(planned), replaced["weights"]).sampler is not None
+    from diffusers import ControlNetModel
+
+    actor = GenerationActor(asdict(planned), replaced["weights"])
+    export = ControlNetModel.from_pretrained(controlnet).state_dict()
+    loaded = actor.sampler.controlnet.state_dict()
+    assert loaded.keys() == export.keys() and all(torch.equal(loaded[k], export[k]) for k in export)
     config_file.write_text(config_file.read_text() + " ")
     with pytest.raises(ValueError, match=f"controlnet: {controlnet} changed after this run planned"):
         GenerationActor(asdict(planned), replaced["weights"])
@@ -326,8 +331,10 @@ def test_alignment_scores_and_filter(inputs, tmp_path):
     by_key = dict(zip(read_dataset(scored.output).column("key").to_pylist(), scores))
     assert 0 < kept.num_rows < 24 and result["count"] == kept.num_rows
     assert read_manifest(filtered.output)["planned"] == 24
+    # Exactly the pairs scored at or under the threshold are kept, with their scores.
+    assert set(kept.column("key").to_pylist()) == {k for k, score in by_key.items() if score <= threshold}
     for key, score in zip(kept.column("key").to_pylist(), kept.column("alignment").to_numpy()):
-        assert score <= threshold and score == pytest.approx(by_key[key], rel=1e-5)
+        assert score == pytest.approx(by_key[key], rel=1e-5)
     with pytest.raises(ValueError, match="min_alignment: needs a detector"):
         run_generation(config(inputs, str(tmp_path / "x"), min_alignment=0.1))
 

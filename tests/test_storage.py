@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 
+import boto3
 import pytest
 
 from mdland.data import storage
@@ -79,6 +80,9 @@ def test_interrupted_s3_upload_keeps_the_old_object(s3_bucket, tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert "interrupted" in out
     assert storage.read_bytes(uri) == b"the previous complete export"
+    # Aborted, not left pending (S3 would keep, and bill, the parts sent).
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    assert "Uploads" not in client.list_multipart_uploads(Bucket=s3_bucket.removeprefix("s3://"))
 
 
 def test_fingerprint_changes_when_anything_is_rewritten(storage_root):
