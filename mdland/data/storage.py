@@ -15,7 +15,7 @@ import posixpath
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +26,10 @@ import pyarrow.fs as pafs
 
 class StorageError(OSError):
     """A storage operation failed; the message names the URI and the cause."""
+
+
+class NotFound(StorageError):
+    """Nothing is at the URI (as opposed to it being unreadable: no access, no endpoint)."""
 
 
 def is_s3(uri: str) -> bool:
@@ -64,6 +68,11 @@ def s3_settings() -> dict:
     return settings
 
 
+def _settings_key() -> tuple:
+    """The S3 settings as a hashable key, for the cached filesystem and client."""
+    return tuple(sorted(s3_settings().items()))
+
+
 @lru_cache(maxsize=8)
 def _s3(settings: tuple) -> pafs.S3FileSystem:
     # Delayed open: Ray Train's small checkpoint files go up in one PUT each, not a three-request multipart upload.
@@ -96,7 +105,7 @@ def _bucket_path(uri: str) -> str:
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path inside it) for a local path or an s3:// URI; usable by Ray Data and pyarrow."""
     if is_s3(uri):
-        return _s3(tuple(sorted(s3_settings().items()))), _bucket_path(uri)
+        return _s3(_settings_key()), _bucket_path(uri)
     return pafs.LocalFileSystem(), str(Path(uri).absolute())
 
 
@@ -131,7 +140,7 @@ def _write(uri: str, open_source) -> None:
         if is_s3(uri):
             bucket, _, key = _bucket_path(uri).partition("/")
             with open_source() as src:
-                _s3_client(tuple(sorted(s3_settings().items()))).upload_fileobj(src, bucket, key)
+                _s3_client(_settings_key()).upload_fileobj(src, bucket, key)
             return
         path = str(Path(uri).absolute())
         parent = os.path.dirname(path)
@@ -158,7 +167,7 @@ def read_bytes(uri: str) -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
     except FileNotFoundError as e:
-        raise StorageError(f"{uri}: not found") from e
+        raise NotFound(f"{uri}: not found") from e
     except OSError as e:
         raise _fail(uri, "read", e) from e
 
@@ -223,13 +232,10 @@ def delete_folder(uri: str) -> None:
         raise _fail(uri, "delete", e) from e
 
 
-def list_tree(uri: str) -> list[str]:
-    """Relative paths of the files under `uri` (a folder or prefix), sorted; [""] when `uri` is a file itself.
-    Hidden files and folders (unfinished writes, ingest's staging folder) are not part of what is there."""
-    return [rel for rel, _, _ in _tree(uri)]
-
-
-def _tree(uri: str) -> list[tuple[str, int, int]]:
+def _tree(uri: str, select: Callable[[list[str]], list[str]] | None = None) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime) of the file at `uri` ("" for its path) or of the files under it, sorted; with
+    `select`, of the relative paths it picks. Hidden files and folders (unfinished writes, ingest's staging folder)
+    are not part of what is there."""
     fs, path = filesystem(uri)
     try:
         info = fs.get_file_info(path)
@@ -237,31 +243,37 @@ def _tree(uri: str) -> list[tuple[str, int, int]]:
             pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as e:
         raise _fail(uri, "look up", e) from e
-    return sorted((i.path[len(path):].lstrip("/"), i.size, i.mtime_ns) for i in infos
-                  if i.type == pafs.FileType.File
-                  and not any(part.startswith(".") for part in i.path[len(path):].split("/")))
+    entries = sorted((i.path[len(path):].lstrip("/"), i.size, i.mtime_ns) for i in infos
+                     if i.type == pafs.FileType.File
+                     and not any(part.startswith(".") for part in i.path[len(path):].split("/")))
+    if select is None:
+        return entries
+    picked = set(select([rel for rel, _, _ in entries]))
+    return [e for e in entries if e[0] in picked]
 
 
-def fingerprint(uri: str, files: list[str] | None = None) -> str:
+def fingerprint(uri: str, select: Callable[[list[str]], list[str]] | None = None) -> str:
     """A short hash of the relative paths, sizes and modification times of the file at `uri`, or of every file under
-    it (or of `files`, relative paths under it): it changes whenever something there is rewritten, so caches and plans
-    keyed on it notice a re-export."""
-    entries = [(f"/{rel}" if rel else "", size, mtime) for rel, size, mtime in _tree(uri)
-               if files is None or rel in files]
+    it (or of those `select` picks from their relative paths): it changes whenever something there is rewritten, so
+    caches and plans keyed on it notice a re-export."""
+    entries = [(f"/{rel}" if rel else "", size, mtime) for rel, size, mtime in _tree(uri, select)]
     if not entries:
-        raise StorageError(f"{uri}: not found")
+        raise NotFound(f"{uri}: not found")
     return hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:16]
 
 
-def copy_to_local(uri: str, local_dir: str | os.PathLike, files: list[str] | None = None) -> None:
-    """Copy everything under `uri` (a folder or prefix), or only `files` (relative paths under it), into
-    `local_dir`."""
+def copy_to_local(uri: str, local_dir: str | os.PathLike,
+                  select: Callable[[list[str]], list[str]] | None = None) -> None:
+    """Copy everything under `uri` (a folder or prefix), or only the files `select` picks from their relative paths,
+    into `local_dir`."""
     fs, path = filesystem(uri)
     try:
-        if files is None:
+        if select is None:
             if fs.get_file_info(path).type == pafs.FileType.NotFound and not list_files(uri):
-                raise StorageError(f"{uri}: not found")
+                raise NotFound(f"{uri}: not found")
             files = [""]  # the whole folder in one copy_files call
+        else:
+            files = [rel for rel, _, _ in _tree(uri, select)]
         Path(local_dir).mkdir(parents=True, exist_ok=True)  # copy_files makes sub-folders, not the root
         for rel in files:
             target = Path(local_dir, rel).absolute()

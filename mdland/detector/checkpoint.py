@@ -14,11 +14,11 @@ from mdland.detector.model import ARCHS, DetectorArch, STARNet
 def read_checkpoint(uri: str) -> tuple[dict, DetectorArch]:
     """(state dict, architecture) from a checkpoint file, local or s3://."""
     try:
-        data = storage.read_bytes(uri) if storage.exists(uri) else None
+        data = storage.read_bytes(uri)
+    except storage.NotFound:
+        raise ValueError(f"{uri}: detector checkpoint not found") from None
     except storage.StorageError as e:  # unreadable: access denied, no endpoint, ...
         raise ValueError(f"detector checkpoint: {e}") from None
-    if data is None:
-        raise ValueError(f"{uri}: detector checkpoint not found")
     try:
         blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle that is not plain tensors and containers, or not a torch file at all

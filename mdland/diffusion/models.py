@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,8 +28,8 @@ from mdland.data import storage
 
 PRESETS = ("tiny", "sd15")
 # What loading reads from a diffusers-format SD directory, besides model_index.json, and the file each must have.
-SUBFOLDERS = {"vae": "config.json", "unet": "config.json", "text_encoder": "config.json", "tokenizer": "tokenizer_config.json",
-              "scheduler": "scheduler_config.json"}
+SUBFOLDERS = {"vae": "config.json", "unet": "config.json", "text_encoder": "config.json",
+              "tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
 MAX_PROMPT_TOKENS = 77
 
 # SD 1.x's training noise schedule.
@@ -168,7 +169,8 @@ def needed_files(files: list[str], subfolders: tuple[str, ...] | None = None) ->
     keep = []
     for f in files:
         folder, _, name = f.rpartition("/")
-        if subfolders is not None and (folder.split("/")[0] not in subfolders if folder else name != "model_index.json"):
+        wanted = folder.split("/")[0] in subfolders if folder else name == "model_index.json"
+        if subfolders is not None and not wanted:
             continue
         stem, _, ext = name.rpartition(".")
         if ext in ("safetensors", "bin"):
@@ -198,17 +200,17 @@ def local_copy(uri: str, subfolders: tuple[str, ...] | None = None) -> Iterator[
     models = _cache_root() / "models"
     models.mkdir(parents=True, exist_ok=True)
     name = hashlib.sha1(uri.encode()).hexdigest()[:16]
+    select = partial(needed_files, subfolders=subfolders)
     with open(models / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for _ in range(3):
-            files = needed_files(storage.list_tree(uri), subfolders)
-            version = storage.fingerprint(uri, files)
+            version = storage.fingerprint(uri, select)
             target = models / f"{name}-{version}"
             if (target / ".complete").exists():
                 break
             _remove_unused_copies(models, name)
-            storage.copy_to_local(uri, target, files)
-            if storage.fingerprint(uri, files) == version:  # not re-published while it was copied
+            storage.copy_to_local(uri, target, select)
+            if storage.fingerprint(uri, select) == version:  # not re-published while it was copied
                 (target / ".complete").write_text(uri)
                 break
             shutil.rmtree(target, ignore_errors=True)

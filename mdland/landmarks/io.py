@@ -152,19 +152,19 @@ def five_points(points: np.ndarray) -> np.ndarray:
     return np.stack([left, right, points[30], points[48], points[54]]).astype(np.float32)
 
 
-def _numbers(text: str) -> bool:
+def _numbers(text: str) -> list[float] | None:
+    """Comma-separated numbers, or None when one is not a number."""
     try:
-        [float(v) for v in text.split(",")]
+        return [float(v) for v in text.split(",")]
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def _floats(text: str, count: int, where: str) -> np.ndarray:
-    try:
-        values = np.asarray([float(v) for v in text.split(",")], dtype=np.float32)
-    except ValueError:
-        raise ValueError(f"{where}: non-numeric value in {text[:60]!r}") from None
+    numbers = _numbers(text)
+    if numbers is None:
+        raise ValueError(f"{where}: non-numeric value in {text[:60]!r}")
+    values = np.asarray(numbers, dtype=np.float32)
     if values.size != count:
         raise ValueError(f"{where}: expected {count} comma-separated values, got {values.size}")
     if not np.isfinite(values).all():
@@ -185,7 +185,7 @@ def read_star_tsv(path: str | Path) -> list[StarRow]:
         if not line.strip():
             continue
         fields = line.rstrip("\n").split("\t")
-        if i == first and len(fields) > 2 and fields[2] != "" and not _numbers(fields[2]):
+        if i == first and len(fields) > 2 and fields[2] != "" and _numbers(fields[2]) is None:
             continue
         where = f"{path}:{i + 1}"
         if len(fields) < 6:
