@@ -218,10 +218,11 @@ def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 25
 def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int = 256, steps: int = 50,
                    guidance: float = 7.5, repeats: int = 1, compile: bool = False, pipeline: bool = False,
                    pipeline_images: int = 512, profile: str | None = None, channels_last: bool = False,
-                   rounds: int = 3) -> dict:
+                   rounds: int = 3, compile_mode: str | None = None) -> dict:
     """The stock pipeline and mdland's sampler (on its own copy of the modules: it changes their layout), each warmed
     up with one batch, then timed in turns: `rounds` rounds of `repeats` batches, the median round reported. With
-    `profile`, one more batch of mdland's sampler runs under torch.profiler (`_profile`), at 3 steps."""
+    `profile`, one more batch of mdland's sampler runs under torch.profiler (`_profile`), at 3 steps. A
+    `compile_mode` compiles."""
     import copy
     from functools import partial
 
@@ -231,12 +232,15 @@ def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int =
 
     from mdland.data.procedural import random_landmarks
     from mdland.diffusion.models import build_controlnet, build_preset, ddim_scheduler
-    from mdland.generation.plan import DEFAULT_STYLES, load_styles
+    from mdland.generation.plan import COMPILE_MODES, DEFAULT_STYLES, load_styles
     from mdland.generation.sampler import LandmarkSampler
     from mdland.landmarks.render import render_landmarks
 
     check_count("repeats", repeats)
     check_count("rounds", rounds)
+    compile = compile or compile_mode is not None
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode: one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
     device = pick_device(use_gpu=True)  # cuDNN autotuning on for the baseline and mdland alike
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     c = build_preset(preset)  # on the CPU: each contender's peak memory counts the weights it puts on the device
@@ -249,7 +253,7 @@ def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int =
     result = {"benchmark": "generate", "preset": preset, "device": _device_name(device), "batch_size": batch_size,
               "resolution": resolution, "steps": steps, "guidance": guidance, "dtype": str(dtype).split(".")[-1],
               "baseline": "diffusers StableDiffusionControlNetPipeline, same modules, seeds and settings",
-              "compile": compile}
+              "compile": compile, "compile_mode": compile_mode}
 
     def build_stock():
         c.frozen_to(device, dtype)
@@ -271,7 +275,8 @@ def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int =
         own = replace(c, vae=copy.deepcopy(c.vae), unet=copy.deepcopy(c.unet),
                       text_encoder=copy.deepcopy(c.text_encoder))
         sampler = LandmarkSampler(own, copy.deepcopy(controlnet), device, dtype, steps, guidance, compile=compile,
-                                  channels_last=channels_last, vae_batch_size=16, fuse_qkv=on_gpu)
+                                  channels_last=channels_last, vae_batch_size=16, fuse_qkv=on_gpu,
+                                  compile_mode=compile_mode)
         return partial(sampler, conditions, prompts, seeds)
 
     stock, result["stock_peak_gib"] = _warmed(build_stock, 1, device)
@@ -294,12 +299,12 @@ def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int =
         if on_gpu:
             torch.cuda.empty_cache()
         result.update(_bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance, compile,
-                                      channels_last, pipeline_images, batch_size / t_ours))
+                                      compile_mode, channels_last, pipeline_images, batch_size / t_ours))
     return result
 
 
-def _bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance, compile, channels_last, images,
-                    bare) -> dict:
+def _bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance, compile, compile_mode,
+                    channels_last, images, bare) -> dict:
     """The Ray Data pipeline on this machine's devices (one actor per GPU), against the bare sampler's rate on as
     many devices."""
     import tempfile
@@ -320,7 +325,7 @@ def _bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance,
                              images_per_style=-(-images // batch_size) * batch_size, resolution=resolution,
                              num_inference_steps=steps, guidance_scale=guidance, rows_per_shard=batch_size,
                              batch_size=batch_size, use_gpu=torch.cuda.is_available(), num_actors=actors,
-                             compile=compile, channels_last=channels_last)
+                             compile=compile, compile_mode=compile_mode, channels_last=channels_last)
         if not ray.is_initialized():
             ray.init(include_dashboard=False)
         out = run_generation(cfg)

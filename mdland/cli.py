@@ -82,7 +82,8 @@ def _bench(a: argparse.Namespace) -> None:
         result = bench.bench_write(a.images, a.count, a.rows_per_shard, a.batch_size, a.output)
     else:
         result = bench.bench_generate(a.preset, a.batch_size, a.resolution, a.steps, a.guidance, a.repeats,
-                                      a.compile, a.pipeline, a.pipeline_images, a.profile, a.channels_last, a.rounds)
+                                      a.compile, a.pipeline, a.pipeline_images, a.profile, a.channels_last, a.rounds,
+                                      a.compile_mode)
     bench.write_result(result, a.out)
 
 
@@ -128,11 +129,10 @@ def _evaluate(a: argparse.Namespace) -> None:
 
 def _demo(a: argparse.Namespace) -> None:
     from mdland.demo import DemoSize, run_demo
+    from mdland.detector.evaluate import metrics_table
 
     sizes = DemoSize(train=a.train, test=a.test, controlnet_steps=a.steps, styles=a.styles,
                      images_per_style=a.images_per_style, detector_epochs=a.epochs, seed=a.seed)
-    from mdland.detector.evaluate import metrics_table
-
     print(metrics_table(run_demo(a.out, a.storage, sizes)["metrics"]), end="")
 
 
@@ -144,6 +144,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 def build_parser() -> argparse.ArgumentParser:
     from mdland.data.ingest import FORMATS
     from mdland.detector.metrics import NORMALISATIONS
+    from mdland.generation.plan import COMPILE_MODES
 
     parser = argparse.ArgumentParser(prog="mdland", description=__doc__)
     parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=1, help="timed batches per round")
     b.add_argument("--rounds", type=int, default=3, help="rounds of timed batches, in turns with the stock pipeline")
     b.add_argument("--compile", action="store_true", help="torch.compile UNet and ControlNet")
+    b.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile's mode (config `compile_mode`); compiles")
     b.add_argument("--channels-last", action="store_true", help="channels-last memory (config `channels_last`)")
     b.add_argument("--pipeline", action="store_true", help="also time the Ray Data pipeline")
     b.add_argument("--pipeline-images", type=int, default=512)

@@ -127,6 +127,39 @@ def test_sampler_matches_the_stock_pipeline_and_samples_stand_alone(inputs):
     assert pipe.scheduler.final_alpha_cumprod == pipe.scheduler.alphas_cumprod[0]
 
 
+def test_sampler_embeds_each_condition_once_in_either_channel_order(inputs):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    c = build_preset("tiny")
+    rows = shard_rows(config(inputs, "unused"), 0, load_styles(DEFAULT_STYLES, STYLES),
+                      landmarks_array(read_dataset(str(inputs / "src"))))[:2]
+    conditions = np.stack([render_landmarks(r["landmarks"], 64) for r in rows])
+    prompts, seeds = [r["prompt"] for r in rows], [r["seed"] for r in rows]
+    rgb = ControlNetModel.from_pretrained(inputs / "controlnet")
+    with torch.no_grad():  # zero convolutions far from zero, so the condition's channel order shows in the images
+        for name, p in rgb.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                p.mul_(30)
+    bgr = ControlNetModel.from_config({**rgb.config, "controlnet_conditioning_channel_order": "bgr"})
+    bgr.load_state_dict(rgb.state_dict())
+    images = {}
+    for name, controlnet in (("rgb", rgb), ("bgr", bgr)):
+        embedded = []
+        controlnet.controlnet_cond_embedding.register_forward_hook(lambda m, i, o: embedded.append(len(i[0])))
+        sampler = LandmarkSampler(c, controlnet, num_inference_steps=3, guidance_scale=7.5)
+        images[name] = sampler(conditions, prompts, seeds)
+        assert embedded == [2]  # once for the call's two images: not twice at each of the 3 steps
+        pipe = StableDiffusionControlNetPipeline(  # the ControlNet has its embedding back
+            vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, controlnet=controlnet,
+            scheduler=ddim_scheduler(c), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        stock = pipe(prompts, image=[Image.fromarray(x) for x in conditions], height=64, width=64,
+                     num_inference_steps=3, guidance_scale=7.5, output_type="np",
+                     generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
+        assert np.abs(images[name] - stock).max() < 1e-4
+    assert np.abs(images["rgb"] - images["bgr"]).max() > 5e-4  # 5x the tolerance: a wrong flip would show
+
+
 def test_actors_get_whole_batches(inputs):
     import ray
 
@@ -242,7 +275,9 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
                               ({"resolution": 36}, "resolution: must be a multiple of 64"),
                               ({"edit_strength": float("nan")}, "edit_strength: must be a finite number"),
                               ({"guidance_scale": -2.0}, "guidance_scale: must be a finite number"),
-                              ({"use_gpu": True, "dtype": "float8"}, "dtype: expected float16 or bfloat16")]:
+                              ({"use_gpu": True, "dtype": "float8"}, "dtype: expected float16 or bfloat16"),
+                              ({"compile_mode": "max-autotune"}, "compile_mode: 'max-autotune' is for compiled runs"),
+                              ({"compile": True, "compile_mode": "fast"}, "compile_mode: one of default, ")]:
         with pytest.raises(ValueError, match=message):
             run_generation(config(inputs, str(tmp_path / "o"), **settings))
     assert not (tmp_path / "o").exists()  # each failed before writing anything

@@ -19,7 +19,8 @@ from mdland.data import storage
 from mdland.data.shards import (Face, encode_image, landmarks_from_rows, shard_name, summarise_table, write_manifest,
                                  write_shard)
 from mdland.diffusion.models import PRESETS
-from mdland.generation.plan import GenerateConfig, load_styles, render_conditions, shard_rows, source_landmarks
+from mdland.generation.plan import (COMPILE_MODES, GenerateConfig, load_styles, render_conditions, shard_rows,
+                                    source_landmarks)
 from mdland.landmarks.edits import EDITS
 from mdland.log import get_logger, setup_logging
 
@@ -50,7 +51,7 @@ def build_sampler(cfg: GenerateConfig):
     return LandmarkSampler(components, controlnet, device, _torch_dtype(cfg, on_gpu),
                            cfg.num_inference_steps, cfg.guidance_scale, cfg.eta, channels_last=cfg.channels_last and on_gpu,
                            compile=cfg.compile and on_gpu, vae_batch_size=cfg.vae_batch_size,
-                           fuse_qkv=cfg.fuse_qkv and on_gpu)
+                           fuse_qkv=cfg.fuse_qkv and on_gpu, compile_mode=cfg.compile_mode)
 
 
 def check_weights(cfg: GenerateConfig, weights: dict) -> None:
@@ -233,6 +234,11 @@ def check_generation_settings(cfg: GenerateConfig) -> None:
         raise ValueError(f"num_inference_steps: at most SD's 1000 training timesteps, got {cfg.num_inference_steps}")
     if cfg.use_gpu:
         _torch_dtype(cfg, on_gpu=True)
+    if cfg.compile_mode is not None:
+        if not cfg.compile:
+            raise ValueError(f"compile_mode: {cfg.compile_mode!r} is for compiled runs; set `compile: true` too")
+        if cfg.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode: one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
 
 
 def run_generation(cfg: GenerateConfig) -> dict:

@@ -20,6 +20,7 @@ from mdland.landmarks.edits import fit_in_frame, sample_edits
 from mdland.landmarks.render import render_landmarks
 
 DEFAULT_STYLES = str(Path(__file__).with_name("styles.yaml"))
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 # Raised whenever the sampler's output for a planned sample changes, so a folder of older samples is not resumed.
@@ -51,6 +52,7 @@ class GenerateConfig:
     dtype: str = "float16"  # on GPU: float16 or bfloat16 (always float32 on CPU)
     channels_last: bool = False  # slower on an H100 (fp16, sd15, batch 64: 1.74 vs 1.56 s per 10 steps)
     compile: bool = False  # torch.compile the UNet and ControlNet (GPU)
+    compile_mode: str | None = None  # with compile: torch.compile's mode (e.g. max-autotune); None: its default
     fuse_qkv: bool = True  # fused q/k/v projections in the UNet's attention layers (GPU)
     vae_batch_size: int = 16
     max_shards: int | None = None  # stop after this many new shards (for trial runs)

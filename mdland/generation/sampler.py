@@ -2,10 +2,12 @@
 
 With the fast options off it computes what `StableDiffusionControlNetPipeline` computes for the same seeds (one CPU
 generator per sample, DDIM, both guidance halves in one batch); the fast options are half precision, channels-last
-memory, fused q/k/v projections in the UNet, `torch.compile`, one text encoding per prompt for the whole run, and VAE
-decoding in chunks.
+memory, fused q/k/v projections in the UNet, `torch.compile`, one text encoding per prompt for the whole run, one
+condition embedding per image for all its steps and both guidance halves, and VAE decoding in chunks.
 Each sample's initial noise comes from its own seed, so a sample comes out the same in any batch.
 """
+
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -17,10 +19,12 @@ class LandmarkSampler:
     def __init__(self, components: SDComponents, controlnet, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  eta: float = 0.0, channels_last: bool = False, compile: bool = False, vae_batch_size: int = 16,
-                 fuse_qkv: bool = False):
+                 fuse_qkv: bool = False, compile_mode: str | None = None):
         self.device, self.dtype = torch.device(device), dtype
         self.components = components.frozen_to(self.device, dtype)
         self.controlnet = controlnet.requires_grad_(False).eval().to(self.device, dtype=dtype)
+        self.controlnet_module = self.controlnet  # torch.compile wraps it; its submodules are swapped on this one
+        self.bypass = torch.nn.Identity()
         self.unet, self.vae = self.components.unet, self.components.vae
         if fuse_qkv:  # one matmul for each UNet self-attention's q, k and v (diffusers fuses no ControlNet)
             self.unet.fuse_qkv_projections()
@@ -30,8 +34,8 @@ class LandmarkSampler:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes for the whole run: let cuDNN pick its kernels
         if compile:
-            self.unet = torch.compile(self.unet)
-            self.controlnet = torch.compile(self.controlnet)
+            self.unet = torch.compile(self.unet, mode=compile_mode)
+            self.controlnet = torch.compile(self.controlnet, mode=compile_mode)
         self.scheduler = ddim_scheduler(components)
         self.steps, self.guidance, self.eta, self.vae_batch = num_inference_steps, guidance_scale, eta, vae_batch_size
         self.encode = PromptEmbeddings(self.components, self.device)
@@ -55,21 +59,50 @@ class LandmarkSampler:
         if not (len(prompts) == len(seeds) == b):
             raise ValueError(f"got {b} conditions, {len(prompts)} prompts and {len(seeds)} seeds")
         image = torch.from_numpy(conditions).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 255.0
+        embedded = self.embed_condition(image)
         hidden = self.encode(list(prompts))
         if self.guided:
             hidden = torch.cat([self.encode([""] * b), hidden])
-            image = torch.cat([image, image])
+            embedded = torch.cat([embedded, embedded])
         # One CPU generator per sample gives its initial noise and then its DDIM step noise, as the stock pipeline
         # draws them, so a sample is independent of its batch.
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         latents = self.initial_noise(generators, h, w)
         self.scheduler.set_timesteps(self.steps, device=self.device)
+        with self.embedding_bypassed():
+            latents = self.denoise(latents, hidden, embedded, generators)
+        return self.decode(latents)
+
+    @contextmanager
+    def embedding_bypassed(self):
+        """The ControlNet takes `embed_condition`'s output in place of the condition images, and has its own
+        embedding back afterwards (the module stays usable by a stock pipeline)."""
+        embedding = self.controlnet_module.controlnet_cond_embedding
+        self.controlnet_module.controlnet_cond_embedding = self.bypass
+        try:
+            yield
+        finally:
+            self.controlnet_module.controlnet_cond_embedding = embedding
+
+    def embed_condition(self, image: torch.Tensor) -> torch.Tensor:
+        """The ControlNet's condition embedding of `image`, as its forward takes it while the embedding is bypassed.
+
+        The condition is the same at every step and in both guidance halves, so it is embedded once per image
+        instead of twice a step."""
+        if self.controlnet_module.config.controlnet_conditioning_channel_order == "bgr":
+            # The forward flips a BGR ControlNet's condition before embedding it: flipped here, the bypass gets it back.
+            return self.controlnet_module.controlnet_cond_embedding(image.flip(1)).flip(1)
+        return self.controlnet_module.controlnet_cond_embedding(image)
+
+    def denoise(self, latents: torch.Tensor, hidden: torch.Tensor, embedded: torch.Tensor,
+                generators: list[torch.Generator]) -> torch.Tensor:
+        """The DDIM loop; `embedded`: the conditions' embedding (`embed_condition`), taken while it is bypassed."""
         # DDIM's step indexes its CPU tables with the timestep: given the GPU tensor, it would wait for the device
         # three times a step; the networks take the tensor.
         for t, step in zip(self.scheduler.timesteps, self.scheduler.timesteps.tolist()):
             model_in = torch.cat([latents, latents]) if self.guided else latents
             model_in = self.scheduler.scale_model_input(model_in, t)
-            down, mid = self.controlnet(model_in, t, encoder_hidden_states=hidden, controlnet_cond=image,
+            down, mid = self.controlnet(model_in, t, encoder_hidden_states=hidden, controlnet_cond=embedded,
                                         conditioning_scale=1.0, return_dict=False)
             pred = self.unet(model_in, t, encoder_hidden_states=hidden, down_block_additional_residuals=down,
                              mid_block_additional_residual=mid, return_dict=False)[0]
@@ -82,7 +115,7 @@ class LandmarkSampler:
                                    for g in generators]).to(self.device, self.dtype)
             latents = self.scheduler.step(pred, step, latents, eta=self.eta, variance_noise=noise,
                                           return_dict=False)[0]
-        return self.decode(latents)
+        return latents
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
