@@ -19,7 +19,6 @@ from PIL import Image
 from mdland.config import check_counts
 from mdland.data import storage
 from mdland.data.ingest import ingest
-from mdland.data.preview import write_preview
 from mdland.data.procedural import procedural_faces, write_faces
 from mdland.data.shards import landmarks_array, read_dataset
 from mdland.detector.evaluate import metrics_table
@@ -94,7 +93,7 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
     from mdland.detector.train import run_training as train_detector
     from mdland.diffusion.train import ControlNetTrainConfig
     from mdland.diffusion.train import run_training as train_controlnet
-    from mdland.generation.pipeline import run_generation
+    from mdland.generation.pipeline import PREVIEW, run_generation
     from mdland.generation.plan import DEFAULT_STYLES, GenerateConfig, load_styles
 
     s = sizes
@@ -188,7 +187,7 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
     stage("serve", t)
 
     log.info("[8/8] report")
-    write_preview(data["synthetic"], out_dir / "samples.png", count=8, columns=4, condition=True)
+    _copy_picture(storage.join(data["synthetic"], PREVIEW), out_dir / "samples.png")
     pictures = {
         "stage1_loss": _copy_picture(storage.join(stage1["checkpoint"], "loss.png"), out_dir / "stage1-loss.png"),
         "stage2_loss": _copy_picture(storage.join(stage2["checkpoint"], "loss.png"), out_dir / "stage2-loss.png"),
@@ -252,7 +251,7 @@ Data in <code>{html.escape(summary['storage'])}</code>; {summary['seconds']}s in
 <p>Served detector, one held-out face over HTTP: status {served['status']}, NME {served['nme'] * 100:.2f}%,
 {served['time_ms']} ms in the replica.</p>
 <h2>Cumulative error distribution</h2><img src="ced.png">
-<h2>Generated pairs (image with its landmarks, condition)</h2><img src="samples.png">
+<h2>Generated faces, a row per style (each with the landmarks it was drawn from)</h2><img src="samples.png">
 <p>{summary['generated'].get('count')} images generated.</p>
 <h2>Landmark edits (condition before / after)</h2><p>{html.escape(edits)}</p><img src="edits.png">
 <h2>Training curves</h2>

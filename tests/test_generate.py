@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from mdland.generation.plan import (DEFAULT_STYLES, GenerateConfig, load_styles,
                                     shard_rows, source_landmarks)
 from mdland.generation.sampler import LandmarkSampler, to_uint8
 from mdland.landmarks.edits import EDITS
-from mdland.landmarks.render import render_landmarks
+from mdland.landmarks.render import draw_landmarks, render_landmarks
 
 STYLES = ["cartoon", "anime", "clay"]
 
@@ -203,6 +204,13 @@ def test_generate_into_s3(inputs, s3_bucket):
     table = read_dataset(out)
     keys = table.column("key").to_pylist()
     assert keys == [f"synthetic-0-{i:09d}" for i in range(24)]
+    preview = np.asarray(Image.open(io.BytesIO(storage.read_bytes(f"{out}/preview.png"))))
+    assert preview.shape == (3 * 66 + 2, 5 * 66 + 2, 3)  # a row per style: its name, then its first 4 faces
+    assert (preview[70:130, 2:66] < 128).any()  # the name is written
+    # Row 1, first face: sample 1 (sample i has style i mod 3), with its landmarks drawn.
+    first = table.slice(1, 1)
+    np.testing.assert_array_equal(preview[68:132, 68:132], draw_landmarks(
+        decode_image(first.column("image")[0].as_py()), landmarks_array(first)[0]))
     assert len(set(table.column("seed").to_pylist())) == 24
     assert set(table.column("source").to_pylist()) == {"synthetic"}
     assert set(table.column("model").to_pylist()) == {f"{cfg.controlnet}@{storage.fingerprint(cfg.controlnet)}"}

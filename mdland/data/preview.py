@@ -3,11 +3,12 @@
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from mdland.config import check_count
 from mdland.data.ingest import iter_samples, load_image
 from mdland.data.shards import decode_image, landmarks_array, read_shard, shard_uris
+from mdland.landmarks.align import resize_points
 from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
 
 
@@ -47,3 +48,45 @@ def write_preview(src: str, out: str | Path, count: int = 16, columns: int = 4, 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image_grid(tiles, columns * (2 if condition else 1))).save(out)
     return len(pairs)
+
+
+def style_preview(root: str, styles: list[str], per_style: int = 4, size: int = 128) -> np.ndarray:
+    """A grid with a row per style: its name, then its first `per_style` faces of the dataset at `root` with their
+    landmarks drawn, each scaled down to at most `size` pixels. Reads shards in order only until every row is full
+    (a generated set cycles through its styles, so its first shard fills them)."""
+    check_count("per_style", per_style)
+    rows: dict[str, list[np.ndarray]] = {s: [] for s in styles}
+    for uri in shard_uris(root):
+        table = read_shard(uri, validate=False)
+        for style, data, points in zip(table.column("style").to_pylist(), table.column("image").to_pylist(),
+                                       landmarks_array(table)):
+            if style in rows and len(rows[style]) < per_style:
+                image = Image.fromarray(decode_image(data, uri))
+                scaled = image.resize(_fit(image.size, size), Image.Resampling.BOX) if max(image.size) > size \
+                    else image
+                rows[style].append(draw_landmarks(np.asarray(scaled), resize_points(points, image.size, scaled.size)))
+        if all(len(faces) == per_style for faces in rows.values()):
+            break
+    tile = max((f.shape[0] for faces in rows.values() for f in faces), default=0)
+    if not tile:
+        raise ValueError(f"{root}: no faces of the styles {styles}")
+    tiles = []
+    for style, faces in rows.items():
+        tiles.append(_label(style, tile))
+        tiles += faces + [np.full((tile, tile, 3), 255, np.uint8)] * (per_style - len(faces))
+    return image_grid(tiles, per_style + 1)
+
+
+def _fit(size: tuple[int, int], longest: int) -> tuple[int, int]:
+    scale = longest / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def _label(text: str, side: int) -> np.ndarray:
+    """A white square tile with `text` written on it, wrapped to fit."""
+    tile = Image.new("RGB", (side, side), "white")
+    draw = ImageDraw.Draw(tile)
+    per_line = max(1, side // 7)  # Pillow's default bitmap font is about 6 px a character
+    lines = [text[i : i + per_line] for i in range(0, len(text), per_line)]
+    draw.multiline_text((4, 4), "\n".join(lines), fill="black", font=ImageFont.load_default(size=11))
+    return np.asarray(tile)

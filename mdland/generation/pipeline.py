@@ -2,7 +2,7 @@
 
 pending shard indices -> plan + edit, then render in blocks of one batch (CPU tasks) -> generation actors (one model each, loaded once;
 one GPU each with `use_gpu`) -> CPU tasks that PNG-encode (with GPUs) and hand each row to the shard assembler that
-owns its shard (shard mod N; each writes a shard atomically once all its rows are in) -> manifest.json.
+owns its shard (shard mod N; each writes a shard atomically once all its rows are in) -> manifest.json, preview.png.
 Shards that exist are complete (writes are atomic), so a re-run writes only the missing ones.
 """
 
@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from mdland.config import check_counts, from_dict
 from mdland.data import storage
+from mdland.data.preview import style_preview
 from mdland.data.shards import (Face, encode_image, landmarks_from_rows, shard_name, summarise_table, write_manifest,
                                  write_shard)
 from mdland.diffusion.models import PRESETS
@@ -26,6 +27,7 @@ from mdland.log import get_logger, setup_logging
 
 log = get_logger(__name__)
 PLAN = "plan.json"
+PREVIEW = "preview.png"
 
 
 def _torch_dtype(cfg: GenerateConfig, on_gpu: bool):
@@ -242,7 +244,8 @@ def check_generation_settings(cfg: GenerateConfig) -> None:
 
 
 def run_generation(cfg: GenerateConfig) -> dict:
-    """Generate the planned set's missing shards, then write the manifest (when the set is complete)."""
+    """Generate the planned set's missing shards, then (when the set is complete) write the manifest and a preview
+    of each style's first faces."""
     cfg = replace(cfg, source=[storage.absolute(s) for s in cfg.source], output=storage.absolute(cfg.output),
                   controlnet=storage.absolute(cfg.controlnet), styles_file=storage.absolute(cfg.styles_file),
                   model=cfg.model if cfg.model in PRESETS else storage.absolute(cfg.model),
@@ -277,7 +280,9 @@ def run_generation(cfg: GenerateConfig) -> dict:
     shards = [_shard_summary(u) for u in storage.list_files(cfg.output, ".parquet")]
     manifest = write_manifest(cfg.output, shards, asdict(cfg), complete=True, model=cfg.model,
                               controlnet=cfg.controlnet, weights=plan["weights"], planned=cfg.total)
-    log.info("complete: %d images, %s", manifest["count"], manifest["styles"])
+    preview = storage.join(cfg.output, PREVIEW)
+    storage.write_bytes(preview, encode_image(style_preview(cfg.output, [s["name"] for s in styles])))
+    log.info("complete: %d images, %s; a look at each style: %s", manifest["count"], manifest["styles"], preview)
     return {"complete": True, "count": manifest["count"], "total": cfg.total, "images_per_s": steady}
 
 
