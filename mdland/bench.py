@@ -53,19 +53,25 @@ def _timed(step, steps: int, warmup: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def _warmed(make, warmup: int, device: torch.device) -> tuple:
-    """(`make()`'s step after `warmup` calls, at least one, the peak GiB it allocated on the GPU above what was there
-    before). One call at least: optimizers make their state and cuDNN picks its kernels in the first."""
+def _warmed(name: str, make, warmup: int, device: torch.device, result: dict):
+    """`make()`'s step after `warmup` calls, at least one: optimizers make their state, cuDNN picks its kernels and
+    torch.compile compiles in the first. Records in `result` the peak GiB the contender allocated on the GPU above
+    what was there before, and the seconds building and warming it up took (compiling, with torch.compile)."""
+    log.info("%s: building and warming up (%d call(s))", name, max(warmup, 1))
     on_gpu = device.type == "cuda"
     if on_gpu:
         gc.collect()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
     step = make()
     for _ in range(max(warmup, 1)):
         step()
-    peak = round((torch.cuda.max_memory_allocated(device) - before) / 2**30, 2) if on_gpu else None
-    return step, peak
+    if on_gpu:
+        torch.cuda.synchronize(device)
+        result[f"{name}_peak_gib"] = round((torch.cuda.max_memory_allocated(device) - before) / 2**30, 2)
+    result[f"{name}_warmup_s"] = round(time.perf_counter() - t0, 2)
+    return step
 
 
 def _interleaved(steps: dict, calls: int, rounds: int, device: torch.device) -> dict[str, float]:
@@ -158,10 +164,10 @@ def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 25
     result = {"benchmark": "train", "preset": preset, "device": _device_name(device), "batch_size": batch_size,
               "resolution": resolution, "baseline": "plain PyTorch loop: fp32 weights, bf16 autocast, AdamW"}
 
-    plain_step, result["plain_peak_gib"] = _warmed(lambda: _plain_loop(preset, batch, device), warmup, device)
+    plain_step = _warmed("plain", lambda: _plain_loop(preset, batch, device), warmup, device, result)
     # A second, stronger baseline: diffusers' train_controlnet.py keeps the frozen parts in the training precision.
-    example_step, result["diffusers_example_peak_gib"] = _warmed(
-        lambda: _plain_loop(preset, batch, device, torch.bfloat16), warmup, device)
+    example_step = _warmed("diffusers_example", lambda: _plain_loop(preset, batch, device, torch.bfloat16), warmup,
+                           device, result)
 
     encode = None
 
@@ -195,7 +201,7 @@ def bench_train(preset: str = "sd15", batch_size: int = 32, resolution: int = 25
 
         return mdland_step
 
-    mdland_step, result["mdland_peak_gib"] = _warmed(build_mdland, warmup, device)
+    mdland_step = _warmed("mdland", build_mdland, warmup, device, result)
     seconds = _interleaved({"plain": plain_step, "example": example_step, "mdland": mdland_step}, steps, rounds,
                            device)
     plain, example, ours = seconds["plain"], seconds["example"], seconds["mdland"]
@@ -279,8 +285,8 @@ def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int =
                                   compile_mode=compile_mode)
         return partial(sampler, conditions, prompts, seeds)
 
-    stock, result["stock_peak_gib"] = _warmed(build_stock, 1, device)
-    ours, result["mdland_peak_gib"] = _warmed(build_ours, 1, device)
+    stock = _warmed("stock", build_stock, 1, device, result)
+    ours = _warmed("mdland", build_ours, 1, device, result)
     sampler = ours.func
     result["channels_last"] = sampler.components.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     seconds = _interleaved({"stock": stock, "mdland": ours}, repeats, rounds, device)

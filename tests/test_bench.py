@@ -22,6 +22,7 @@ def test_bench_train_runs_both_loops_on_the_same_batch(tmp_path, monkeypatch):
     assert example > 0 and abs(result["speedup_vs_diffusers_example"] - result["mdland_samples_per_s"] / example) < 0.05
     assert result["device"].startswith("cpu") and result["baseline"].startswith("plain PyTorch loop")
     assert result["rounds"] == 2
+    assert all(result[f"{c}_warmup_s"] > 0 for c in ("plain", "diffusers_example", "mdland"))
 
 
 def test_bench_generate_compares_sampler_stock_and_pipeline(tmp_path, monkeypatch):
@@ -38,6 +39,7 @@ def test_bench_generate_compares_sampler_stock_and_pipeline(tmp_path, monkeypatc
         ray.shutdown()
     r = json.loads(out.read_text())
     assert r["stock_images_per_s"] > 0 and r["mdland_images_per_s"] > 0 and r["pipeline_images_per_s"] > 0
+    assert r["stock_warmup_s"] > 0 and r["mdland_warmup_s"] > 0
     assert abs(r["speedup"] - r["mdland_images_per_s"] / r["stock_images_per_s"]) < 0.05
     assert "aten::convolution" in (tmp_path / "gen.txt").read_text()
     assert r["channels_last"] is False  # asked for, but applied on a GPU only, as the pipeline's actors do

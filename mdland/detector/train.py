@@ -178,7 +178,7 @@ def _checkpoint(engine, session, cfg: DetectorTrainConfig, history: list, epoch:
                                 weights, epoch=epoch, **({"val_nme": last["val_nme"]} if validated else {}))
             log.info("epoch %d: loss %.4f, validation NME %s%s", epoch, last["loss"],
                      f"{last['val_nme']:.4f}" if validated else "n/a", " (best)" if improved and validated else "")
-        session.report({k: v for k, v in last.items()} | {"best_val_nme": best}, d, engine.global_steps)
+        session.report(last | {"best_val_nme": best}, d, engine.global_steps)
 
 
 def run_training(cfg: DetectorTrainConfig, local: bool = False) -> dict:
