@@ -300,7 +300,11 @@ def bench_generate(preset: str = "sd15", batch_size: int = 64, resolution: int =
         _profile(ours, 1, profile, device)
         sampler.steps = steps
     if pipeline:
-        del stock, ours, sampler  # the pipeline's actor loads its own copy onto the device
+        # The pipeline's actor loads its own copy onto the device: free this process's share of it.
+        del stock, ours, sampler
+        c.frozen_to("cpu", torch.float32)
+        controlnet.to("cpu", torch.float32)
+        torch._dynamo.reset()  # compiled graphs and their CUDA-graph memory
         gc.collect()
         if on_gpu:
             torch.cuda.empty_cache()

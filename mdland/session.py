@@ -81,10 +81,12 @@ class LocalSession:
         storage.copy_from_local(checkpoint_dir, uri)
         pointer = storage.join(self.root, LOCAL_POINTER)
         kept = json.loads(storage.read_bytes(pointer)).get("kept", []) if storage.exists(pointer) else []
-        kept = [k for k in kept if k != uri] + [uri]
-        storage.write_bytes(pointer, json.dumps({"checkpoint": uri, "kept": kept[-self.keep:], **metrics}).encode())
-        for old in kept[: -self.keep]:  # only once the pointer no longer names them
-            storage.delete_folder(old)
+        kept = ([k for k in kept if k != uri] + [uri])[-self.keep:]
+        storage.write_bytes(pointer, json.dumps({"checkpoint": uri, "kept": kept, **metrics}).encode())
+        # Only once the pointer no longer names them; also any a run cut short between copy and pointer left.
+        for old in _checkpoint_folders(self.root):
+            if old not in kept:
+                storage.delete_folder(old)
 
 
 def endless(session, batch_size: int, seed: int) -> Iterator[dict]:
@@ -207,6 +209,10 @@ def deepspeed_engine(model: torch.nn.Module, *, batch_size: int, optimizer: dict
     return engine
 
 
+def _checkpoint_folders(run: str) -> list[str]:
+    return [c for c in storage.list_folders(run) if c.rstrip("/").split("/")[-1].startswith("checkpoint_")]
+
+
 def check_resumable(run: str, local: bool, workers: int, restart_hint: str) -> None:
     """Before a run `run` (storage_path/name) starts, refuse checkpoints there that it would not, or could not,
     resume from:
@@ -219,11 +225,11 @@ def check_resumable(run: str, local: bool, workers: int, restart_hint: str) -> N
     if storage.exists(storage.join(run, other)):
         raise ValueError(f"name: {run} holds the checkpoints of a run {mode}, which this run would not resume from; "
                          f"resume it {mode}, or give this run another name")
-    checkpoints = [c for c in storage.list_folders(run) if c.rstrip("/").split("/")[-1].startswith("checkpoint_")]
-    # checkpoint_<step>, zero-padded: the last name is the latest step. One without rank 0's files (`latest`) was cut
-    # short, and Ray resumes from the one before it.
-    latest = next((c for c in reversed(checkpoints) if storage.exists(storage.join(c, "latest"))), None)
-    if latest is None or not storage.exists(storage.join(latest, WORKERS)):
+    # checkpoint_<step>, zero-padded: the last name is the latest step. One without rank 0's files (DeepSpeed's
+    # `latest`, our workers.json) was cut short, and Ray resumes from the one before it.
+    latest = next((c for c in reversed(_checkpoint_folders(run)) if storage.exists(storage.join(c, "latest"))
+                   and storage.exists(storage.join(c, WORKERS))), None)
+    if latest is None:
         return
     saved = json.loads(storage.read_bytes(storage.join(latest, WORKERS)))["workers"]
     if saved != workers:

@@ -247,6 +247,9 @@ def test_the_resume_check_reads_the_checkpoint_ray_resumes_from(tmp_path):
     check_resumable(str(run), False, 2, "start over")
     with pytest.raises(ValueError, match=r"checkpoint_000012 was written by 2 worker\(s\) and this run has 1"):
         check_resumable(str(run), False, 1, "start over")
+    checkpoint(16, [0, 1])  # rank 0's upload cut short after `latest`, before workers.json: still step 12's count
+    with pytest.raises(ValueError, match=r"checkpoint_000012 was written by 2 worker\(s\) and this run has 1"):
+        check_resumable(str(run), False, 1, "start over")
     # A plain-process run would not resume from Ray Train's checkpoints, nor start over beside them.
     (run / RAY_SNAPSHOT).write_text("{}")
     with pytest.raises(ValueError, match=r"run holds the checkpoints of a run on Ray Train.*resume it on Ray Train"):

@@ -61,6 +61,8 @@ def test_plain_process_learns_keeps_the_best_and_resumes(faces, tmp_path):
                               storage_path=str(tmp_path), name="d")
     first = run_training(cfg, local=True)
     cfg.epochs = 4
+    (tmp_path / "d" / "checkpoint_000020").mkdir()  # copied before a run was cut short, never in latest.json
+    (tmp_path / "d" / "checkpoint_000020" / "detector.pkl").write_bytes(b"part")
     second = run_training(cfg, local=True)
     hist = history(second["checkpoint"])
     assert [r["epoch"] for r in hist if r.get("resumed")] == [3]  # resumed after epoch 3, not restarted

@@ -364,12 +364,16 @@ def test_alignment_scores_and_filter(inputs, tmp_path):
         run_generation(scored)
         scores = read_dataset(scored.output).column("alignment").to_numpy()
         assert len(scores) == 24 and np.isfinite(scores).all() and (scores > 0).all()
-        threshold = float(np.median(scores))
+        threshold = float(np.quantile(scores, 0.25))  # about 6 of 24 kept: fewer than a full preview
         filtered = config(inputs, str(tmp_path / "filtered"), detector=str(tmp_path / "det.pkl"),
                           min_alignment=threshold)
         result = run_generation(filtered)
+        # A threshold no pair meets: a complete, empty set, and no preview of nothing (the run does not fail on it).
+        empty = run_generation(config(inputs, str(tmp_path / "empty"), detector=str(tmp_path / "det.pkl"),
+                                      min_alignment=0.0))
     finally:
         ray.shutdown()
+    assert (empty["complete"], empty["count"]) == (True, 0) and not (tmp_path / "empty" / "preview.png").exists()
     kept = read_dataset(filtered.output)
     by_key = dict(zip(read_dataset(scored.output).column("key").to_pylist(), scores))
     assert 0 < kept.num_rows < 24 and result["count"] == kept.num_rows
@@ -378,6 +382,12 @@ def test_alignment_scores_and_filter(inputs, tmp_path):
     assert set(kept.column("key").to_pylist()) == {k for k, score in by_key.items() if score <= threshold}
     for key, score in zip(kept.column("key").to_pylist(), kept.column("alignment").to_numpy()):
         assert score == pytest.approx(by_key[key], rel=1e-5)
+    # The preview shows what is left of each style, and blank tiles for the rest of its row.
+    preview = np.asarray(Image.open(tmp_path / "filtered" / "preview.png"))
+    blank = [(preview[2 + r * 66: 66 + r * 66, 2 + c * 66: 66 + c * 66] == 255).all()
+             for r in range(3) for c in (1, 2, 3, 4)]
+    styles = kept.column("style").to_pylist()
+    assert sum(blank) == sum(max(0, 4 - styles.count(s)) for s in STYLES) > 0
     with pytest.raises(ValueError, match="min_alignment: needs a detector"):
         run_generation(config(inputs, str(tmp_path / "x"), min_alignment=0.1))
 

@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -103,19 +104,22 @@ def test_a_republished_s3_model_is_copied_again_and_a_copy_in_use_is_kept(s3_buc
     monkeypatch.setenv("MDLAND_CACHE", str(tmp_path))
     uri = f"{s3_bucket}/runs/stage1/controlnet"
     storage.write_bytes(f"{uri}/config.json", b"first")
+    storage.write_bytes(f"{uri}/samples/grid.png", b"not read by loading")  # a folder beside a model's files
     with local_copy(uri) as old:
-        assert (old / "config.json").read_bytes() == b"first"
-        with local_copy(uri) as again:
+        assert sorted(p.name for p in old.rglob("*")) == [".complete", "config.json"]
+        with local_copy(uri + "/") as again:
             assert again == old
         # Re-published while another process still loads the first export: that copy stays until it is done.
         storage.write_bytes(f"{uri}/config.json", b"second export")
         with local_copy(uri) as new:
             assert (new / "config.json").read_bytes() == b"second export"
         assert (old / "config.json").read_bytes() == b"first"
+    with local_copy(uri) as again:  # the next load removes the copy no one loads from any more, and its lock file
+        assert again == new and not old.exists() and not Path(f"{old}.in-use").exists()
     storage.write_bytes(f"{uri}/config.json", b"third export")
     with local_copy(uri) as newest:
         assert (newest / "config.json").read_bytes() == b"third export"
-    assert not old.exists() and not new.exists()  # nobody loads from them any more
+    assert not new.exists()
 
 
 def test_a_model_snapshot_is_copied_without_what_loading_does_not_read(s3_bucket, tmp_path, monkeypatch):
@@ -129,6 +133,7 @@ def test_a_model_snapshot_is_copied_without_what_loading_does_not_read(s3_bucket
                 "unet/diffusion_pytorch_model.non_ema.safetensors", "vae/config.json",
                 "vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.bin",
                 "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+                "text_encoder/pytorch_model.bin", "text_encoder/pytorch_model.fp16.bin",
                 "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
                 "scheduler/scheduler_config.json"]
     for f in snapshot:
@@ -193,3 +198,9 @@ def test_bad_credentials_are_a_clear_error(s3_auth_server, monkeypatch):
 
     with pytest.raises(ValueError, match="detector checkpoint: .*mdland-auth/det.pkl.*access denied"):  # not "not found"
         load_detector("s3://mdland-auth/det.pkl")
+    # A key without its secret: the URI and the variables named, for reads and writes alike.
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(StorageError, match="cannot use s3://mdland-auth/a.bin: .*secret_key.*AWS_"):
+        storage.read_bytes("s3://mdland-auth/a.bin")
+    with pytest.raises(StorageError, match="s3://mdland-auth/b.bin"):
+        storage.write_bytes("s3://mdland-auth/b.bin", b"x")

@@ -7,7 +7,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mdland.config import check_count
 from mdland.data.ingest import iter_samples, load_image
-from mdland.data.shards import decode_image, landmarks_array, read_shard, shard_uris
+from mdland.data.shards import decode_image, landmarks_array, read_shard, read_shard_columns, shard_uris
 from mdland.landmarks.align import resize_points
 from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
 
@@ -52,20 +52,23 @@ def write_preview(src: str, out: str | Path, count: int = 16, columns: int = 4, 
 
 def style_preview(root: str, styles: list[str], per_style: int = 4, size: int = 128) -> np.ndarray:
     """A grid with a row per style: its name, then its first `per_style` faces of the dataset at `root` with their
-    landmarks drawn, each scaled down to at most `size` pixels. Reads shards in order only until every row is full
-    (a generated set cycles through its styles, so its first shard fills them)."""
+    landmarks drawn, each scaled down to at most `size` pixels. Reads shards in order until every row is full (a
+    generated set cycles through its styles, so its first shard fills them), and no further than 4 full grids' worth
+    of faces (a filtered set may hold few of a style)."""
     check_count("per_style", per_style)
     rows: dict[str, list[np.ndarray]] = {s: [] for s in styles}
+    read = 0
     for uri in shard_uris(root):
-        table = read_shard(uri, validate=False)
-        for style, data, points in zip(table.column("style").to_pylist(), table.column("image").to_pylist(),
+        table = read_shard_columns(uri, ["style", "image", "landmarks"])
+        for style, data, points in zip(table.column("style").to_pylist(), table.column("image"),
                                        landmarks_array(table)):
             if style in rows and len(rows[style]) < per_style:
-                image = Image.fromarray(decode_image(data, uri))
+                image = Image.fromarray(decode_image(data.as_py(), uri))
                 scaled = image.resize(_fit(image.size, size), Image.Resampling.BOX) if max(image.size) > size \
                     else image
                 rows[style].append(draw_landmarks(np.asarray(scaled), resize_points(points, image.size, scaled.size)))
-        if all(len(faces) == per_style for faces in rows.values()):
+        read += table.num_rows
+        if all(len(faces) == per_style for faces in rows.values()) or read >= 4 * len(styles) * per_style:
             break
     tile = max((f.shape[0] for faces in rows.values() for f in faces), default=0)
     if not tile:

@@ -253,18 +253,21 @@ def read_dataset(root: str, validate: bool = True) -> pa.Table:
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 
+def read_shard_columns(uri: str, columns: list[str]) -> pa.Table:
+    """Only `columns` of one shard (parquet reads no other column's bytes); landmarks checked."""
+    fs, path = storage.filesystem(uri)
+    try:
+        table = pq.read_table(path, filesystem=fs, columns=columns)
+    except (pa.ArrowInvalid, KeyError) as e:
+        raise ShardError(f"{uri}: cannot read columns {columns} ({e})") from None
+    if "landmarks" in columns:
+        check_landmarks(table, uri)
+    return table
+
+
 def read_columns(root: str, columns: list[str]) -> pa.Table:
-    """Only `columns` of every shard of a dataset (parquet reads no other column's bytes)."""
-    tables = []
-    for uri in shard_uris(root):
-        fs, path = storage.filesystem(uri)
-        try:
-            table = pq.read_table(path, filesystem=fs, columns=columns)
-        except (pa.ArrowInvalid, KeyError) as e:
-            raise ShardError(f"{uri}: cannot read columns {columns} ({e})") from None
-        if "landmarks" in columns:
-            check_landmarks(table, uri)
-        tables.append(table)
+    """Only `columns` of every shard of a dataset."""
+    tables = [read_shard_columns(uri, columns) for uri in shard_uris(root)]
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(columns)
 
 

@@ -105,7 +105,10 @@ def _bucket_path(uri: str) -> str:
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path inside it) for a local path or an s3:// URI; usable by Ray Data and pyarrow."""
     if is_s3(uri):
-        return _s3(_settings_key()), _bucket_path(uri)
+        try:
+            return _s3(_settings_key()), _bucket_path(uri)
+        except (ValueError, OSError) as e:  # e.g. an access key without its secret
+            raise StorageError(f"cannot use {uri}: {e} (check the AWS_* variables)") from None
     return pafs.LocalFileSystem(), str(Path(uri).absolute())
 
 

@@ -162,25 +162,36 @@ def _cache_root() -> Path:
 
 def needed_files(files: list[str], subfolders: tuple[str, ...] | None = None) -> list[str]:
     """The files of a diffusers-format directory that loading reads: with `subfolders`, only theirs and
-    `model_index.json`; and of a weights file's variants (`.fp16`, `.non_ema`), the plain file when there is one,
-    safetensors over bin. A Hugging Face snapshot of SD 1.5 also holds single-file checkpoints, a safety checker and
-    those variants: tens of GB that every node would otherwise copy."""
+    `model_index.json`; without, those at the top (a single model's folder, e.g. a ControlNet export); and of a
+    weights file's variants (`.fp16`, `.non_ema`), the plain file when there is one, safetensors over bin. A Hugging
+    Face snapshot of SD 1.5 also holds single-file checkpoints, a safety checker, those variants and both formats of
+    the text encoder: tens of GB that every node would otherwise copy."""
     present = set(files)
+    safetensors = {(f.rpartition("/")[0], _variant(f)) for f in files if f.endswith(".safetensors")}
     keep = []
     for f in files:
         folder, _, name = f.rpartition("/")
-        wanted = folder.split("/")[0] in subfolders if folder else name == "model_index.json"
-        if subfolders is not None and not wanted:
+        if subfolders is None:
+            if folder:
+                continue
+        elif not (folder.split("/")[0] in subfolders if folder else name == "model_index.json"):
             continue
         stem, _, ext = name.rpartition(".")
         if ext in ("safetensors", "bin"):
             base, dot, _ = stem.rpartition(".")
             if dot and posixpath.join(folder, f"{base}.{ext}") in present:  # a variant beside the plain file
                 continue
-            if ext == "bin" and posixpath.join(folder, f"{stem}.safetensors") in present:
+            # transformers names them model.safetensors and pytorch_model.bin, diffusers alike but for the suffix
+            if ext == "bin" and (folder, _variant(f)) in safetensors:
                 continue
         keep.append(f)
     return keep
+
+
+def _variant(path: str) -> str:
+    """A weights file's variant: "fp16" for `model.fp16.safetensors`, "" for `model.safetensors`."""
+    stem = path.rpartition("/")[2].rpartition(".")[0]
+    return stem.rpartition(".")[2] if "." in stem else ""
 
 
 def weights_variant(folder: Path) -> str | None:
@@ -199,16 +210,16 @@ def local_copy(uri: str, subfolders: tuple[str, ...] | None = None) -> Iterator[
         return
     models = _cache_root() / "models"
     models.mkdir(parents=True, exist_ok=True)
-    name = hashlib.sha1(uri.encode()).hexdigest()[:16]
+    name = hashlib.sha1(uri.rstrip("/").encode()).hexdigest()[:16]
     select = partial(needed_files, subfolders=subfolders)
     with open(models / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for _ in range(3):
             version = storage.fingerprint(uri, select)
             target = models / f"{name}-{version}"
+            _remove_unused_copies(models, name, target)
             if (target / ".complete").exists():
                 break
-            _remove_unused_copies(models, name)
             storage.copy_to_local(uri, target, select)
             if storage.fingerprint(uri, select) == version:  # not re-published while it was copied
                 (target / ".complete").write_text(uri)
@@ -224,17 +235,20 @@ def local_copy(uri: str, subfolders: tuple[str, ...] | None = None) -> Iterator[
         in_use.close()
 
 
-def _remove_unused_copies(models: Path, name: str) -> None:
-    """Remove the copies of model `name` that no process is loading from (each reader holds its copy's in-use lock)."""
+def _remove_unused_copies(models: Path, name: str, current: Path) -> None:
+    """Remove the copies of model `name` other than `current` that no process is loading from (each reader holds its
+    copy's in-use lock). Called under the node lock, under which readers take theirs."""
     for copy in models.glob(f"{name}-*"):
-        if not copy.is_dir():
+        if not copy.is_dir() or copy == current:
             continue
-        with open(models / f"{copy.name}.in-use", "w") as in_use:
+        marker = models / f"{copy.name}.in-use"
+        with open(marker, "w") as in_use:
             try:
                 fcntl.flock(in_use, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue
             shutil.rmtree(copy, ignore_errors=True)
+            marker.unlink()
 
 
 def check_model_dir(uri: str) -> None:

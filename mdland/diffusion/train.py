@@ -268,7 +268,8 @@ def train_func(config: dict) -> None:
     @torch.no_grad()
     def probe_loss() -> float:
         """Loss on one fixed batch with fixed noise: a steady measure of fitting, unlike the noisy training loss."""
-        return float(loss_of(probe, torch.Generator(device=device).manual_seed(cfg.seed)))
+        with torch.compiler.set_stance("force_eager"):  # with `compile`: no-grad would compile the networks again
+            return float(loss_of(probe, torch.Generator(device=device).manual_seed(cfg.seed)))
 
     points, prompts = validation_conditions(cfg, first) if session.rank == 0 else (None, None)
     del first
@@ -335,7 +336,8 @@ def _checkpoint(engine, session, components, cfg, history, points, prompts, devi
             (Path(d) / "history.json").write_text(json.dumps(history, indent=1))
             plot_curves(history, Path(d) / "loss.png", ("loss", "probe_loss"), f"ControlNet {cfg.stage}")
             engine.module.eval()
-            grid = validation_grid(components, engine.module, points, prompts, cfg, device)
+            with torch.compiler.set_stance("force_eager"):  # with `compile`: eval, no-grad, other shapes
+                grid = validation_grid(components, engine.module, points, prompts, cfg, device)
             engine.module.train()
             Image.fromarray(grid).save(Path(d) / "validation.png")
             log.info("checkpoint at step %d (probe loss %.4f)", step, metrics["probe_loss"])

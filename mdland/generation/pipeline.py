@@ -280,9 +280,13 @@ def run_generation(cfg: GenerateConfig) -> dict:
     shards = [_shard_summary(u) for u in storage.list_files(cfg.output, ".parquet")]
     manifest = write_manifest(cfg.output, shards, asdict(cfg), complete=True, model=cfg.model,
                               controlnet=cfg.controlnet, weights=plan["weights"], planned=cfg.total)
+    log.info("complete: %d images, %s", manifest["count"], manifest["styles"])
     preview = storage.join(cfg.output, PREVIEW)
-    storage.write_bytes(preview, encode_image(style_preview(cfg.output, [s["name"] for s in styles])))
-    log.info("complete: %d images, %s; a look at each style: %s", manifest["count"], manifest["styles"], preview)
+    try:  # a look at the set: the set is complete without it
+        storage.write_bytes(preview, encode_image(style_preview(cfg.output, [s["name"] for s in styles])))
+        log.info("a look at each style: %s", preview)
+    except (ValueError, OSError) as e:
+        log.warning("no %s: %s", preview, e)
     return {"complete": True, "count": manifest["count"], "total": cfg.total, "images_per_s": steady}
 
 

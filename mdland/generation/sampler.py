@@ -33,6 +33,7 @@ class LandmarkSampler:
                 m.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes for the whole run: let cuDNN pick its kernels
+        self.compiled, self.compiled_batch = compile, 0
         if compile:
             self.unet = torch.compile(self.unet, mode=compile_mode)
             self.controlnet = torch.compile(self.controlnet, mode=compile_mode)
@@ -58,6 +59,14 @@ class LandmarkSampler:
         b, h, w, _ = conditions.shape
         if not (len(prompts) == len(seeds) == b):
             raise ValueError(f"got {b} conditions, {len(prompts)} prompts and {len(seeds)} seeds")
+        if self.compiled:
+            # A smaller batch (a run's last) is padded to the size compiled for, instead of compiling again for it;
+            # the padding repeats the last sample, and samples do not depend on their batch.
+            self.compiled_batch = self.compiled_batch or b
+            pad = self.compiled_batch - b
+            if pad > 0:
+                return self(np.concatenate([conditions, np.repeat(conditions[-1:], pad, axis=0)]),
+                            [*prompts, *[prompts[-1]] * pad], [*seeds, *[seeds[-1]] * pad])[:b]
         image = torch.from_numpy(conditions).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 255.0
         embedded = self.embed_condition(image)
         hidden = self.encode(list(prompts))
@@ -100,6 +109,10 @@ class LandmarkSampler:
         # DDIM's step indexes its CPU tables with the timestep: given the GPU tensor, it would wait for the device
         # three times a step; the networks take the tensor.
         for t, step in zip(self.scheduler.timesteps, self.scheduler.timesteps.tolist()):
+            if self.compiled:
+                # One CUDA-graph generation per step (compile modes with CUDA graphs): otherwise calling the compiled
+                # UNet starts a new one, which frees the compiled ControlNet's outputs it is about to read.
+                torch.compiler.cudagraph_mark_step_begin()
             model_in = torch.cat([latents, latents]) if self.guided else latents
             model_in = self.scheduler.scale_model_input(model_in, t)
             down, mid = self.controlnet(model_in, t, encoder_hidden_states=hidden, controlnet_cond=embedded,
