@@ -89,7 +89,7 @@ def _label(text: str, side: int) -> np.ndarray:
     """A white square tile with `text` written on it, wrapped to fit."""
     tile = Image.new("RGB", (side, side), "white")
     draw = ImageDraw.Draw(tile)
-    per_line = max(1, side // 7)  # Pillow's default bitmap font is about 6 px a character
+    per_line = max(1, side // 7)  # Pillow's default font at size 11 is about 6 px a character
     lines = [text[i : i + per_line] for i in range(0, len(text), per_line)]
     draw.multiline_text((4, 4), "\n".join(lines), fill="black", font=ImageFont.load_default(size=11))
     return np.asarray(tile)

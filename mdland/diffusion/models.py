@@ -181,7 +181,7 @@ def needed_files(files: list[str], subfolders: tuple[str, ...] | None = None) ->
             base, dot, _ = stem.rpartition(".")
             if dot and posixpath.join(folder, f"{base}.{ext}") in present:  # a variant beside the plain file
                 continue
-            # transformers names them model.safetensors and pytorch_model.bin, diffusers alike but for the suffix
+            # a .bin beside safetensors of its variant (transformers names them pytorch_model.bin, model.safetensors)
             if ext == "bin" and (folder, _variant(f)) in safetensors:
                 continue
         keep.append(f)
