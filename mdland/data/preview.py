@@ -1,5 +1,6 @@
 """Quick looks at data: landmarks drawn over images, tiled into a PNG grid."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -86,10 +87,13 @@ def _fit(size: tuple[int, int], longest: int) -> tuple[int, int]:
 
 
 def _label(text: str, side: int) -> np.ndarray:
-    """A white square tile with `text` written on it, wrapped to fit."""
+    """A white square tile with `text` written on it, wrapped after its `_`, `-` and spaces to fit."""
     tile = Image.new("RGB", (side, side), "white")
-    draw = ImageDraw.Draw(tile)
-    per_line = max(1, side // 7)  # Pillow's default font at size 11 is about 6 px a character
-    lines = [text[i : i + per_line] for i in range(0, len(text), per_line)]
-    draw.multiline_text((4, 4), "\n".join(lines), fill="black", font=ImageFont.load_default(size=11))
+    per_line = max(1, (side - 8) // 6)  # Pillow's default font at size 11 is about 6 px a character
+    lines = [""]
+    for part in re.split(r"(?<=[_\- ])", text):
+        if lines[-1] and len(lines[-1]) + len(part) > per_line:
+            lines.append("")
+        lines[-1] += part
+    ImageDraw.Draw(tile).multiline_text((4, 4), "\n".join(lines), fill="black", font=ImageFont.load_default(size=11))
     return np.asarray(tile)
