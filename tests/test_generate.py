@@ -91,8 +91,22 @@ def test_several_sources_are_one_pool_of_landmark_sets(inputs, tmp_path):
         cfg.plan_identity()  # the order of the sources is part of the plan
 
 
+def stock_images(c, controlnet, conditions: np.ndarray, prompts: list[str], seeds: list[int], steps: int,
+                 **options) -> np.ndarray:
+    """What diffusers' StableDiffusionControlNetPipeline draws from the same modules and seeds (64 px, guidance 7.5)."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    pipe = StableDiffusionControlNetPipeline(
+        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, controlnet=controlnet,
+        scheduler=ddim_scheduler(c), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompts, image=[Image.fromarray(x) for x in conditions], height=64, width=64,
+                num_inference_steps=steps, guidance_scale=7.5, output_type="np",
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], **options).images
+
+
 def test_sampler_matches_the_stock_pipeline_and_samples_stand_alone(inputs):
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from diffusers import ControlNetModel
 
     c = build_preset("tiny")
     controlnet = ControlNetModel.from_pretrained(inputs / "controlnet")
@@ -101,13 +115,7 @@ def test_sampler_matches_the_stock_pipeline_and_samples_stand_alone(inputs):
                       landmarks_array(read_dataset(cfg.source[0])))[:3]
     conditions = np.stack([render_landmarks(r["landmarks"], 64) for r in rows])
     prompts, seeds = [r["prompt"] for r in rows], [r["seed"] for r in rows]
-    pipe = StableDiffusionControlNetPipeline(
-        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, controlnet=controlnet,
-        scheduler=ddim_scheduler(c), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    stock = pipe(prompts, image=[Image.fromarray(x) for x in conditions], height=64, width=64,
-                 num_inference_steps=5, guidance_scale=7.5, output_type="np",
-                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
+    stock = stock_images(c, controlnet, conditions, prompts, seeds, 5)
     sampler = LandmarkSampler(c, controlnet, num_inference_steps=5, guidance_scale=7.5, vae_batch_size=2)
     ours = sampler(conditions, prompts, seeds)
     assert np.abs(ours - stock).max() < 1e-4
@@ -118,18 +126,17 @@ def test_sampler_matches_the_stock_pipeline_and_samples_stand_alone(inputs):
     assert np.abs(fused(conditions, prompts, seeds) - ours).max() < 1e-4
 
     # With eta > 0 each sample's step noise comes from its own generator, as in the stock pipeline.
-    stock = pipe(prompts, image=[Image.fromarray(x) for x in conditions], height=64, width=64, num_inference_steps=5,
-                 guidance_scale=7.5, eta=0.7, output_type="np",
-                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
+    stock = stock_images(c, controlnet, conditions, prompts, seeds, 5, eta=0.7)
     noisy = LandmarkSampler(c, controlnet, num_inference_steps=5, guidance_scale=7.5, eta=0.7)
     assert np.abs(noisy(conditions, prompts, seeds) - stock).max() < 1e-4
     assert np.abs(noisy(conditions[2:], prompts[2:], seeds[2:])[0] - stock[2]).max() < 1e-4
     # SD 1.x's DDIM: the last step goes to alpha_cumprod[0], not to 1.
-    assert pipe.scheduler.final_alpha_cumprod == pipe.scheduler.alphas_cumprod[0]
+    scheduler = ddim_scheduler(c)
+    assert scheduler.final_alpha_cumprod == scheduler.alphas_cumprod[0]
 
 
 def test_sampler_embeds_each_condition_once_in_either_channel_order(inputs):
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from diffusers import ControlNetModel
 
     c = build_preset("tiny")
     rows = shard_rows(config(inputs, "unused"), 0, load_styles(DEFAULT_STYLES, STYLES),
@@ -150,13 +157,7 @@ def test_sampler_embeds_each_condition_once_in_either_channel_order(inputs):
         sampler = LandmarkSampler(c, controlnet, num_inference_steps=3, guidance_scale=7.5)
         images[name] = sampler(conditions, prompts, seeds)
         assert embedded == [2]  # once for the call's two images: not twice at each of the 3 steps
-        pipe = StableDiffusionControlNetPipeline(  # the ControlNet has its embedding back
-            vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, controlnet=controlnet,
-            scheduler=ddim_scheduler(c), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        stock = pipe(prompts, image=[Image.fromarray(x) for x in conditions], height=64, width=64,
-                     num_inference_steps=3, guidance_scale=7.5, output_type="np",
-                     generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
+        stock = stock_images(c, controlnet, conditions, prompts, seeds, 3)  # the ControlNet has its embedding back
         assert np.abs(images[name] - stock).max() < 1e-4
     assert np.abs(images["rgb"] - images["bgr"]).max() > 5e-4  # 5x the tolerance: a wrong flip would show
 
