@@ -12,8 +12,9 @@
   per core), on this machine's CPU: the ceiling of one `mdland generate` job, in GPUs' worth.
 - `detector`: batched images/s and single-image latency of the STAR network (fp16 on GPU, fp32 on CPU); on a GPU
   also replayed from CUDA graphs, against the eager network.
-- `serve`: end-to-end requests/s and p50/p95 latency over HTTP (Ray Serve, concurrent loopback clients, `--replicas`
-  sharing the device) against in-process batched inference of the same checkpoint; also single-request p50 latency.
+- `serve`: end-to-end requests/s and p50/p95 latency over HTTP (Ray Serve behind HAProxy, concurrent loopback
+  clients, `--replicas` sharing the device) against in-process batched inference of the same checkpoint; also
+  single-request p50 latency.
 
 `--profile PATH` (`train`, `generate`) also writes torch.profiler's operator table and a trace of a few steps.
 """
@@ -28,6 +29,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from mdland.cluster import init_ray
 from mdland.config import check_count
 from mdland.log import get_logger
 from mdland.session import check_precision, pick_device, set_single_process_env, training_dtype
@@ -317,8 +319,6 @@ def _bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance,
     many devices."""
     import tempfile
 
-    import ray
-
     from mdland.data.procedural import write_faces
     from mdland.generation.pipeline import run_generation
     from mdland.generation.plan import DEFAULT_STYLES, GenerateConfig, load_styles
@@ -334,8 +334,7 @@ def _bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance,
                              num_inference_steps=steps, guidance_scale=guidance, rows_per_shard=batch_size,
                              batch_size=batch_size, use_gpu=torch.cuda.is_available(), num_actors=actors,
                              compile=compile, compile_mode=compile_mode, channels_last=channels_last)
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False)
+        init_ray(include_dashboard=False)
         out = run_generation(cfg)
     rate = out["images_per_s"]
     return {"pipeline_images_per_s": round(rate, 3) if rate else None, "pipeline_actors": actors,
@@ -481,8 +480,7 @@ def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int
         save_checkpoint(STARNet(ARCHS[arch]), f"{d}/det.pkl")
         in_process = _in_process_images_per_s(f"{d}/det.pkl", [decode_image(f) for f in faces], max_batch_size,
                                               device)
-        if not ray.is_initialized():
-            ray.init()
+        init_ray()
         share = {"num_cpus": ray.available_resources().get("CPU", 1.0) / replicas}
         if device.type == "cuda":
             share["num_gpus"] = 1 / replicas
@@ -523,7 +521,10 @@ def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int
         raise RuntimeError(f"bench serve: all {requests_total} requests failed")
     latencies = [ms for ms, _ in ok]
     rps = len(ok) / elapsed
-    return {"benchmark": "serve", "arch": arch, "device": _device_name(device), "replicas_running": running,
+    # As init_ray set it for a Ray this process started (a cluster's nodes set their own).
+    ingress = "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "proxy actors"
+    return {"benchmark": "serve", "arch": arch, "device": _device_name(device), "ingress": ingress,
+            "replicas_running": running,
             "torch_threads": {"replica": replica_threads, "in_process": torch.get_num_threads()}, "clients": clients,
             "max_batch_size": max_batch_size, "requests": requests_total, "errors": errors,
             "baseline": f"in-process batched inference, batch {max_batch_size}, the replica's detector",

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mdland.cluster import init_ray
 from mdland.config import check_counts
 from mdland.data import storage
 from mdland.data.ingest import ingest
@@ -86,8 +87,6 @@ def _claim_storage(root: str) -> None:
 
 
 def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: DemoSize = DemoSize()) -> dict:
-    import ray
-
     from mdland.detector.evaluate import evaluate_detector
     from mdland.detector.train import DetectorTrainConfig
     from mdland.detector.train import run_training as train_detector
@@ -119,8 +118,7 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
         log.info("%s done in %.1fs", name, timings[name])
 
     # Several logical CPUs even on a 2-core machine, so training workers never starve Ray Data's tasks.
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False)
+    init_ray(num_cpus=4, include_dashboard=False)
 
     log.info("[1/8] ingest: %d + %d procedural faces as ArtFace-style folders -> shards in %s", s.train, s.test, root)
     t = time.time()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mdland.cluster import init_ray
 from mdland.data import storage
 from mdland.log import get_logger
 
@@ -280,8 +281,7 @@ def launch(train_func: Callable[[dict], None], cfg, dataset: Callable[[], object
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     nodes = sum(n["Alive"] for n in ray.nodes())
     if nodes > 1 and not storage.is_s3(cfg.storage_path):
         log.warning("storage_path %s is a local path on a %d-node cluster: every node must see it (a shared "

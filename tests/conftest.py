@@ -95,3 +95,33 @@ def face():
     rng = np.random.default_rng(7)
     points = random_landmarks(rng, 256)
     return draw_face(points, "flat_cartoon", 256, rng), points
+
+
+@pytest.fixture
+def serve_cli():
+    """`start(detector, marker, *args)`: `mdland serve --detector detector *args` in a subprocess with a Ray of its
+    own, returned as (process, its output lines so far, its port) once a line holds `marker`; killed at teardown if
+    still running."""
+    import threading
+
+    started: list[subprocess.Popen] = []
+
+    def start(detector: str, marker: str, *args: str) -> tuple[subprocess.Popen, list[str], int]:
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, "-u", "-m", "mdland", "serve", "--detector", detector, "--port",
+                                 str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        started.append(proc)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+        deadline = time.time() + 240
+        while not any(marker in line for line in lines) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "".join(lines)[-3000:]
+        assert any(marker in line for line in lines), f"no {marker!r} in 240 s: " + "".join(lines)[-3000:]
+        return proc, lines, port
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mdland.cli import main
+from mdland.cluster import init_ray
 
 
 def test_bench_train_runs_both_loops_on_the_same_batch(tmp_path, monkeypatch):
@@ -30,7 +31,7 @@ def test_bench_generate_compares_sampler_stock_and_pipeline(tmp_path, monkeypatc
 
     monkeypatch.setenv("MDLAND_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "gen.json"
-    ray.init(num_cpus=4, include_dashboard=False)
+    init_ray(num_cpus=4, include_dashboard=False)
     try:
         assert main(["bench", "generate", "--preset", "tiny", "--batch-size", "4", "--resolution", "64", "--steps",
                      "3", "--repeats", "1", "--rounds", "2", "--pipeline", "--pipeline-images", "50", "--profile", str(tmp_path / "gen"),
@@ -59,7 +60,7 @@ def test_bench_serve_runs_http_against_in_process(tmp_path):
     import ray
 
     out = tmp_path / "serve.json"
-    ray.init(num_cpus=4, include_dashboard=False)
+    init_ray(num_cpus=4, include_dashboard=False)
     try:
         assert main(["bench", "serve", "--arch", "tiny", "--batch-size", "4", "--requests", "16", "--clients", "4",
                      "--replicas", "2", "--out", str(out)]) == 0
@@ -70,7 +71,7 @@ def test_bench_serve_runs_http_against_in_process(tmp_path):
     assert r["ratio"] == round(r["http_requests_per_s"] / r["in_process_images_per_s"], 3)
     assert 0 < r["p50_ms"] <= r["p95_ms"]
     assert 1 <= r["mean_batch_size"] <= 4  # as the replica's answers said
-    assert r["replicas_running"] == 2
+    assert r["replicas_running"] == 2 and r["ingress"] == "haproxy"
     # Ray's 4 CPUs split between the 2 replicas: 2 torch threads each, as the baseline process has this machine's.
     assert r["torch_threads"]["replica"] == 2 and r["torch_threads"]["in_process"] == torch.get_num_threads()
 

@@ -134,28 +134,9 @@ def test_out_of_range_sizes_fail_before_any_work(tmp_path, capsys):
     assert "batch_size: must be at least 1, got 0" in capsys.readouterr().err
 
 
-def _serve_until(tmp_path, marker: str, port: int) -> tuple[subprocess.Popen, list[str]]:
-    """`mdland serve` in a subprocess, its output collected line by line, once a line holds `marker`."""
-    import threading
-    import time
-
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "mdland", "serve", "--detector", str(tmp_path / "d.pkl"),
-                             "--port", str(port), "--set", "max_batch_size=2", "--set", "decode_threads=1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    deadline = time.time() + 240
-    while not any(marker in line for line in lines) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None, "".join(lines)[-3000:]
-    assert any(marker in line for line in lines), f"no {marker!r} in 240 s: " + "".join(lines)[-3000:]
-    return proc, lines
-
-
 @pytest.mark.parametrize("moment", ["starting", "serving"])
-def test_serve_stops_cleanly_on_ctrl_c(tmp_path, moment):
+def test_serve_stops_cleanly_on_ctrl_c(tmp_path, moment, serve_cli):
     import signal
-    import socket
 
     import requests
 
@@ -163,21 +144,15 @@ def test_serve_stops_cleanly_on_ctrl_c(tmp_path, moment):
     from mdland.detector.model import ARCHS, STARNet
 
     save_checkpoint(STARNet(ARCHS["tiny"]), str(tmp_path / "d.pkl"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     # While serve.run waits for the replica, or once the app is up.
     marker = "Deploying new version of Deployment" if moment == "starting" else "Ctrl-C stops"
-    proc, lines = _serve_until(tmp_path, marker, port)
-    try:
-        if moment == "serving":
-            model = requests.get(f"http://127.0.0.1:{port}/v1/model", timeout=30).json()
-            assert model["max_batch_size"] == 2  # both --set options applied
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, lines, port = serve_cli(str(tmp_path / "d.pkl"), marker, "--set", "max_batch_size=2", "--set",
+                                  "decode_threads=1")
+    if moment == "serving":
+        model = requests.get(f"http://127.0.0.1:{port}/v1/model", timeout=30).json()
+        assert model["max_batch_size"] == 2  # both --set options applied
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
     output = "".join(lines)
     assert proc.returncode == 0, output[-3000:]
     assert "Traceback" not in output and "KeyboardInterrupt" not in output

@@ -108,3 +108,4 @@ def test_dockerfile_installs_what_the_jobs_import():
     text = (ROOT / "cluster" / "Dockerfile").read_text()
     assert f"rayproject/ray:{__import__('ray').__version__}" in text
     assert "torch==2.13.0" in text and "constraints.txt" in text and "COPY --chown=ray jobs" in text
+    assert "ENV RAY_SERVE_ENABLE_HA_PROXY=1" in text  # Serve reads it where each node's processes start

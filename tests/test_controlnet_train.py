@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from mdland.cluster import init_ray
 from mdland.config import load_config
 from mdland.data import storage
 from mdland.data.shards import Face, ShardWriter, encode_image, read_dataset, read_shard, shard_uris
@@ -336,7 +337,7 @@ def test_ray_train_two_workers_checkpoints_to_s3_survive_a_lost_worker_and_resum
     write_faces(data, 8, seed=1, size=64)
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
                                       "MDLAND_CACHE")}
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
+    init_ray(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
     try:
         cfg = ControlNetTrainConfig(**TINY, data=[data], max_steps=16, checkpoint_every=4, num_workers=2,
                                     cpus_per_worker=1, storage_path=f"{s3_bucket}/runs", name="ray-s1")
@@ -474,7 +475,7 @@ def test_ray_dataset_of_cached_latents_is_reshuffled_each_epoch(faces_dir):
 
     from mdland.diffusion.data import ray_dataset
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    init_ray(num_cpus=2, include_dashboard=False)
     try:
         ds = ray_dataset([faces_dir], 64, {"model": "tiny", "seed": 0, "use_gpu": False, "precision": "auto"},
                          workers=1)

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from mdland.cluster import init_ray
 from mdland.data.datasets import read_shards
 from mdland.data.shards import Face, ShardWriter, encode_image
 
@@ -18,7 +19,7 @@ def write_domain(root: str, style: str, count: int) -> str:
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    init_ray(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 

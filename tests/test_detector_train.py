@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from mdland.cluster import init_ray
 from mdland.data import storage
 from mdland.data.procedural import write_faces
 from mdland.detector.checkpoint import load_detector, save_checkpoint
@@ -119,7 +120,7 @@ def test_bf16_training_keeps_fp32_weights_and_batchnorm_statistics(faces, tmp_pa
 def test_ray_train_two_workers_lower_validation_nme(faces, tmp_path):
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False,
+    init_ray(num_cpus=4, include_dashboard=False,
              runtime_env={"env_vars": {"MDLAND_CACHE": os.environ.get("MDLAND_CACHE", "")}})
     try:
         cfg = DetectorTrainConfig(**TINY, data=[str(faces / "train")], val_data=[str(faces / "val")], epochs=3,

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mdland.cluster import init_ray
 from mdland.data import storage
 from mdland.data.shards import decode_image, landmarks_array, read_dataset, read_manifest, shard_name
 from mdland.data.storage import StorageError
@@ -169,7 +170,7 @@ def test_actors_get_whole_batches(inputs):
 
     # 24 samples: shards of 10, 10 and 4, planned for GPU actors (nothing here runs on a GPU).
     cfg = config(inputs, "unused", rows_per_shard=10, batch_size=4, use_gpu=True)
-    ray.init(num_cpus=2, include_dashboard=False)
+    init_ray(num_cpus=2, include_dashboard=False)
     context = ray.data.DataContext.get_current()
     limit = context.target_max_block_size
     # Blocks of 2.5 rows' worth of conditions: Ray would cut them anywhere (as it cuts a real shard's ~200 MB).
@@ -190,7 +191,7 @@ def test_generate_into_s3(inputs, s3_bucket):
     out = f"{s3_bucket}/synthetic"
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
                                       "MDLAND_CACHE")}
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
+    init_ray(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
     try:
         cfg = config(inputs, out, num_assemblers=2)  # shards 0 and 2 meet in one, shard 1 in the other
         result = run_generation(cfg)
@@ -250,7 +251,7 @@ def test_killed_run_then_rerun_gives_exactly_the_plan(inputs, tmp_path, monkeypa
     assert not os.path.exists(os.path.join(out, "manifest.json"))
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False)
+    init_ray(num_cpus=4, include_dashboard=False)
     try:
         assert run_generation(cfg)["complete"]
     finally:
@@ -359,7 +360,7 @@ def test_alignment_scores_and_filter(inputs, tmp_path):
 
     torch.manual_seed(0)
     save_checkpoint(STARNet(ARCHS["tiny"]), str(tmp_path / "det.pkl"))
-    ray.init(num_cpus=4, include_dashboard=False)
+    init_ray(num_cpus=4, include_dashboard=False)
     try:
         scored = config(inputs, str(tmp_path / "scored"), detector=str(tmp_path / "det.pkl"))
         run_generation(scored)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from mdland.cluster import init_ray
 from mdland.data.procedural import write_faces
 from mdland.diffusion.models import build_controlnet, build_preset
 
@@ -117,16 +118,13 @@ def test_bf16_detector_training_on_gpu(faces, tmp_path):
 
 def test_generation_pipeline_on_gpu_writes_the_planned_set(faces, tmp_path):
     # With use_gpu the actors hand uint8 images to separate CPU encode tasks.
-    import ray
-
     from mdland.data.shards import decode_image, read_dataset
     from mdland.generation.pipeline import run_generation
     from mdland.generation.plan import GenerateConfig
 
     torch.manual_seed(0)
     build_controlnet(build_preset("tiny")).save_pretrained(tmp_path / "controlnet")
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+    init_ray(include_dashboard=False)
     out = run_generation(GenerateConfig(source=[str(faces)], output=str(tmp_path / "out"),
                                         controlnet=str(tmp_path / "controlnet"), styles=["cartoon", "anime"],
                                         images_per_style=8, resolution=64, num_inference_steps=4, rows_per_shard=8,

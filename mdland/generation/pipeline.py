@@ -14,6 +14,7 @@ from dataclasses import asdict, replace
 import numpy as np
 import pyarrow.parquet as pq
 
+from mdland.cluster import init_ray
 from mdland.config import check_counts, from_dict
 from mdland.data import storage
 from mdland.data.preview import style_preview
@@ -311,8 +312,7 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], l
     """Run the pipeline over `pending` shards; returns the steady images/s (first to last shard written)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     config = asdict(cfg)
     ds = conditioned_rows(cfg, pending, styles, landmarks)
     ds = ds.map_batches(GenerationActor, fn_constructor_kwargs={"config": config, "weights": weights},

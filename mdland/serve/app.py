@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image, ImageOps, UnidentifiedImageError
 from ray import serve
 
+from mdland.cluster import init_ray
 from mdland.config import check_counts, from_dict
 from mdland.data import storage
 from mdland.data.shards import rgb_array
@@ -370,11 +371,8 @@ def build_app(args: dict) -> serve.Application:
 
 def start_server(args: dict, host: str = "127.0.0.1", port: int = 8000) -> str:
     """Deploy the app on the running (or a new local) Ray and return its base URL; `serve.shutdown()` stops it."""
-    import ray
-
     app = build_app(args)  # bad arguments fail before Ray or Serve starts
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name="landmarks", route_prefix="/")
     return f"http://{host}:{port}"

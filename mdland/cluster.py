@@ -1,0 +1,37 @@
+"""The Ray every stage runs on: `init_ray` joins the cluster this process is given (RAY_ADDRESS, or one `ray start`
+began on this machine) or starts a local one, in one way for every stage, so a local Ray hosts Serve as a cluster
+built from `cluster/Dockerfile` does.
+
+Serve's HTTP ingress is HAProxy (`RAY_SERVE_ENABLE_HA_PROXY`, Ray 2.55 and later): one C process per node that
+forwards each request straight to a replica's own HTTP server, instead of a Python proxy actor per node that relays
+it to the replica as a Ray call. For the detector's small requests the relay is much of the cost: on 2 CPU cores,
+1.8x the requests/s and half the single-request latency (`mdland bench serve`, README). Serve reads the setting
+where the cluster's processes start, so it is set before a local Ray starts (here) or on every node (the image).
+`RAY_SERVE_ENABLE_HA_PROXY=0` in the environment keeps the proxy actors.
+"""
+
+import os
+import socket
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def init_ray(**kwargs) -> None:
+    """`ray.init(**kwargs)` unless Ray is up in this process already, with Serve's HAProxy ingress for a local Ray.
+    A replica that stops is drained for 2 s, not Ray's 30: HAProxy on its node, not an outside load balancer, has to
+    stop sending it requests, and retries any it refuses on another replica."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+    # HAProxy's read-only stats page and Prometheus exporter would listen on fixed ports of every interface, so a
+    # second local Ray on the machine (a `mdland serve` beside the demo) could not start its HAProxy.
+    for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        os.environ[key] = str(_free_port())
+    ray.init(**kwargs)
