@@ -68,7 +68,8 @@ def test_bench_serve_runs_http_against_in_process(tmp_path):
         ray.shutdown()
     r = json.loads(out.read_text())
     assert r["errors"] == 0 and r["http_requests_per_s"] > 0 and r["in_process_images_per_s"] > 0
-    assert r["ratio"] == round(r["http_requests_per_s"] / r["in_process_images_per_s"], 3)
+    # From the unrounded rates: within the rounding of the three numbers.
+    assert r["ratio"] == pytest.approx(r["http_requests_per_s"] / r["in_process_images_per_s"], abs=2e-3)
     assert 0 < r["p50_ms"] <= r["p95_ms"]
     assert 1 <= r["mean_batch_size"] <= 4  # as the replica's answers said
     assert r["replicas_running"] == 2 and r["ingress"] == "haproxy"
