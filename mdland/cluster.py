@@ -2,7 +2,7 @@
 began on this machine) or starts a local one, in one way for every stage, so a local Ray hosts Serve as a cluster
 built from `cluster/Dockerfile` does.
 
-Serve's HTTP ingress is HAProxy (`RAY_SERVE_ENABLE_HA_PROXY`, Ray 2.55 and later): one C process per node that
+Serve's HTTP ingress is HAProxy (`RAY_SERVE_ENABLE_HA_PROXY`, Ray 2.56 and later): one C process per node that
 forwards each request straight to a replica's own HTTP server, instead of a Python proxy actor per node that relays
 it to the replica as a Ray call. For the detector's small requests the relay is much of the cost: on 2 CPU cores,
 1.8x the requests/s and half the single-request latency (`mdland bench serve`, README). Serve reads the setting
