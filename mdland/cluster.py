@@ -14,7 +14,8 @@ import os
 import socket
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on, on any interface (the OS's pick)."""
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -33,5 +34,5 @@ def init_ray(**kwargs) -> None:
     # HAProxy's read-only stats page and Prometheus exporter would listen on fixed ports of every interface, so a
     # second local Ray on the machine (a `mdland serve` beside the demo) could not start its HAProxy.
     for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-        os.environ[key] = str(_free_port())
+        os.environ[key] = str(free_port())
     ray.init(**kwargs)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mdland.cluster import init_ray
+from mdland.cluster import free_port, init_ray
 from mdland.config import check_counts
 from mdland.data import storage
 from mdland.data.ingest import ingest
@@ -206,8 +206,6 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
 
 def query_server_once(detector: str, test_data: str) -> dict:
     """Start the Serve app, send it one held-out face over HTTP, and stop it."""
-    import socket
-
     import requests
     from ray import serve
 
@@ -215,10 +213,7 @@ def query_server_once(detector: str, test_data: str) -> dict:
 
     table = read_dataset(test_data)
     png, truth = table.column("image")[0].as_py(), landmarks_array(table)[0]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = start_server({"detector": detector}, port=port)
+    url = start_server({"detector": detector}, port=free_port())
     try:
         reply = requests.post(f"{url}/v1/landmarks", data=png, headers={"content-type": "image/png"}, timeout=120)
         reply.raise_for_status()

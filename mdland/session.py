@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdland.cluster import init_ray
+from mdland.cluster import free_port, init_ray
 from mdland.data import storage
 from mdland.log import get_logger
 
@@ -99,12 +99,7 @@ def endless(session, batch_size: int, seed: int) -> Iterator[dict]:
 
 def set_single_process_env() -> None:
     """What torch.distributed / DeepSpeed need to run as a world of one outside Ray Train."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for var, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
+    for var, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
                        ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(var, value)
 

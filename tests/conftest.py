@@ -1,6 +1,5 @@
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,9 @@ import boto3
 import numpy as np
 import pytest
 
+from mdland.cluster import free_port
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _moto_binary() -> str:
@@ -29,7 +24,7 @@ def _moto_binary() -> str:
 
 
 def _start_moto(extra_env: dict | None = None):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [_moto_binary(), "-H", "127.0.0.1", "-p", str(port)],
         env={**os.environ, **(extra_env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -107,7 +102,7 @@ def serve_cli():
     started: list[subprocess.Popen] = []
 
     def start(detector: str, marker: str, *args: str) -> tuple[subprocess.Popen, list[str], int]:
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen([sys.executable, "-u", "-m", "mdland", "serve", "--detector", detector, "--port",
                                  str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         started.append(proc)

@@ -1,20 +1,18 @@
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from mdland.cluster import free_port
 from mdland.data import storage
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_local_s3_script_starts_a_server_the_storage_layer_uses(monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     out = subprocess.run(["bash", str(ROOT / "infra" / "local-s3.sh"), str(port), "mdland-dev"], env=env,
                          capture_output=True, text=True, timeout=120)

@@ -4,24 +4,22 @@ import json
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from mdland.cluster import free_port
 from mdland.data.procedural import write_faces
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def free_port() -> int:
+def port_above_ray_workers() -> int:
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         if port > 20000:  # below that Ray hands ports to its workers
             return port
 
@@ -29,10 +27,10 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     temp = tmp_path_factory.mktemp("ray")
-    dashboard = free_port()
+    dashboard = port_above_ray_workers()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    start = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+    start = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port_above_ray_workers()}",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
                             f"--temp-dir={temp}", "--disable-usage-stats"], env=env, capture_output=True, text=True,
                            timeout=180)

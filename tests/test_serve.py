@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from mdland.cluster import init_ray
+from mdland.cluster import free_port, init_ray
 from mdland.data.procedural import procedural_faces
 from mdland.data.shards import decode_image
 from mdland.detector.checkpoint import load_detector, save_checkpoint
@@ -33,11 +33,8 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
     save_checkpoint(STARNet(ARCHS["tiny"]), str(root / "det.pkl"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     init_ray(num_cpus=4, include_dashboard=False)
-    url = start_server({"detector": str(root / "det.pkl"), "max_batch_size": 8, **LIMITS}, port=port)
+    url = start_server({"detector": str(root / "det.pkl"), "max_batch_size": 8, **LIMITS}, port=free_port())
     faces = [f.image for f in procedural_faces(24, seed=5, size=96)]
     yield url, load_detector(str(root / "det.pkl")).eval(), faces
     serve.shutdown()
