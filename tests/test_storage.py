@@ -122,6 +122,38 @@ def test_a_republished_s3_model_is_copied_again_and_a_copy_in_use_is_kept(s3_buc
     assert not new.exists()
 
 
+def test_a_model_file_deleted_while_it_is_copied_is_a_re_publish_copied_again(s3_bucket, tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
+
+    from mdland.diffusion.models import local_copy
+
+    monkeypatch.setenv("MDLAND_CACHE", str(tmp_path))
+    uri = f"{s3_bucket}/runs/stage1/controlnet"
+    storage.write_bytes(f"{uri}/config.json", b"first")
+    storage.write_bytes(f"{uri}/diffusion_pytorch_model.bin", b"old weights")
+    copy_files = pafs.copy_files
+
+    def republish_before_the_first_copy(*args, **kwargs):
+        # The listing is made: the next export replaces the .bin weights with .safetensors ones.
+        if storage.exists(f"{uri}/diffusion_pytorch_model.bin"):
+            storage.delete(f"{uri}/diffusion_pytorch_model.bin")
+            storage.write_bytes(f"{uri}/diffusion_pytorch_model.safetensors", b"new weights")
+            storage.write_bytes(f"{uri}/config.json", b"second")
+        return copy_files(*args, **kwargs)
+
+    monkeypatch.setattr(pafs, "copy_files", republish_before_the_first_copy)
+    with local_copy(uri) as path:
+        assert sorted(p.name for p in path.iterdir()) == [".complete", "config.json",
+                                                          "diffusion_pytorch_model.safetensors"]
+        assert (path / "config.json").read_bytes() == b"second"
+    monkeypatch.setattr(pafs, "copy_files", copy_files)
+    # A file that cannot be read while nothing changed is an error, not a retry.
+    storage.write_bytes(f"{uri}/config.json", b"third")
+    monkeypatch.setattr(pafs, "copy_files", lambda *a, **k: (_ for _ in ()).throw(OSError("AWS Error ACCESS_DENIED")))
+    with pytest.raises(StorageError, match="cannot copy .*access denied"), local_copy(uri):
+        pass
+
+
 def test_a_model_snapshot_is_copied_without_what_loading_does_not_read(s3_bucket, tmp_path, monkeypatch):
     from mdland.diffusion.models import SUBFOLDERS, local_copy, weights_variant
 

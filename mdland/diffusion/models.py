@@ -220,10 +220,16 @@ def local_copy(uri: str, subfolders: tuple[str, ...] | None = None) -> Iterator[
             _remove_unused_copies(models, name, target)
             if (target / ".complete").exists():
                 break
-            storage.copy_to_local(uri, target, select)
-            if storage.fingerprint(uri, select) == version:  # not re-published while it was copied
-                (target / ".complete").write_text(uri)
-                break
+            try:
+                storage.copy_to_local(uri, target, select)
+            except storage.StorageError:
+                # A file gone since the listing is a re-publish under way, retried as any other change is.
+                if storage.fingerprint(uri, select) == version:
+                    raise
+            else:
+                if storage.fingerprint(uri, select) == version:  # not re-published while it was copied
+                    (target / ".complete").write_text(uri)
+                    break
             shutil.rmtree(target, ignore_errors=True)
         else:
             raise storage.StorageError(f"{uri}: changed while it was copied, three times; try again once published")
