@@ -93,8 +93,11 @@ def _named_config(name: str | None, stage: str = "diffusion") -> str | None:
 
     if name is None or Path(name).exists():
         return name
-    shipped = Path(__file__).parent / stage / "configs" / f"{name}.yaml"
-    return str(shipped) if shipped.exists() else name
+    configs = Path(__file__).parent / stage / "configs"
+    if (configs / f"{name}.yaml").exists():
+        return str(configs / f"{name}.yaml")
+    shipped = ", ".join(sorted(p.stem for p in configs.glob("*.yaml")))
+    raise ValueError(f"--config {name}: no such file, nor a shipped config ({shipped})")
 
 
 def _train_detector(a: argparse.Namespace) -> None:
@@ -136,6 +139,38 @@ def _demo(a: argparse.Namespace) -> None:
     print(metrics_table(run_demo(a.out, a.storage, sizes)["metrics"]), end="")
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1], as an NME threshold is (0.10 is 10%)."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1] (0.10 for 10%), got {text}")
+    return value
+
+
+def port(text: str) -> int:
+    """An argparse type: a TCP port number."""
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {value}")
+    return value
+
+
 # Repeatable, each adding to the list: `--set a=1 --set b=2` sets both.
 SET_OPTION = dict(action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -155,15 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     metric_options = argparse.ArgumentParser(add_help=False, parents=[common])  # shared by evaluate and evaluate-preds
     metric_options.add_argument("--norm", default="inter_ocular", choices=NORMALISATIONS,
                                 help="NME normaliser: outer eye corners (default), pupils or box size")
-    metric_options.add_argument("--threshold", type=float, default=0.10, help="FR / AUC threshold on the NME")
+    metric_options.add_argument("--threshold", type=fraction, default=0.10,
+                                help="FR / AUC threshold on the NME, a fraction (0.10: 10%%)")
 
     p = sub.add_parser("ingest", parents=[common], help="turn an annotated image folder into shards")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("src", help="source folder (or the TSV / JSON file for star-tsv / ffhq)")
     p.add_argument("dest", help="output dataset: local path or s3://bucket/prefix")
-    p.add_argument("--size", type=int, default=256, help="stored image size (square)")
-    p.add_argument("--margin", type=float, default=1.25, help="crop side / landmark box side")
-    p.add_argument("--rows-per-shard", type=int, default=1000)
+    p.add_argument("--size", type=count, default=256, help="stored image size (square)")
+    p.add_argument("--margin", type=positive, default=1.25, help="crop side / landmark box side")
+    p.add_argument("--rows-per-shard", type=count, default=1000)
     p.add_argument("--skip-bad", action="store_true", help="log and skip bad faces instead of failing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at DEST")
     p.add_argument("--ffhq-variant", default="image", choices=["image", "in_the_wild"])
@@ -177,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="shard dataset, one .parquet shard, or a raw folder with --format")
     p.add_argument("out", help="output PNG")
     p.add_argument("--format", choices=FORMATS, help="read SRC as a raw annotated folder of this format")
-    p.add_argument("--count", type=int, default=16)
-    p.add_argument("--columns", type=int, default=4)
+    p.add_argument("--count", type=count, default=16)
+    p.add_argument("--columns", type=count, default=4)
     p.add_argument("--condition", action="store_true", help="also show each face's condition image")
     p.set_defaults(run=_render)
 
@@ -212,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", action="append", choices=FORMATS, help="raw folder format, one for all or per set")
     p.add_argument("--out", default="eval-report")
     p.add_argument("--skip-bad", action="store_true", help="log and skip bad faces instead of failing")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=count, default=32)
     p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("generate", parents=[common],
@@ -224,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="host a detector checkpoint over HTTP with Ray Serve")
     p.add_argument("--detector", required=True, help="detector checkpoint (.pkl), local or s3://")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000)
     p.add_argument("--set", **{**SET_OPTION,
                    "help": "ServeConfig fields (max_batch_size, batch_wait_timeout_s, max_bytes, max_pixels, use_gpu, "
                         "cuda_graphs, ...) and num_replicas / autoscaling_config / ray_actor_options"})
@@ -235,10 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Defaults are the issues' GPU settings; CPU smoke runs pass --preset tiny / --arch tiny and smaller sizes.
     b = bench.add_parser("train", parents=[common], help="ControlNet training step vs a plain bf16-autocast loop")
     b.add_argument("--preset", default="sd15", help="model size: sd15 (GPU) or tiny (a CPU smoke run)")
-    b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--resolution", type=int, default=256)
-    b.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    b.add_argument("--rounds", type=int, default=3, help="rounds of timed steps, in turns with the baselines")
+    b.add_argument("--batch-size", type=count, default=32)
+    b.add_argument("--resolution", type=count, default=256)
+    b.add_argument("--steps", type=count, default=10, help="timed steps per round")
+    b.add_argument("--rounds", type=count, default=3, help="rounds of timed steps, in turns with the baselines")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     b.add_argument("--compile", action="store_true", help="torch.compile ControlNet and UNet (config `compile`)")
     b.add_argument("--zero-stage", type=int, default=2, help="DeepSpeed ZeRO stage (config `zero_stage`)")
@@ -248,37 +284,37 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("generate", parents=[common],
                          help="mdland's sampler (and Ray Data pipeline) vs the stock diffusers pipeline")
     b.add_argument("--preset", default="sd15", help="model size: sd15 (GPU) or tiny (a CPU smoke run)")
-    b.add_argument("--batch-size", type=int, default=64)
-    b.add_argument("--resolution", type=int, default=256)
-    b.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    b.add_argument("--batch-size", type=count, default=64)
+    b.add_argument("--resolution", type=count, default=256)
+    b.add_argument("--steps", type=count, default=50, help="DDIM steps")
     b.add_argument("--guidance", type=float, default=7.5, help="guidance scale")
-    b.add_argument("--repeats", type=int, default=1, help="timed batches per round")
-    b.add_argument("--rounds", type=int, default=3, help="rounds of timed batches, in turns with the stock pipeline")
+    b.add_argument("--repeats", type=count, default=1, help="timed batches per round")
+    b.add_argument("--rounds", type=count, default=3, help="rounds of timed batches, in turns with the stock pipeline")
     b.add_argument("--compile", action="store_true", help="torch.compile UNet and ControlNet")
     b.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile's mode (config `compile_mode`); compiles")
     b.add_argument("--channels-last", action="store_true", help="channels-last memory (config `channels_last`)")
     b.add_argument("--pipeline", action="store_true", help="also time the Ray Data pipeline")
-    b.add_argument("--pipeline-images", type=int, default=512)
+    b.add_argument("--pipeline-images", type=count, default=512)
     b.add_argument("--profile", metavar="PATH", help="also profile a 3-step batch: PATH.txt, PATH.json.gz (a trace)")
     b = bench.add_parser("detector", parents=[common],
                          help="batched and single-image inference of the STAR network")
     b.add_argument("--arch", default="star-300w", help="star-300w or tiny")
-    b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--repeats", type=int, default=5, help="timed batches")
+    b.add_argument("--batch-size", type=count, default=32)
+    b.add_argument("--repeats", type=count, default=5, help="timed batches")
     b.add_argument("--warmup", type=int, default=2, help="untimed batches first")
     b = bench.add_parser("serve", parents=[common],
                          help="HTTP through Ray Serve vs in-process batched inference")
     b.add_argument("--arch", default="star-300w", help="star-300w or tiny")
-    b.add_argument("--batch-size", type=int, default=16, help="max_batch_size of the replica and the in-process batch")
-    b.add_argument("--requests", type=int, default=200, help="requests in the load run")
-    b.add_argument("--clients", type=int, help="concurrent clients (default: twice the batch size per replica)")
-    b.add_argument("--replicas", type=int, default=1, help="replicas sharing the device")
+    b.add_argument("--batch-size", type=count, default=16, help="max_batch_size of the replica and the in-process batch")
+    b.add_argument("--requests", type=count, default=200, help="requests in the load run")
+    b.add_argument("--clients", type=count, help="concurrent clients (default: twice the batch size per replica)")
+    b.add_argument("--replicas", type=count, default=1, help="replicas sharing the device")
     b = bench.add_parser("write", parents=[common],
                          help="the generation pipeline's shard assembler and PNG encoding, images/s on CPU")
     b.add_argument("--images", default="faces", choices=["faces", "noise"], help="what the 256x256 PNGs hold")
-    b.add_argument("--count", type=int, default=4000)
-    b.add_argument("--rows-per-shard", type=int, default=1000)
-    b.add_argument("--batch-size", type=int, default=64, help="rows per batch handed to the assembler")
+    b.add_argument("--count", type=count, default=4000)
+    b.add_argument("--rows-per-shard", type=count, default=1000)
+    b.add_argument("--batch-size", type=count, default=64, help="rows per batch handed to the assembler")
     b.add_argument("--output", help="where the shards go (local or s3://; default: a temporary folder)")
     for b in bench.choices.values():
         b.add_argument("--out", help="also write the result JSON here")
@@ -289,12 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common], help="run the pipeline on the embedded default and write a report")
     p.add_argument("--out", default="demo-report")
     p.add_argument("--storage", default="demo-data", help="local folder or s3://bucket/prefix for the data")
-    p.add_argument("--train", type=int, default=DemoSize.train, help="procedural faces to learn from")
-    p.add_argument("--test", type=int, default=DemoSize.test, help="held-out faces to evaluate on")
-    p.add_argument("--steps", type=int, default=DemoSize.controlnet_steps, help="ControlNet training steps per stage")
-    p.add_argument("--styles", type=int, default=DemoSize.styles, help="how many of the 25 styles to generate")
-    p.add_argument("--images-per-style", type=int, default=DemoSize.images_per_style)
-    p.add_argument("--epochs", type=int, default=DemoSize.detector_epochs, help="detector fine-tuning epochs")
+    p.add_argument("--train", type=count, default=DemoSize.train, help="procedural faces to learn from")
+    p.add_argument("--test", type=count, default=DemoSize.test, help="held-out faces to evaluate on")
+    p.add_argument("--steps", type=count, default=DemoSize.controlnet_steps, help="ControlNet training steps per stage")
+    p.add_argument("--styles", type=count, default=DemoSize.styles, help="how many of the 25 styles to generate")
+    p.add_argument("--images-per-style", type=count, default=DemoSize.images_per_style)
+    p.add_argument("--epochs", type=count, default=DemoSize.detector_epochs, help="detector fine-tuning epochs")
     p.add_argument("--seed", type=int, default=DemoSize.seed)
     p.set_defaults(run=_demo)
     return parser

@@ -91,8 +91,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ValueError(f"{path}: invalid YAML ({e})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of config keys, got a {type(data).__name__}")
-    data.update(parse_overrides(overrides or [], cls))
-    return from_dict(cls, data, str(path or "config"))
+    sets = parse_overrides(overrides or [], cls)
+    # Each part checked alone first, so an error names where the bad key or value was given (the file or --set).
+    from_dict(cls, data, str(path))
+    from_dict(cls, sets, "--set")
+    return from_dict(cls, {**data, **sets})
 
 
 def _is_text(kind: Any) -> bool:

@@ -16,6 +16,14 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "mdland", *args], capture_output=True, text=True, timeout=300)
 
 
+def exit_code(*args: str) -> int:
+    """`main`'s exit code, where the argument parser's refusals exit with 2 (SystemExit)."""
+    try:
+        return main(list(args))
+    except SystemExit as e:
+        return e.code
+
+
 def test_help_lists_the_stages():
     out = run_cli("--help")
     assert out.returncode == 0
@@ -38,7 +46,7 @@ def test_ingest_and_render_from_the_command_line(tmp_path):
     assert main(["render", str(src), str(tmp_path / "raw.png"), "--format", "artface", "--count", "2"]) == 0
     with Image.open(tmp_path / "raw.png") as im:
         assert im.size == (2 * 162 + 2, 162 + 2)
-    assert main(["render", str(tmp_path / "ds"), str(tmp_path / "none.png"), "--count", "0"]) == 2
+    assert exit_code("render", str(tmp_path / "ds"), str(tmp_path / "none.png"), "--count", "0") == 2
     assert not (tmp_path / "none.png").exists()
 
 
@@ -105,6 +113,11 @@ def test_a_malformed_override_is_a_clear_error(capsys, tmp_path):
     assert "list.yaml: expected a mapping of config keys, got a list" in capsys.readouterr().err
     assert main(["train-detector", "--config", "tiny", "--set", "data=[a"]) == 2  # not a YAML traceback
     assert "override 'data=[a': not a YAML value" in capsys.readouterr().err
+    assert main(["train-detector", "--config", "tiny", "--set", "bogus=1"]) == 2  # named as given, not the file's
+    assert "--set: unknown key(s) ['bogus']" in capsys.readouterr().err
+    assert main(["train-controlnet", "--config", "stage3"]) == 2
+    assert "--config stage3: no such file, nor a shipped config (stage1, stage2, tiny-stage1, tiny-stage2)" in \
+        capsys.readouterr().err
 
 
 def test_repeated_set_options_all_apply_and_the_log_level_goes_either_side_of_the_stage():
@@ -122,16 +135,44 @@ def test_out_of_range_sizes_fail_before_any_work(tmp_path, capsys):
     from mdland.detector.model import ARCHS, STARNet
     from mdland.detector.checkpoint import save_checkpoint
 
-    for flag, value, message in [("--styles", "0", "styles: must be at least 1, got 0"),
+    for flag, value, message in [("--styles", "0", "argument --styles: must be at least 1, got 0"),
                                  ("--styles", "26", "styles: at most 25"),
-                                 ("--epochs", "0", "detector_epochs: must be at least 1")]:
-        assert main(["demo", "--storage", str(tmp_path / "data"), "--out", str(tmp_path / "r"), flag, value]) == 2
+                                 ("--epochs", "0", "argument --epochs: must be at least 1, got 0")]:
+        assert exit_code("demo", "--storage", str(tmp_path / "data"), "--out", str(tmp_path / "r"), flag, value) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "data").exists() and not (tmp_path / "r").exists()
     save_checkpoint(STARNet(ARCHS["tiny"]), str(tmp_path / "d.pkl"))
-    assert main(["evaluate", "--detector", str(tmp_path / "d.pkl"), "--data", str(tmp_path), "--batch-size",
-                 "0", "--out", str(tmp_path / "eval")]) == 2
-    assert "batch_size: must be at least 1, got 0" in capsys.readouterr().err
+    assert exit_code("evaluate", "--detector", str(tmp_path / "d.pkl"), "--data", str(tmp_path), "--batch-size",
+                     "0", "--out", str(tmp_path / "eval")) == 2
+    assert "argument --batch-size: must be at least 1, got 0" in capsys.readouterr().err
+    # Numbers the parser refuses, naming the option, where they failed deep inside (--size 0: a traceback).
+    for args, message in [(["ingest", "--format", "artface", "a", "b", "--size", "0"], "--size: must be at least 1"),
+                          (["ingest", "--format", "artface", "a", "b", "--margin", "-1"],
+                           "--margin: must be a finite number above 0, got -1"),
+                          (["evaluate-preds", "a", "b", "--threshold", "10"],
+                           "--threshold: must be a fraction in (0, 1] (0.10 for 10%), got 10"),
+                          (["serve", "--detector", "d.pkl", "--port", "99999"],
+                           "--port: must be a TCP port (1-65535), got 99999")]:
+        assert exit_code(*args) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_serve_on_a_port_in_use_is_a_one_line_error(tmp_path):
+    import socket
+
+    from mdland.detector.checkpoint import save_checkpoint
+    from mdland.detector.model import ARCHS, STARNet
+
+    save_checkpoint(STARNet(ARCHS["tiny"]), str(tmp_path / "d.pkl"))
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        out = run_cli("serve", "--detector", str(tmp_path / "d.pkl"), "--port", str(port))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"mdland serve: error: cannot listen on 127.0.0.1:{port}: Address already in use; another server has it "
+        "(pick another with --port)"]
 
 
 @pytest.mark.parametrize("moment", ["starting", "serving"])

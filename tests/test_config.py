@@ -44,6 +44,19 @@ def test_ill_typed_values_fail_naming_the_key(data, message):
         from_dict(Example, data, "example.yaml")
 
 
+def test_an_error_names_where_the_bad_key_or_value_was_given(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("steps: 3\nname: x\n")
+    with pytest.raises(ValueError, match=r"^--set: unknown key\(s\) \['bogus'\]"):
+        load_config(Example, config, ["bogus=1"])
+    with pytest.raises(ValueError, match=r"^--set: steps: expected int, got 'many'"):
+        load_config(Example, config, ["steps=many"])
+    config.write_text("steps: many\n")
+    with pytest.raises(ValueError, match=rf"^{config}: steps: expected int, got 'many'"):
+        load_config(Example, config, ["steps=4"])  # the file's value is bad, even though --set replaces it
+    assert load_config(Example, None, ["steps=4"]).steps == 4
+
+
 def test_the_shipped_paper_configs_load_with_the_papers_settings():
     from pathlib import Path
 

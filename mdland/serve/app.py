@@ -18,8 +18,11 @@ network's forward pass is batched.
 import asyncio
 import base64
 import binascii
+import errno
 import io
 import json
+import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -371,7 +374,18 @@ def build_app(args: dict) -> serve.Application:
 
 def start_server(args: dict, host: str = "127.0.0.1", port: int = 8000) -> str:
     """Deploy the app on the running (or a new local) Ray and return its base URL; `serve.shutdown()` stops it."""
+    import ray
+
     app = build_app(args)  # bad arguments fail before Ray or Serve starts
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        # This machine's HAProxy would fail to listen deep inside Serve's start, in pages of Ray's log.
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closing server's TIME_WAIT is no owner
+            try:
+                probe.bind((host, port))
+            except OSError as e:
+                hint = "; another server has it (pick another with --port)" if e.errno == errno.EADDRINUSE else ""
+                raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}{hint}") from None
     init_ray()
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name="landmarks", route_prefix="/")
