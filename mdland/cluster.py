@@ -13,6 +13,10 @@ where the cluster's processes start, so it is set before a local Ray starts (her
 import os
 import socket
 
+from mdland.log import get_logger
+
+log = get_logger(__name__)
+
 
 def free_port() -> int:
     """A TCP port nothing listens on, on any interface (the OS's pick)."""
@@ -36,3 +40,19 @@ def init_ray(**kwargs) -> None:
     for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
         os.environ[key] = str(free_port())
     ray.init(**kwargs)
+
+
+def check_gpus(needed: int, field: str) -> None:
+    """Refuse work that asks for `needed` GPUs when the Ray this process started has fewer: it can never get them,
+    and Ray Train and Ray Data would wait for them for ever. A cluster this process joined may add GPU nodes (an
+    autoscaler), so there it only warns."""
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0)
+    if have >= needed:
+        return
+    message = f"{field}: the run needs {needed} GPU(s) and the Ray cluster has {have:g}"
+    node = getattr(ray._private.worker, "_global_node", None)  # the node this driver started, or joined
+    if node is not None and node.is_head():
+        raise ValueError(f"{message} (a local Ray on this machine); set use_gpu=false to run on the CPU")
+    log.warning("%s: waiting for the cluster to add them", message)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdland.cluster import free_port, init_ray
+from mdland.cluster import check_gpus, free_port, init_ray
 from mdland.data import storage
 from mdland.log import get_logger
 
@@ -269,6 +269,8 @@ def launch(train_func: Callable[[dict], None], cfg, dataset: Callable[[], object
     from dataclasses import asdict
 
     if local:
+        if cfg.use_gpu and not torch.cuda.is_available():
+            log.warning("use_gpu: this machine has no GPU torch can use; the run goes on on the CPU")
         set_single_process_env()
         train_func({"train": asdict(cfg), "local": True})
         return json.loads(storage.read_bytes(storage.join(cfg.storage_path, cfg.name, LOCAL_POINTER)))
@@ -277,6 +279,8 @@ def launch(train_func: Callable[[dict], None], cfg, dataset: Callable[[], object
     from ray.train.torch import TorchTrainer
 
     init_ray()
+    if cfg.use_gpu:
+        check_gpus(cfg.num_workers, "use_gpu")
     nodes = sum(n["Alive"] for n in ray.nodes())
     if nodes > 1 and not storage.is_s3(cfg.storage_path):
         log.warning("storage_path %s is a local path on a %d-node cluster: every node must see it (a shared "

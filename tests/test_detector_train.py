@@ -134,6 +134,10 @@ def test_ray_train_two_workers_lower_validation_nme(faces, tmp_path):
         # A plain-process run of the same name would not resume from Ray Train's checkpoints: refused.
         with pytest.raises(ValueError, match=r"ray-d holds the checkpoints of a run on Ray Train"):
             run_training(replace(cfg, epochs=4), local=True)
+        # GPU workers on this machine's GPU-less Ray: refused at once (Ray Train would wait for them for ever).
+        with pytest.raises(ValueError, match=r"use_gpu: the run needs 2 GPU\(s\) and the Ray cluster has 0 "
+                                             r"\(a local Ray on this machine\)"):
+            run_training(replace(cfg, use_gpu=True, name="ray-gpu"))
     finally:
         ray.shutdown()
     hist = history(result["checkpoint"])

@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -285,7 +286,7 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
                               ({"resolution": 36}, "resolution: must be a multiple of 64"),
                               ({"edit_strength": float("nan")}, "edit_strength: must be a finite number"),
                               ({"guidance_scale": -2.0}, "guidance_scale: must be a finite number"),
-                              ({"use_gpu": True, "dtype": "float8"}, "dtype: expected float16 or bfloat16"),
+                              ({"dtype": "float8"}, "dtype: expected float16 or bfloat16"),
                               ({"compile_mode": "max-autotune"}, "compile_mode: 'max-autotune' is for compiled runs"),
                               ({"compile": True, "compile_mode": "fast"}, "compile_mode: one of default, ")]:
         with pytest.raises(ValueError, match=message):
@@ -305,9 +306,13 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
         run_generation(config(inputs, str(out)))
     assert (out / "shard-000000.parquet").read_bytes() == b"earlier work"
     assert sorted(os.listdir(out)) == ["plan.json", "shard-000000.parquet"]
+    # A folder holding a dataset no generation run planned (here, the source itself) is not taken over.
+    source = inputs / "src"
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    with pytest.raises(ValueError, match=f"output: {source} holds a dataset that no generation run planned"):
+        run_generation(config(inputs, str(source)))
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
     # The same plan with a ControlNet re-exported at the same path: other weights, so another plan.
-    import shutil
-
     controlnet = tmp_path / "controlnet"
     shutil.copytree(inputs / "controlnet", controlnet)
     planned = config(inputs, str(tmp_path / "o"), controlnet=str(controlnet))
@@ -373,6 +378,10 @@ def test_alignment_scores_and_filter(inputs, tmp_path):
         # A threshold no pair meets: a complete, empty set, and no preview of nothing (the run does not fail on it).
         empty = run_generation(config(inputs, str(tmp_path / "empty"), detector=str(tmp_path / "det.pkl"),
                                       min_alignment=0.0))
+        # GPU actors on this machine's GPU-less Ray: refused at once (Ray Data would wait for them for ever).
+        with pytest.raises(ValueError, match=r"use_gpu: the run needs 2 GPU\(s\) and the Ray cluster has 0 "
+                                             r"\(a local Ray on this machine\)"):
+            run_generation(config(inputs, str(tmp_path / "gpu"), use_gpu=True, num_actors=2))
     finally:
         ray.shutdown()
     assert (empty["complete"], empty["count"]) == (True, 0) and not (tmp_path / "empty" / "preview.png").exists()
@@ -394,7 +403,7 @@ def test_alignment_scores_and_filter(inputs, tmp_path):
         run_generation(config(inputs, str(tmp_path / "x"), min_alignment=0.1))
 
 
-def test_assembler_counts_a_row_delivered_twice_once(inputs, tmp_path):
+def test_assembler_counts_a_row_delivered_twice_once(inputs, tmp_path, monkeypatch):
     from mdland.data.shards import encode_image
     from mdland.generation.pipeline import ShardAssembler
 
@@ -423,14 +432,25 @@ def test_assembler_counts_a_row_delivered_twice_once(inputs, tmp_path):
     assert os.stat(tmp_path / "out" / shard_name(0)).st_mtime_ns == mtime
     table = read_dataset(str(tmp_path / "out"))
     assert table.column("key").to_pylist() == ["00000000", "00000001", "00000002"]
-    # A shard whose write fails keeps its rows: the retried delivery of its last row writes it whole.
+    # A failed shard write is tried again after a pause (here the outage ends in the first one)...
+    import mdland.generation.pipeline as pipeline
+
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the output folder should be")
+    monkeypatch.setattr(pipeline.time, "sleep", lambda seconds: blocked.unlink())
+    assembler = ShardAssembler(asdict(replace(cfg, output=str(blocked))), total=3,
+                               weights=cfg.plan_identity()["weights"])
+    assert list(assembler.add(rows([0, 1, 2]))["shard"]) == [0] and (blocked / shard_name(0)).exists()
+    # ...and a shard whose writes all fail keeps its rows: the retried delivery of its last row writes it whole.
+    shutil.rmtree(blocked)
+    blocked.write_text("a file where the output folder should be")
+    pauses = []
+    monkeypatch.setattr(pipeline.time, "sleep", pauses.append)
     assembler = ShardAssembler(asdict(replace(cfg, output=str(blocked))), total=3,
                                weights=cfg.plan_identity()["weights"])
     with pytest.raises(OSError):
         assembler.add(rows([0, 1, 2]))
-    assert len(assembler.rows[0]) == 3
+    assert pauses == [1, 2, 4, 8] and len(assembler.rows[0]) == 3
     blocked.unlink()
     assert list(assembler.add(rows([2]))["shard"]) == [0]
     assert read_dataset(str(blocked)).num_rows == 3

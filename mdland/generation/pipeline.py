@@ -14,12 +14,12 @@ from dataclasses import asdict, replace
 import numpy as np
 import pyarrow.parquet as pq
 
-from mdland.cluster import init_ray
+from mdland.cluster import check_gpus, init_ray
 from mdland.config import check_counts, from_dict
 from mdland.data import storage
 from mdland.data.preview import style_preview
-from mdland.data.shards import (Face, encode_image, landmarks_from_rows, shard_name, summarise_table, write_manifest,
-                                 write_shard)
+from mdland.data.shards import (MANIFEST, Face, encode_image, landmarks_from_rows, shard_name, summarise_table,
+                                 write_manifest, write_shard)
 from mdland.diffusion.models import PRESETS
 from mdland.generation.plan import (COMPILE_MODES, GenerateConfig, load_styles, render_conditions, shard_rows,
                                     source_landmarks)
@@ -29,16 +29,13 @@ from mdland.log import get_logger, setup_logging
 log = get_logger(__name__)
 PLAN = "plan.json"
 PREVIEW = "preview.png"
+WRITE_ATTEMPTS = 5  # of a shard, 1 + 2 + 4 + 8 s apart
 
 
 def _torch_dtype(cfg: GenerateConfig, on_gpu: bool):
     import torch
 
-    if not on_gpu:
-        return torch.float32
-    if cfg.dtype not in ("float16", "bfloat16"):
-        raise ValueError(f"dtype: expected float16 or bfloat16, got {cfg.dtype!r}")
-    return getattr(torch, cfg.dtype)
+    return getattr(torch, cfg.dtype) if on_gpu else torch.float32
 
 
 def build_sampler(cfg: GenerateConfig):
@@ -127,6 +124,18 @@ class ShardAssembler:
         self.written: dict[int, tuple[int, str]] = {}
         self.model = f"{self.cfg.controlnet}@{weights['controlnet']}"  # path@version, as planned (check_weights)
 
+    def write(self, shard: int, faces: list[Face]) -> dict:
+        """`write_shard`, tried again after an OSError (S3 throttling, a network outage) with growing pauses."""
+        uri = storage.join(self.cfg.output, shard_name(shard))
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                return write_shard(uri, faces)
+            except OSError as e:
+                if attempt == WRITE_ATTEMPTS - 1:
+                    raise
+                log.warning("%s: %s; trying again in %d s", uri, e, 2**attempt)
+                time.sleep(2**attempt)
+
     def rejects(self, score: float) -> bool:
         return self.cfg.min_alignment is not None and not np.isnan(score) and score > self.cfg.min_alignment
 
@@ -153,8 +162,8 @@ class ShardAssembler:
                 alignment=None if np.isnan(score) else score)
         for shard in [s for s, rows in self.rows.items() if len(rows) == self.expected(s)]:
             faces = sorted((f for f in self.rows[shard].values() if f is not None), key=lambda f: f.key)
-            summary = json.dumps(write_shard(storage.join(self.cfg.output, shard_name(shard)), faces))
-            # Dropped only once written: when a write fails, the retried delivery completes the shard again.
+            summary = json.dumps(self.write(shard, faces))
+            # Dropped only once written: when a write fails for good, a retried delivery completes the shard again.
             del self.rows[shard]
             self.written[shard] = (delivery, summary)
             written.append((shard, summary))
@@ -195,8 +204,13 @@ def _check_plan(cfg: GenerateConfig) -> dict:
     existing = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
     if existing == ident:
         return ident
+    shards = storage.list_files(cfg.output, ".parquet")
+    if existing is None and (shards or storage.exists(storage.join(cfg.output, MANIFEST))):
+        # Another dataset (an ingested one, a source): its shards would count as this plan's, its manifest replaced.
+        raise ValueError(f"output: {cfg.output} holds a dataset that no generation run planned (no {PLAN}); "
+                         "use a new output folder")
     if existing is not None:
-        if storage.list_files(cfg.output, ".parquet"):
+        if shards:
             changed = sorted(k for k in ident if existing.get(k) != ident[k])
             raise ValueError(f"output: {cfg.output} holds a different plan (differs in {changed}); "
                              "use a new output folder")
@@ -235,8 +249,8 @@ def check_generation_settings(cfg: GenerateConfig) -> None:
             raise ValueError(f"{name}: must be a finite number of at least 0, got {value}")
     if cfg.num_inference_steps > 1000:
         raise ValueError(f"num_inference_steps: at most SD's 1000 training timesteps, got {cfg.num_inference_steps}")
-    if cfg.use_gpu:
-        _torch_dtype(cfg, on_gpu=True)
+    if cfg.dtype not in ("float16", "bfloat16"):  # on the CPU too: the same config goes on to a GPU run
+        raise ValueError(f"dtype: expected float16 or bfloat16, got {cfg.dtype!r}")
     if cfg.compile_mode is not None:
         if not cfg.compile:
             raise ValueError(f"compile_mode: {cfg.compile_mode!r} is for compiled runs; set `compile: true` too")
@@ -313,6 +327,8 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], l
     import ray
 
     init_ray()
+    if cfg.use_gpu:
+        check_gpus(cfg.num_actors, "use_gpu")
     config = asdict(cfg)
     ds = conditioned_rows(cfg, pending, styles, landmarks)
     ds = ds.map_batches(GenerationActor, fn_constructor_kwargs={"config": config, "weights": weights},
@@ -335,11 +351,10 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], l
                        for _ in range(count)]
         # With GPUs, these tasks also PNG-encode, so a GPU only samples. (A CPU actor encodes its own images: the
         # tasks would only compete with it for the same cores.)
-        # A failed shard write (OSError: S3 throttling, a network error) retries the delivery task, as do lost
-        # nodes; assemblers keep a shard's rows until its write succeeds and count a row delivered twice once.
+        # Ray Data retries a delivery task lost with its node; assemblers keep a shard's rows until its write
+        # succeeds and count a row delivered twice once.
         ds = ds.map_batches(deliver_rows, fn_kwargs={"assemblers": assemblers, "encode": cfg.use_gpu},
-                            batch_format="numpy", batch_size=None, num_cpus=0.5 if cfg.use_gpu else 0.25,
-                            max_retries=5, retry_exceptions=[OSError])
+                            batch_format="numpy", batch_size=None, num_cpus=0.5 if cfg.use_gpu else 0.25)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for summary in batch["summary"]:
                 images += json.loads(summary)["rows"]
