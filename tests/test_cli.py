@@ -78,6 +78,17 @@ def test_evaluate_preds_hand_computed(tmp_path, capsys):
     # Predictions as an (N, 68, 2) .npy against a shard dataset keyed by row index is refused clearly...
     np.save(tmp_path / "p.npy", np.zeros((3, 68, 2)))
     assert main(["evaluate-preds", str(tmp_path / "p.npy"), str(gt_dir)]) == 2
+    # Non-finite coordinates (NaN would give NME nan and write `Infinity` into metrics.json) and files that are
+    # not arrays are named.
+    rows = np.zeros((4, 68, 2))
+    rows[2, 5, 1] = np.nan
+    np.save(tmp_path / "nan.npy", rows)
+    (tmp_path / "text.npy").write_text("not an array")
+    capsys.readouterr()
+    assert main(["evaluate-preds", str(tmp_path / "nan.npy"), str(tmp_path / "nan.npy")]) == 2
+    assert f"{tmp_path / 'nan.npy'}: row 2 holds a non-finite coordinate" in capsys.readouterr().err
+    assert main(["evaluate-preds", str(tmp_path / "text.npy"), str(gt_dir)]) == 2
+    assert f"{tmp_path / 'text.npy'}: not a NumPy array file" in capsys.readouterr().err
     # ...and shard datasets pair by their key column.
     writer = ShardWriter(str(tmp_path / "ds"))
     for f in faces:

@@ -108,6 +108,11 @@ def test_bad_faces_fail_by_name_or_are_skipped(setup, tmp_path):
     assert row["count"] == 2 and sorted(m.split(": ")[0] for m in row["skipped"]) == sorted(
         str(src / f"{f.key}{suffix}") for f, suffix in ((faces[0], ".png"), (faces[1], ".pts"), (faces[2], ".png")))
     assert "bad: 3 bad face(s) skipped" in (tmp_path / "r" / "metrics.md").read_text()
+    # A bad set after a good one fails before any inference: the report there is left as it was, not half replaced.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
+    assert main(["evaluate", "--detector", str(root / "det.pkl"), "--data", f"good={root / 'art'}", "--data",
+                 str(src), "--format", "artface", "--out", str(tmp_path / "r")]) == 2
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == before
     for name, message in ((faces[0].key, "image without a landmark file"), (faces[1].key, "expected 68 points"),
                           (faces[2].key, "unreadable image")):
         only = tmp_path / name  # one good face beside the bad one: the error names the bad one
@@ -154,3 +159,32 @@ def test_reports_go_to_s3(setup, s3_bucket, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["evaluate", "--detector", str(root / "det.pkl"), "--data", str(root / "shards"), "--out", missing]) == 2
     assert "the bucket does not exist" in capsys.readouterr().err
+
+
+def test_overlays_show_each_face_once_in_its_crop_undistorted():
+    from mdland.detector.evaluate import OVERLAY_MARGIN, EvalFace, eval_crop, overlay_grid
+    from mdland.landmarks.align import crop_matrix, transform_points
+
+    faces = []
+    for f in procedural_faces(5, seed=3, size=120):
+        wide = np.zeros((120, 200, 3), np.uint8)  # a landscape image, the face in its left part
+        wide[:, :120] = decode_image(f.image)
+        faces.append(EvalFace(f.key, wide, f.landmarks))
+    pred = np.stack([f.landmarks + [3.0, 0.0] for f in faces])
+    errors = np.array([0.3, 0.1, 0.5, 0.2, 0.4])
+    grid = overlay_grid(faces, pred, errors, size=96)
+    # 5 faces: the 3 worst above, the 2 best below, none twice; square tiles whatever the image's shape.
+    assert grid.shape == (2 * 98 + 2, 3 * 98 + 2, 3)
+    assert (grid[100:, 2 + 2 * 98:] == 255).all()  # the bottom row's third place is empty
+    for place, face in enumerate([2, 4, 0, 1, 3]):
+        row, column = divmod(place, 3)
+        tile = grid[2 + row * 98: 98 + row * 98, 2 + column * 98: 98 + column * 98]
+        centre, scale = eval_crop(faces[face])
+        matrix = crop_matrix(centre, scale * OVERLAY_MARGIN, 96)
+        truth = np.round(transform_points(faces[face].landmarks, matrix)).astype(int)
+        guess = np.round(transform_points(pred[face], matrix)).astype(int)
+        # Truth red and prediction green where the face's crop (a similarity: no squashing) puts them.
+        inside = ((guess >= 0) & (guess < 96)).all(axis=1)
+        assert inside.mean() > 0.9
+        assert (tile[truth[:, 1], truth[:, 0]] == [255, 0, 0]).all(axis=1).mean() > 0.5
+        assert (tile[guess[inside, 1], guess[inside, 0]] == [0, 255, 0]).all(axis=1).mean() > 0.9

@@ -18,6 +18,7 @@ from mdland.landmarks.render import draw_landmarks, image_grid
 from mdland.log import get_logger
 
 log = get_logger(__name__)
+OVERLAY_MARGIN = 1.2  # an overlay tile's side / the evaluation crop's: predictions that stray outside it still show
 
 
 def read_landmark_set(path: str) -> dict[str, np.ndarray]:
@@ -25,9 +26,15 @@ def read_landmark_set(path: str) -> dict[str, np.ndarray]:
     (N, 68, 2) (key: row index), or a shard dataset (key: the `key` column)."""
     p = Path(path)
     if p.suffix == ".npy":
-        arr = np.load(p)
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{p}: not a NumPy array file ({str(e).splitlines()[0]})") from None
         if arr.ndim != 3 or arr.shape[1:] != (68, 2):
             raise ValueError(f"{p}: expected an (N, 68, 2) array, got shape {arr.shape}")
+        bad = np.flatnonzero(~np.isfinite(arr).all(axis=(1, 2)))
+        if len(bad):
+            raise ValueError(f"{p}: row {bad[0]} holds a non-finite coordinate (NaN or inf), {len(bad)} row(s) in all")
         return {str(i): a.astype(np.float32) for i, a in enumerate(arr)}
     if p.is_dir() and any(f.suffix.lower() in LANDMARK_SUFFIXES for f in p.iterdir()):
         files = files_by_stem(p, set(LANDMARK_SUFFIXES), recursive=False)
@@ -112,34 +119,32 @@ def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], ou
     """Run the detector over each (name, source, format) set; write metrics.json/.md, ced.png, overlays and
     per-face.json ({set: [{"key", "nme"}, ...]}: the faces behind the numbers, to find the bad ones or compare runs)."""
     from mdland.detector.checkpoint import load_detector
-    from mdland.detector.data import CROP_MARGIN
     from mdland.detector.inference import predict
-    from mdland.landmarks.align import crop_from_landmarks
     from mdland.session import pick_device
 
     check_threshold(threshold)
     check_count("batch_size", batch_size)
     net = load_detector(detector, device=pick_device(use_gpu=True)).eval()  # fp32, on a GPU when there is one
-    rows, curves, per_face = [], {}, {}
+    # Every set read and checked before any inference: a bad later set fails before the report is touched.
+    loaded = []
+    for name, src, fmt in sets:
+        skipped: list[str] = []
+        loaded.append((name, eval_faces(src, fmt, skip_bad, skipped, norm), skipped))
+    rows, curves, per_face, overlays = [], {}, {}, {}
+    for name, faces, skipped in loaded:
+        preds = []
+        for start in tqdm(range(0, len(faces), batch_size), desc=f"evaluate {name}", unit="batch", mininterval=2):
+            chunk = faces[start : start + batch_size]
+            preds.append(predict(net, [f.image for f in chunk], [eval_crop(f) for f in chunk]))
+        pred = np.concatenate(preds)
+        errors = nme(pred, np.stack([f.landmarks for f in faces]), norm)
+        curves[name] = errors
+        per_face[name] = [{"key": f.key, "nme": float(e)} for f, e in zip(faces, errors)]
+        rows.append({"name": name, **summarise(errors, norm, threshold).as_dict(), "skipped": skipped})
+        overlays[name] = overlay_grid(faces, pred, errors)
     with storage.staged_folder(out) as out_dir:
-        for name, src, fmt in sets:
-            skipped: list[str] = []
-            faces = eval_faces(src, fmt, skip_bad, skipped, norm)
-            preds = []
-            for start in tqdm(range(0, len(faces), batch_size), desc=f"evaluate {name}", unit="batch",
-                              mininterval=2):
-                chunk = faces[start : start + batch_size]
-                # The set's own crop where it gives one (STAR's TSVs), else one from the ground-truth landmarks, as
-                # 300W-style evaluations do.
-                preds.append(predict(net, [f.image for f in chunk],
-                                     [f.crop or crop_from_landmarks(f.landmarks, CROP_MARGIN) for f in chunk]))
-            pred = np.concatenate(preds)
-            gt = np.stack([f.landmarks for f in faces])
-            errors = nme(pred, gt, norm)
-            curves[name] = errors
-            per_face[name] = [{"key": f.key, "nme": float(e)} for f, e in zip(faces, errors)]
-            rows.append({"name": name, **summarise(errors, norm, threshold).as_dict(), "skipped": skipped})
-            write_overlays(faces, pred, errors, out_dir / f"overlays-{name}.png")
+        for name, grid in overlays.items():
+            Image.fromarray(grid).save(out_dir / f"overlays-{name}.png")
         (out_dir / "metrics.json").write_text(json.dumps(rows, indent=1))
         (out_dir / "metrics.md").write_text(metrics_table(rows))
         (out_dir / "per-face.json").write_text(json.dumps(per_face, indent=1))
@@ -147,11 +152,29 @@ def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], ou
     return rows
 
 
-def write_overlays(faces: list[EvalFace], pred: np.ndarray, errors: np.ndarray, path: Path, count: int = 6) -> None:
-    """A grid: the worst predictions on the top row, the best on the bottom (prediction green, truth red)."""
+def eval_crop(face: EvalFace) -> tuple[tuple[float, float], float]:
+    """The crop a face is evaluated in: the set's own where it gives one (STAR's TSVs), else one from the
+    ground-truth landmarks, as 300W-style evaluations do."""
+    from mdland.detector.data import CROP_MARGIN
+    from mdland.landmarks.align import crop_from_landmarks
+
+    return face.crop or crop_from_landmarks(face.landmarks, CROP_MARGIN)
+
+
+def overlay_grid(faces: list[EvalFace], pred: np.ndarray, errors: np.ndarray, count: int = 6,
+                 size: int = 192) -> np.ndarray:
+    """The worst predictions on the top row, the best on the bottom (prediction green, truth red), each tile the
+    face's evaluation crop and a margin around it, undistorted. A set of fewer than 2 * `count` faces shows each face
+    once."""
+    from mdland.landmarks.align import crop_matrix, transform_points, warp_image
+
     order = np.argsort(errors)
-    picks = list(order[::-1][:count]) + list(order[:count])
-    tiles = [draw_landmarks(faces[i].image, pred[i], (0, 255, 0), faces[i].landmarks, (255, 0, 0)) for i in picks]
-    size = max(t.shape[0] for t in tiles)
-    tiles = [np.asarray(Image.fromarray(t).resize((size, size))) for t in tiles]
-    Image.fromarray(image_grid(tiles, columns=min(count, len(faces)))).save(path)
+    worst = min(count, (len(faces) + 1) // 2)
+    picks = list(order[::-1][:worst]) + list(order[: min(count, len(faces) - worst)])
+    tiles = []
+    for i in picks:
+        centre, scale = eval_crop(faces[i])
+        matrix = crop_matrix(centre, scale * OVERLAY_MARGIN, size)
+        tiles.append(draw_landmarks(warp_image(faces[i].image, matrix, size), transform_points(pred[i], matrix),
+                                    (0, 255, 0), transform_points(faces[i].landmarks, matrix), (255, 0, 0)))
+    return image_grid(tiles, columns=worst)
