@@ -47,7 +47,7 @@ def test_bad_configs_fail_fast(tmp_path, faces_dir):
     assert check() == 8
     assert check(data=[faces_dir, faces_dir]) == 16  # several datasets, e.g. one per domain
     assert load_config(ControlNetTrainConfig, None, [f"data={faces_dir}"]).data == [faces_dir]
-    with pytest.raises(ValueError, match="not a diffusers-format Stable Diffusion directory"):
+    with pytest.raises(ValueError, match=r"model: .*no-model is neither a preset \(tiny, sd15\) nor a diffusers-format"):
         check(model=str(tmp_path / "no-model"))
     with pytest.raises(ValueError, match="unknown preset 'sd2'"):
         check(model="sd2")
@@ -58,8 +58,12 @@ def test_bad_configs_fail_fast(tmp_path, faces_dir):
     ShardWriter(str(tmp_path / "empty")).close()
     with pytest.raises(ValueError, match="is an empty dataset"):
         check(data=[str(tmp_path / "empty")])
-    with pytest.raises(ValueError, match="no shards"):
+    with pytest.raises(ValueError, match="nothing-here: not found"):
         check(data=[str(tmp_path / "nothing-here")])
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "face.png").write_bytes(b"an image, not a shard")
+    with pytest.raises(ValueError, match="raw: no shards .*read with --format, or made a dataset by `mdland ingest`"):
+        check(data=[str(tmp_path / "raw")])
     with pytest.raises(ValueError, match=r"all be local or all in S3.*s3://bucket/faces \(s3\)"):
         check(data=[faces_dir, "s3://bucket/faces"])  # before any storage is read
     with pytest.raises(ValueError, match="not a ControlNet export"):

@@ -1,3 +1,4 @@
+import argparse
 import hashlib
 import io
 import json
@@ -77,6 +78,15 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
     (tmp_path / "junk.pkl").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pkl: not a readable detector checkpoint"):
         load_detector(str(tmp_path / "junk.pkl"))
+    # A pickle of other objects: one line, without torch's advice to load it unsafely (weights_only=False).
+    buf = io.BytesIO()
+    torch.save({"net": {}, "config": argparse.Namespace(lr=1)}, buf)
+    (tmp_path / "objects.pkl").write_bytes(buf.getvalue())
+    with pytest.raises(ValueError) as refused:
+        load_detector(str(tmp_path / "objects.pkl"))
+    assert str(refused.value).startswith(f"{tmp_path / 'objects.pkl'}: not a readable detector checkpoint, one of "
+                                         "tensors and plain containers (UnpicklingError: ")
+    assert "\n" not in str(refused.value) and "weights_only" not in str(refused.value)
     with pytest.raises(ValueError, match="missing.pkl: detector checkpoint not found"):
         load_detector(str(tmp_path / "missing.pkl"))
     buf = io.BytesIO()

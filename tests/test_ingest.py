@@ -87,6 +87,14 @@ def test_ffhq(tmp_path):
     write_ffhq_json(src / "ffhq-dataset-v2.json", entries)
     dest = str(tmp_path / "out")
     check_marker(ingest("ffhq", src, dest, size=256), dest, 256, 2)
+    # A bad entry fails naming it, or with skip_bad is left out and named in the manifest.
+    meta = json.loads((src / "ffhq-dataset-v2.json").read_text())
+    meta["1"]["image"]["face_landmarks"] = meta["1"]["image"]["face_landmarks"][:60]
+    (src / "ffhq-dataset-v2.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="entry 1: expected 68x2 landmarks"):
+        ingest("ffhq", src, str(tmp_path / "bad"))
+    manifest = ingest("ffhq", src, str(tmp_path / "bad"), skip_bad=True)
+    assert manifest["count"] == 1 and len(manifest["skipped"]) == 1 and "entry 1: " in manifest["skipped"][0]
 
 
 def test_star_tsv_uses_its_own_crop(tmp_path):
@@ -113,6 +121,15 @@ def test_star_tsv_uses_its_own_crop(tmp_path):
     manifest = ingest("star-tsv", tmp_path / "star.tsv", str(tmp_path / "star"), size=128)
     assert manifest["count"] == 2
     assert read_dataset(str(tmp_path / "star")).column("key").to_pylist() == ["face0-0", "face1-1"]
+    # A bad row fails naming its line, or with skip_bad is left out and named in the manifest.
+    lines = (tmp_path / "star.tsv").read_text().splitlines()
+    lines[1] = lines[1].replace("\t", "\tnot-a-number,", 2)
+    (tmp_path / "star.tsv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="star.tsv:2 .*non-numeric value"):
+        ingest("star-tsv", tmp_path / "star.tsv", str(tmp_path / "bad"), size=128)
+    manifest = ingest("star-tsv", tmp_path / "star.tsv", str(tmp_path / "bad"), size=128, skip_bad=True)
+    assert manifest["count"] == 1 and manifest["skipped"][0].startswith(f"{tmp_path / 'star.tsv'}:2 ")
+    assert read_dataset(str(tmp_path / "bad")).column("key").to_pylist() == ["face1-0"]
 
 
 def test_bad_inputs_fail_by_name_or_are_skipped(tmp_path):
@@ -144,6 +161,9 @@ def test_bad_inputs_fail_by_name_or_are_skipped(tmp_path):
         ingest("wflw", src, dest, overwrite=True)
     with pytest.raises(ValueError, match="source not found"):
         ingest("artface", tmp_path / "nowhere", dest, overwrite=True)
+    with pytest.raises(ValueError, match="source not found"):  # and no empty folder left where it would go
+        ingest("artface", tmp_path / "nowhere", str(tmp_path / "new" / "set"))
+    assert not (tmp_path / "new").exists()
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["count"] == 2
     # A replacement that fails on its third face, two shards in, leaves the old dataset exactly as it was.
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}

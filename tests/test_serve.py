@@ -361,7 +361,8 @@ def test_serve_config_file_builds_the_app(server, tmp_path):
         app.build_app(args)
     save_checkpoint(STARNet(ARCHS["tiny"]), str(tmp_path / "d.pkl"))
     assert app.build_app(args) is not None
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['max_batch'\]; known: .*'max_batch_size'.* and the "
+                                         r"deployment's \['num_replicas', 'autoscaling_config', 'ray_actor_options'\]"):
         app.build_app({"detector": "x", "max_batch": 3})
     with pytest.raises(ValueError, match="batch_wait_timeout_s: expected a finite number, got inf"):
         app.build_app({**args, "batch_wait_timeout_s": float("inf")})

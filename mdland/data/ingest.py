@@ -82,11 +82,11 @@ def iter_samples(fmt: str, src: str | Path, skip_bad: bool = False, ffhq_variant
                 skip_or_raise(str(e), skip_bad, skipped)
     elif fmt == "ffhq":
         meta = src / "ffhq-dataset-v2.json" if src.is_dir() else src
-        for entry in read_ffhq_json(meta, ffhq_variant):
+        for entry in read_ffhq_json(meta, ffhq_variant, lambda message: skip_or_raise(message, skip_bad, skipped)):
             yield Sample(f"ffhq-{entry.index}", meta.parent / entry.file_path, entry.landmarks)
     else:
         base = Path(image_dir) if image_dir else src.parent
-        for i, row in enumerate(read_star_tsv(src)):
+        for i, row in enumerate(read_star_tsv(src, lambda message: skip_or_raise(message, skip_bad, skipped))):
             path = star_image_path(row.image_path)
             yield Sample(f"{Path(path).stem}-{i}", base / path, row.landmarks, (row.center, row.scale))
 
@@ -149,7 +149,7 @@ def ingest(fmt: str, src: str | Path, dest: str, size: int = 256, margin: float 
     cut_short = storage.exists(marker)
     replacing = cut_short or storage.exists(storage.join(dest, MANIFEST))
     if replacing and not overwrite:
-        raise ValueError(f"{dest}: already holds a dataset (manifest.json); pass overwrite to replace it")
+        raise ValueError(f"{dest}: already holds a dataset (manifest.json); use --overwrite (overwrite=True) to replace it")
     storage.check_writable(dest)
     # Read every landmark file and place every crop before writing anything, so bad annotations fail before any
     # shard is written.

@@ -240,8 +240,11 @@ def shard_uris(root: str) -> list[str]:
     if storage.exists(storage.join(root, MANIFEST)):
         return [storage.join(root, s["name"]) for s in read_manifest(root)["shards"]]
     uris = storage.list_files(root, ".parquet")
+    if not uris and not storage.list_files(root) and not storage.list_folders(root):
+        raise ShardError(f"{root}: not found (no shard dataset there)")
     if not uris:
-        raise ShardError(f"{root}: no shards (no manifest.json and no .parquet files)")
+        raise ShardError(f"{root}: no shards (no manifest.json and no .parquet files); a folder of annotated images "
+                         "is read with --format, or made a dataset by `mdland ingest`")
     log.warning("%s: no manifest.json, reading its %d .parquet file(s); a set mdland wrote without one is incomplete",
                 root, len(uris))
     return uris

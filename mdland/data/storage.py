@@ -297,10 +297,23 @@ def copy_from_local(local_dir: str | os.PathLike, uri: str) -> None:
 
 
 def check_writable(uri: str) -> None:
-    """Fail early, before any work, when `uri` (a folder) cannot be written: missing bucket, bad keys."""
+    """Fail early, before any work, when `uri` (a folder) cannot be written: missing bucket, bad keys. Leaves no
+    trace: a local folder the probe made is removed again, so a run that fails next leaves no empty folder."""
+    made = []  # local folders the probe's write creates, deepest first
+    folder = None if is_s3(uri) else Path(uri).absolute()
+    while folder is not None and not folder.exists():
+        made.append(folder)
+        folder = folder.parent
     probe = join(uri, f".mdland-probe-{uuid.uuid4().hex}")
-    write_bytes(probe, b"")
-    delete(probe)
+    try:
+        write_bytes(probe, b"")
+        delete(probe)
+    finally:
+        for path in made:
+            try:
+                path.rmdir()
+            except OSError:  # something else wrote there meanwhile, or it was never made
+                pass
 
 
 @contextmanager

@@ -22,7 +22,11 @@ def read_checkpoint(uri: str) -> tuple[dict, DetectorArch]:
     try:
         blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle that is not plain tensors and containers, or not a torch file at all
-        raise ValueError(f"{uri}: not a readable detector checkpoint ({type(e).__name__}: {e})") from None
+        # Not torch's advice to load with weights_only=False, which would run whatever the pickle holds.
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
+        reason = f"{type(e).__name__}: {detail[0]}" if detail and detail[0] else type(e).__name__
+        raise ValueError(f"{uri}: not a readable detector checkpoint, one of tensors and plain containers "
+                         f"({reason})") from None
     state = blob.get("net", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{uri}: no `net` state dict in the checkpoint")

@@ -124,6 +124,7 @@ def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], ou
 
     check_threshold(threshold)
     check_count("batch_size", batch_size)
+    storage.check_writable(out)  # a missing bucket found now, not after the inference
     net = load_detector(detector, device=pick_device(use_gpu=True)).eval()  # fp32, on a GPU when there is one
     # Every set read and checked before any inference: a bad later set fails before the report is touched.
     loaded = []

@@ -263,7 +263,8 @@ def check_model_dir(uri: str) -> None:
         return
     missing = [f"{sub}/{f}" for sub, f in SUBFOLDERS.items() if not storage.exists(storage.join(uri, sub, f))]
     if missing:
-        raise ValueError(f"{uri}: not a diffusers-format Stable Diffusion directory (no {', '.join(missing)})")
+        raise ValueError(f"model: {uri} is neither a preset ({', '.join(PRESETS)}) nor a diffusers-format Stable "
+                         f"Diffusion directory (no {', '.join(missing)})")
 
 
 def load_components(model: str, seed: int = 0) -> SDComponents:

@@ -5,11 +5,13 @@ Coordinates inside mdland are 0-based pixel-centre coordinates: the centre of th
   `read_pts` subtracts 1 and `write_pts` adds 1 unless `one_based=False`.
 - CariFace-style `.txt` files (68 lines of `x y`) and FFHQ's JSON are taken as 0-based, as they are.
 - STAR's annotation TSV stores 0-based coordinates (its loader uses them as is).
-Every reader raises ValueError naming the file (and line or row) on bad input.
+Every reader raises ValueError naming the file (and line or row) on bad input; the FFHQ and TSV readers can hand a
+bad entry to a callback instead, and go on.
 """
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,8 +102,14 @@ class FFHQEntry:
     landmarks: np.ndarray
 
 
-def read_ffhq_json(path: str | Path, variant: str = "image") -> list[FFHQEntry]:
-    """Entries of FFHQ's `ffhq-dataset-v2.json`: `variant` picks `image.*` (aligned 1024) or `in_the_wild.*`."""
+def _raise(message: str) -> None:
+    raise ValueError(message)
+
+
+def read_ffhq_json(path: str | Path, variant: str = "image",
+                   bad_entry: Callable[[str], None] = _raise) -> list[FFHQEntry]:
+    """Entries of FFHQ's `ffhq-dataset-v2.json`: `variant` picks `image.*` (aligned 1024) or `in_the_wild.*`.
+    An entry that does not read is handed to `bad_entry` (its message) and left out; by default it raises."""
     if variant not in FFHQ_VARIANTS:
         raise ValueError(f"unknown FFHQ variant {variant!r}; choose one of {FFHQ_VARIANTS}")
     path = Path(path)
@@ -117,13 +125,16 @@ def read_ffhq_json(path: str | Path, variant: str = "image") -> list[FFHQEntry]:
     for key in sorted(data, key=lambda k: int(k) if str(k).isdigit() else str(k)):
         where = f"{path}: entry {key}"
         part = data[key].get(variant) if isinstance(data[key], dict) else None
-        if not isinstance(part, dict) or "face_landmarks" not in part or "file_path" not in part:
-            raise ValueError(f"{where}: missing {variant}.file_path or {variant}.face_landmarks")
         try:
-            points = np.asarray(part["face_landmarks"], dtype=np.float32)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: {variant}.face_landmarks is not numeric") from None
-        entries.append(FFHQEntry(str(key), part["file_path"], check_shape(points, where)))
+            if not isinstance(part, dict) or "face_landmarks" not in part or "file_path" not in part:
+                raise ValueError(f"{where}: missing {variant}.file_path or {variant}.face_landmarks")
+            try:
+                points = np.asarray(part["face_landmarks"], dtype=np.float32)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: {variant}.face_landmarks is not numeric") from None
+            entries.append(FFHQEntry(str(key), part["file_path"], check_shape(points, where)))
+        except ValueError as e:
+            bad_entry(str(e))
     return entries
 
 
@@ -172,11 +183,12 @@ def _floats(text: str, count: int, where: str) -> np.ndarray:
     return values
 
 
-def read_star_tsv(path: str | Path) -> list[StarRow]:
+def read_star_tsv(path: str | Path, bad_row: Callable[[str], None] = _raise) -> list[StarRow]:
     """STAR's annotation TSV: image path, 5 points, 68 points, scale (face size / 200), centre x, centre y.
 
     STAR reads these with a header row (pandas' default): a first row whose landmarks are not numbers is taken for
-    one, whatever its names; a file without one is read whole.
+    one, whatever its names; a file without one is read whole. A row that does not read is handed to `bad_row`
+    (its message) and left out; by default it raises.
     """
     lines = _read_text(path)
     rows: list[StarRow] = []
@@ -188,14 +200,18 @@ def read_star_tsv(path: str | Path) -> list[StarRow]:
         if i == first and len(fields) > 2 and fields[2] != "" and _numbers(fields[2]) is None:
             continue
         where = f"{path}:{i + 1}"
-        if len(fields) < 6:
-            raise ValueError(f"{where}: expected at least 6 tab-separated fields, got {len(fields)}")
-        _floats(fields[1], 10, f"{where} (landmarks_5pts)")
-        points = _floats(fields[2], 2 * NUM_POINTS, f"{where} (landmarks_target)").reshape(NUM_POINTS, 2)
-        scale, cx, cy = (_floats(f, 1, f"{where} ({name})")[0] for f, name in zip(fields[3:6], STAR_TSV_HEADER[3:]))
-        if not scale > 0:
-            raise ValueError(f"{where}: scale must be positive, got {scale}")
-        rows.append(StarRow(fields[0], points, float(scale), (float(cx), float(cy))))
+        try:
+            if len(fields) < 6:
+                raise ValueError(f"{where}: expected at least 6 tab-separated fields, got {len(fields)}")
+            _floats(fields[1], 10, f"{where} (landmarks_5pts)")
+            points = _floats(fields[2], 2 * NUM_POINTS, f"{where} (landmarks_target)").reshape(NUM_POINTS, 2)
+            scale, cx, cy = (_floats(f, 1, f"{where} ({name})")[0]
+                             for f, name in zip(fields[3:6], STAR_TSV_HEADER[3:]))
+            if not scale > 0:
+                raise ValueError(f"{where}: scale must be positive, got {scale}")
+            rows.append(StarRow(fields[0], points, float(scale), (float(cx), float(cy))))
+        except ValueError as e:
+            bad_row(str(e))
     return rows
 
 

@@ -25,7 +25,7 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -352,7 +352,12 @@ def build_app(args: dict) -> serve.Application:
     """The application for `serve run` / RayService configs: `import_path: mdland.serve.app:build_app`, `args` are
     ServeConfig fields plus optional `num_replicas`, `autoscaling_config` and `ray_actor_options`."""
     args = dict(args)
-    options = {k: args.pop(k) for k in ("num_replicas", "autoscaling_config", "ray_actor_options") if k in args}
+    deployment = ("num_replicas", "autoscaling_config", "ray_actor_options")
+    options = {k: args.pop(k) for k in deployment if k in args}
+    known = sorted(f.name for f in fields(ServeConfig))
+    unknown = sorted(set(args) - set(known))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown}; known: {known} and the deployment's {list(deployment)}")
     cfg = from_dict(ServeConfig, args)
     if not cfg.detector:
         raise ValueError("detector: no checkpoint given")
