@@ -236,7 +236,7 @@ def test_a_swap_cut_short_is_refused_by_readers_and_redone(tmp_path, monkeypatch
     monkeypatch.setattr(storage, "write_bytes", real_write)
     with pytest.raises(ShardError, match="cut short while swapping"):  # one new shard and two old ones
         read_dataset(dest)
-    with pytest.raises(ValueError, match="pass overwrite"):
+    with pytest.raises(ValueError, match="use --overwrite"):
         ingest("artface", src, dest, size=64, rows_per_shard=1, source="new")
     ingest("artface", src, dest, size=64, rows_per_shard=1, source="new", overwrite=True)
     assert read_dataset(dest).column("source").to_pylist() == ["new"] * 3
