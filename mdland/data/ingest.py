@@ -149,7 +149,8 @@ def ingest(fmt: str, src: str | Path, dest: str, size: int = 256, margin: float 
     cut_short = storage.exists(marker)
     replacing = cut_short or storage.exists(storage.join(dest, MANIFEST))
     if replacing and not overwrite:
-        raise ValueError(f"{dest}: already holds a dataset (manifest.json); use --overwrite (overwrite=True) to replace it")
+        raise ValueError(f"{dest}: already holds a dataset (manifest.json); use --overwrite (overwrite=True) to "
+                         "replace it")
     storage.check_writable(dest)
     # Read every landmark file and place every crop before writing anything, so bad annotations fail before any
     # shard is written.
