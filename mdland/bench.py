@@ -336,7 +336,7 @@ def _bench_pipeline(preset, controlnet, batch_size, resolution, steps, guidance,
                              compile=compile, compile_mode=compile_mode, channels_last=channels_last)
         init_ray(include_dashboard=False)
         out = run_generation(cfg)
-    rate = out["images_per_s"]
+    rate = out["steady_images_per_s"]
     return {"pipeline_images_per_s": round(rate, 3) if rate else None, "pipeline_actors": actors,
             "pipeline_vs_bare_sampler": round(rate / (bare * actors), 3) if rate else None,
             "projected_10k_images_min": round(10_000 / rate / 60, 1) if rate else None}

@@ -12,6 +12,7 @@ where the cluster's processes start, so it is set before a local Ray starts (her
 
 import os
 import socket
+import sys
 
 from mdland.log import get_logger
 
@@ -40,6 +41,10 @@ def init_ray(**kwargs) -> None:
     for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
         os.environ[key] = str(free_port())
     ray.init(**kwargs)
+    if not sys.stdout.isatty():
+        # Ray Data run inside an actor (a training run's data) would draw terminal progress bars through the driver
+        # into a log file: hundreds of cursor-up codes and blank lines. Without Ray's tqdm they are logged as lines.
+        ray.data.DataContext.get_current().use_ray_tqdm = False
 
 
 def check_gpus(needed: int, field: str) -> None:

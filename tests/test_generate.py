@@ -195,8 +195,12 @@ def test_generate_into_s3(inputs, s3_bucket):
     init_ray(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
     try:
         cfg = config(inputs, out, num_assemblers=2)  # shards 0 and 2 meet in one, shard 1 in the other
+        start = time.time()
         result = run_generation(cfg)
+        took = time.time() - start
         assert (result["complete"], result["count"], result["total"]) == (True, 24, 24)
+        # Overall images/s: at least 24 over the whole call, which also planned and wrote the manifest and preview.
+        assert 24 / took <= result["images_per_s"] < 24 / (0.5 * took)
     finally:
         ray.shutdown()
     assert storage.list_files(out, ".parquet") == [f"{out}/{shard_name(k)}" for k in range(3)]

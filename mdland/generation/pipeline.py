@@ -288,11 +288,12 @@ def run_generation(cfg: GenerateConfig) -> dict:
         pending = pending[: cfg.max_shards]
     log.info("plan: %d styles x %d = %d samples in %d shards; %d to generate", len(styles), cfg.images_per_style,
              cfg.total, cfg.num_shards, len(pending))
-    steady = _run_pipeline(cfg, pending, styles, landmarks, plan["weights"]) if pending else None
+    rates = (_run_pipeline(cfg, pending, styles, landmarks, plan["weights"]) if pending
+             else {"images_per_s": None, "steady_images_per_s": None})
     remaining = pending_shards(cfg)
     if remaining:
         log.info("%d shard(s) still missing; the manifest is written once the set is complete", len(remaining))
-        return {"complete": False, "missing": len(remaining), "total": cfg.total, "images_per_s": steady}
+        return {"complete": False, "missing": len(remaining), "total": cfg.total, **rates}
     shards = [_shard_summary(u) for u in storage.list_files(cfg.output, ".parquet")]
     manifest = write_manifest(cfg.output, shards, asdict(cfg), complete=True, model=cfg.model,
                               controlnet=cfg.controlnet, weights=plan["weights"], planned=cfg.total)
@@ -303,7 +304,7 @@ def run_generation(cfg: GenerateConfig) -> dict:
         log.info("a look at each style: %s", preview)
     except (ValueError, OSError) as e:
         log.warning("no %s: %s", preview, e)
-    return {"complete": True, "count": manifest["count"], "total": cfg.total, "images_per_s": steady}
+    return {"complete": True, "count": manifest["count"], "total": cfg.total, **rates}
 
 
 def conditioned_rows(cfg: GenerateConfig, pending: list[int], styles: list[dict], landmarks: np.ndarray):
@@ -323,8 +324,9 @@ def conditioned_rows(cfg: GenerateConfig, pending: list[int], styles: list[dict]
 
 
 def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], landmarks: np.ndarray,
-                  weights: dict) -> float | None:
-    """Run the pipeline over `pending` shards; returns the steady images/s (first to last shard written)."""
+                  weights: dict) -> dict:
+    """Run the pipeline over `pending` shards; returns its images/s overall (from the start, the actors' model
+    loading included) and steady (first to last shard written; None from fewer than 3 shards)."""
     import ray
 
     init_ray()
@@ -365,6 +367,9 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], l
     finally:
         for assembler in assemblers:
             ray.kill(assembler)
-    if len(marks) < 2:
-        return None
-    return (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
+    rates: dict = {"images_per_s": images / (time.time() - t0) if images else None, "steady_images_per_s": None}
+    # First to last shard written, past the actors' start-up; shards written together (by one delivery) would make
+    # two marks a rate of nothing, so it takes three at distinct times.
+    if len(marks) >= 3 and marks[-1][0] > marks[0][0]:
+        rates["steady_images_per_s"] = (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
+    return rates
