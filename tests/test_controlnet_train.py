@@ -113,6 +113,30 @@ def test_a_model_directory_of_fp16_weights_only_loads(tmp_path):
         torch.testing.assert_close(value.float(), expected[name].float(), rtol=0, atol=0)
 
 
+def test_casting_a_model_logs_no_empty_keep_in_fp32_warning():
+    import logging
+
+    from mdland.log import _listed_fp32_modules, setup_logging
+
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    vae = build_preset("tiny").vae
+    try:
+        setup_logging()
+        vae.to("cpu", torch.float32)
+        logger.warning("another diffusers warning")
+        assert seen == ["another diffusers warning"]  # only the empty list's warning is dropped
+        logger.removeFilter(_listed_fp32_modules)
+        vae.to("cpu", torch.float32)  # diffusers' own: at every cast
+        assert "should be kept in float32: []" in seen[-1]
+    finally:
+        logger.removeHandler(handler)
+        setup_logging()
+
+
 def test_sampling_never_clips_latents_whatever_the_scheduler_config_leaves_out(tmp_path):
     from diffusers import DDPMScheduler
 
