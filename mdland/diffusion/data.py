@@ -19,7 +19,7 @@ from mdland.data.datasets import read_shards
 from mdland.data.shards import decode_image, landmarks_from_rows
 from mdland.landmarks.align import resize_points
 from mdland.landmarks.render import render_landmarks
-from mdland.log import get_logger
+from mdland.log import get_logger, setup_logging
 
 if TYPE_CHECKING:
     import ray.data
@@ -65,6 +65,7 @@ class LatentEncoder:
         from mdland.diffusion.models import load_vae
         from mdland.session import pick_device, training_dtype
 
+        setup_logging()
         self.device = pick_device(use_gpu)
         self.dtype = training_dtype(precision, self.device.type == "cuda")
         self.vae = load_vae(model, seed).requires_grad_(False).eval().to(self.device, self.dtype)
