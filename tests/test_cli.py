@@ -86,7 +86,7 @@ def test_evaluate_preds_hand_computed(tmp_path, capsys):
     (tmp_path / "text.npy").write_text("not an array")
     capsys.readouterr()
     assert main(["evaluate-preds", str(tmp_path / "nan.npy"), str(tmp_path / "nan.npy")]) == 2
-    assert f"{tmp_path / 'nan.npy'}: row 2 holds a non-finite coordinate" in capsys.readouterr().err
+    assert f"{tmp_path / 'nan.npy'}: row 2: landmark 5 is not finite" in capsys.readouterr().err
     assert main(["evaluate-preds", str(tmp_path / "text.npy"), str(gt_dir)]) == 2
     assert f"{tmp_path / 'text.npy'}: not a NumPy array file" in capsys.readouterr().err
     # ...and shard datasets pair by their key column.

@@ -15,6 +15,7 @@ from mdland.data.shards import decode_image, landmarks_array, read_dataset
 from mdland.detector.metrics import check_threshold, nme, normalising_distance, plot_ced, summarise
 from mdland.landmarks.io import LANDMARK_SUFFIXES, files_by_stem, read_landmark_file
 from mdland.landmarks.render import draw_landmarks, image_grid
+from mdland.landmarks.scheme import check_shape
 from mdland.log import get_logger
 
 log = get_logger(__name__)
@@ -32,10 +33,7 @@ def read_landmark_set(path: str) -> dict[str, np.ndarray]:
             raise ValueError(f"{p}: not a NumPy array file ({str(e).splitlines()[0]})") from None
         if arr.ndim != 3 or arr.shape[1:] != (68, 2):
             raise ValueError(f"{p}: expected an (N, 68, 2) array, got shape {arr.shape}")
-        bad = np.flatnonzero(~np.isfinite(arr).all(axis=(1, 2)))
-        if len(bad):
-            raise ValueError(f"{p}: row {bad[0]} holds a non-finite coordinate (NaN or inf), {len(bad)} row(s) in all")
-        return {str(i): a.astype(np.float32) for i, a in enumerate(arr)}
+        return {str(i): check_shape(a, f"{p}: row {i}") for i, a in enumerate(arr)}
     if p.is_dir() and any(f.suffix.lower() in LANDMARK_SUFFIXES for f in p.iterdir()):
         files = files_by_stem(p, set(LANDMARK_SUFFIXES), recursive=False)
         return {stem: read_landmark_file(f) for stem, f in files.items()}
