@@ -130,6 +130,12 @@ def _evaluate(a: argparse.Namespace) -> None:
     print(metrics_table(rows), end="")
 
 
+def _predict(a: argparse.Namespace) -> None:
+    from mdland.detector.predict import predict_folder
+
+    print(json.dumps(predict_folder(a.detector, a.src, a.out, a.boxes, a.batch_size, a.skip_bad)))
+
+
 def _demo(a: argparse.Namespace) -> None:
     from mdland.demo import DemoSize, run_demo
     from mdland.detector.evaluate import metrics_table
@@ -250,6 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="log and skip bad faces instead of failing")
     p.add_argument("--batch-size", type=count, default=32)
     p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("predict", parents=[common],
+                       help="a detector's landmarks for a folder of images: .pts files, predictions.json, overlays")
+    p.add_argument("--detector", required=True, help="detector checkpoint (.pkl: STAR's or mdland's), local or s3://")
+    p.add_argument("src", help="local folder of images (searched recursively; each image one face)")
+    p.add_argument("--out", required=True, help="folder for <stem>.pts, predictions.json, overlays.png; or s3://")
+    p.add_argument("--boxes", help="JSON {image stem: [x0, y0, x1, y1]}: face boxes (default: the whole image)")
+    p.add_argument("--skip-bad", action="store_true", help="log and skip unreadable images or bad boxes")
+    p.add_argument("--batch-size", type=count, default=32)
+    p.set_defaults(run=_predict)
 
     p = sub.add_parser("generate", parents=[common],
                        help="the synthetic set: edited landmarks x style prompts -> shards (Ray Data)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mdland.data import storage
 from mdland.data.shards import MANIFEST, SWAPPING, Face, ShardWriter, encode_image, rgb_array
@@ -101,10 +101,12 @@ def star_image_path(path: str) -> str:
 
 
 def load_image(path: Path) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB, or a ValueError naming the file."""
+    """An image file as (H, W, 3) uint8 RGB, upright as viewers show it, or a ValueError naming the file."""
     try:
         with Image.open(path) as im:
-            return rgb_array(im)
+            # A photo stored sideways with an EXIF turn: annotations and predictions refer to the upright image, as
+            # cv2.imread (STAR's reader) and `mdland serve` give it.
+            return rgb_array(ImageOps.exif_transpose(im))
     except FileNotFoundError:
         raise ValueError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:

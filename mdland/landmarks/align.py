@@ -26,6 +26,32 @@ def crop_from_box(box: tuple[float, float, float, float], margin: float = 1.0) -
     return ((x0 + x1) / 2, (y0 + y1) / 2), max(x1 - x0, y1 - y0) * margin / SCALE_UNIT
 
 
+def check_face_box(values: list[float] | tuple[float, ...], width: int, height: int,
+                   max_ratio: float = 8.0) -> tuple[float, float, float, float]:
+    """A face box (x0, y0, x1, y1) in pixel-edge coordinates (the whole image is 0, 0, W, H) checked against a
+    `width` x `height` image: four finite numbers, sides of 2 pixels or more, overlapping the image, its longer side
+    at most `max_ratio` times the image's (the crop of an absurdly large box is one blurred pixel, and past ~1e11 the
+    resampling arithmetic overflows). It may reach past the image's edges."""
+    if len(values) != 4 or not all(np.isfinite(values)):
+        raise ValueError(f"expected four finite numbers x0,y0,x1,y1, got {list(values)!r:.80}")
+    x0, y0, x1, y1 = (float(v) for v in values)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        raise ValueError(f"degenerate box {[x0, y0, x1, y1]} (each side at least 2 pixels needed)")
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        raise ValueError(f"box {[x0, y0, x1, y1]} is outside the {width}x{height} image")
+    if max(x1 - x0, y1 - y0) > max_ratio * max(width, height):
+        raise ValueError(f"box {[x0, y0, x1, y1]} is over {max_ratio:g}x the {width}x{height} image's longer side")
+    return (x0, y0, x1, y1)
+
+
+def box_crop_matrix(box: tuple[float, float, float, float], size: int = 256) -> np.ndarray:
+    """Source->crop matrix of the square crop a face box in pixel-edge coordinates asks for: its longer side,
+    centred, as face detectors' boxes are taken."""
+    (cx, cy), scale = crop_from_box(box)
+    # Box edges -> the pixel-centre coordinates points and crops use (pixel i spans [i - 0.5, i + 0.5]).
+    return crop_matrix((cx - 0.5, cy - 0.5), scale, size)
+
+
 def crop_matrix(centre: tuple[float, float], scale: float, size: int = 256) -> np.ndarray:
     """3x3 matrix from source pixels to crop pixels: `centre` lands on the crop's centre, `scale` fills it."""
     if scale <= 0:

@@ -40,7 +40,7 @@ from mdland.data import storage
 from mdland.data.shards import rgb_array
 from mdland.detector.checkpoint import load_detector
 from mdland.detector.inference import CudaGraphDetector, predict_crops, serving_detector
-from mdland.landmarks.align import crop_from_box, crop_matrix, warp_image
+from mdland.landmarks.align import box_crop_matrix, check_face_box, warp_image
 from mdland.session import pick_device
 
 
@@ -110,18 +110,10 @@ def parse_box(box: str | bytes | list | None, width: int, height: int, what: str
         values = [float(v) for v in (box.split(",") if isinstance(box, str) else box)]
     except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer too large for a float
         raise BadInput(400, f"{what}: expected four numbers x0,y0,x1,y1, got {box!r:.80}") from None
-    if len(values) != 4 or not all(np.isfinite(values)):
-        raise BadInput(400, f"{what}: expected four finite numbers x0,y0,x1,y1, got {box!r:.80}")
-    x0, y0, x1, y1 = values
-    if x1 - x0 < 2 or y1 - y0 < 2:
-        raise BadInput(400, f"{what}: degenerate box {values} (each side at least 2 pixels needed)")
-    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-        raise BadInput(400, f"{what}: box {values} is outside the {width}x{height} image")
-    # A box that overlaps the image can still be absurdly large; its crop would be one blurred pixel (and past ~1e11
-    # the resampling arithmetic overflows).
-    if max(x1 - x0, y1 - y0) > max_ratio * max(width, height):
-        raise BadInput(400, f"{what}: box {values} is over {max_ratio:g}x the {width}x{height} image's longer side")
-    return (x0, y0, x1, y1)
+    try:
+        return check_face_box(values, width, height, max_ratio)
+    except ValueError as e:
+        raise BadInput(400, f"{what}: {e}") from None
 
 
 def content_type(request: Request) -> str:
@@ -236,9 +228,7 @@ class LandmarkService:
         box = parse_box(box, image.shape[1], image.shape[0], "box" if index is None else f"boxes[{index}]",
                         self.cfg.max_box_ratio)
         size = self.net.arch.input_size
-        (cx, cy), scale = crop_from_box(box)
-        # Box edges -> the pixel-centre coordinates points and crops use (pixel i spans [i - 0.5, i + 0.5]).
-        matrix = crop_matrix((cx - 0.5, cy - 0.5), scale, size)
+        matrix = box_crop_matrix(box, size)
         return (image.shape[1], image.shape[0]), box, warp_image(image, matrix, size), matrix
 
     async def prepare(self, data: bytes, box, index: int | None = None) -> tuple:

@@ -1,0 +1,139 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mdland.cli import main
+from mdland.data import storage
+from mdland.data.procedural import procedural_faces
+from mdland.data.shards import decode_image
+from mdland.detector.checkpoint import load_detector, save_checkpoint
+from mdland.detector.data import CROP_MARGIN
+from mdland.detector.inference import predict
+from mdland.detector.metrics import nme
+from mdland.detector.model import ARCHS, STARNet
+from mdland.landmarks.align import crop_from_landmarks
+from mdland.landmarks.io import read_pts, write_pts
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny detector and a folder of 5 procedural faces (two in a subfolder) with their .pts annotations."""
+    root = tmp_path_factory.mktemp("predict")
+    torch.manual_seed(0)
+    save_checkpoint(STARNet(ARCHS["tiny"]), str(root / "det.pkl"))
+    faces = list(procedural_faces(5, seed=4, size=120))
+    (root / "images" / "sub").mkdir(parents=True)
+    for i, f in enumerate(faces):
+        (root / "images" / ("sub" if i % 2 else "") / f"{f.key}.png").write_bytes(f.image)
+        write_pts(root / "images" / f"{f.key}.pts", f.landmarks)
+    return root, faces
+
+
+def edge_box(centre: tuple[float, float], scale: float) -> list[float]:
+    """The square box, in a face detector's pixel-edge coordinates, of a (pixel-centre centre, scale) crop."""
+    half = scale * 200 / 2
+    return [centre[0] + 0.5 - half, centre[1] + 0.5 - half, centre[0] + 0.5 + half, centre[1] + 0.5 + half]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_predictions_are_the_detectors_and_score_with_evaluate_preds(folder, where, request, tmp_path):
+    root, faces = folder
+    out = str(tmp_path / "preds") if where == "local" else request.getfixturevalue("s3_bucket") + "/preds"
+    # Boxes for three faces: the evaluation crops around their landmarks; the other two are taken whole.
+    crops = {f.key: crop_from_landmarks(f.landmarks, CROP_MARGIN) for f in faces[:3]}
+    (tmp_path / "boxes.json").write_text(json.dumps({k: edge_box(*c) for k, c in crops.items()}))
+    assert main(["predict", "--detector", str(root / "det.pkl"), str(root / "images"), "--out", out,
+                 "--boxes", str(tmp_path / "boxes.json"), "--batch-size", "2"]) == 0
+
+    net = load_detector(str(root / "det.pkl")).eval()
+    # The whole 120 px image: centre at pixel 59.5, 120 px across.
+    expected = predict(net, [decode_image(f.image) for f in faces],
+                       [crops.get(f.key, ((59.5, 59.5), 120 / 200)) for f in faces])
+    local = tmp_path / "fetched"
+    storage.copy_to_local(out, local)
+    written = json.loads((local / "predictions.json").read_text())
+    assert sorted(written["faces"]) == sorted(f.key for f in faces) and written["skipped"] == []
+    for f, e in zip(faces, expected):
+        np.testing.assert_allclose(read_pts(local / f"{f.key}.pts"), e, atol=1e-3)
+        np.testing.assert_allclose(written["faces"][f.key]["landmarks"], e, atol=1e-3)
+    assert written["faces"][faces[4].key] == {**written["faces"][faces[4].key], "box": [0, 0, 120, 120],
+                                              "file": f"{faces[4].key}.png"}
+    assert written["faces"][faces[1].key]["file"] == f"sub/{faces[1].key}.png"
+    assert Image.open(local / "overlays.png").size[0] > 3 * 192
+
+    # The .pts files are what evaluate-preds pairs with the annotations by stem.
+    assert main(["evaluate-preds", str(local), str(root / "images"), "--out", str(tmp_path / "scores")]) == 0
+    scores = json.loads((tmp_path / "scores" / "metrics.json").read_text())
+    assert scores["count"] == 5
+    assert scores["nme"] == pytest.approx(nme(expected, np.stack([f.landmarks for f in faces])).mean(), abs=1e-4)
+
+
+def test_exif_turned_photo_is_read_upright(folder, tmp_path):
+    root, _ = folder
+    (tmp_path / "photos").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: viewers turn it 90 degrees clockwise
+    Image.new("RGB", (80, 50), (200, 150, 100)).save(tmp_path / "photos" / "phone.jpg", exif=exif)
+    assert main(["predict", "--detector", str(root / "det.pkl"), str(tmp_path / "photos"),
+                 "--out", str(tmp_path / "preds")]) == 0
+    written = json.loads((tmp_path / "preds" / "predictions.json").read_text())
+    assert written["faces"]["phone"]["box"] == [0, 0, 50, 80]
+
+
+def test_bad_images_boxes_and_outputs_are_named_and_nothing_is_lost(folder, tmp_path, capsys):
+    root, faces = folder
+    images = tmp_path / "images"
+    images.mkdir()
+    for f in faces[:3]:
+        (images / f"{f.key}.png").write_bytes(f.image)
+    (images / "broken.png").write_bytes(faces[3].image[:200])
+    det = str(root / "det.pkl")
+
+    def run(*args: str) -> tuple[int, str]:
+        code = main(["predict", "--detector", det, *args])
+        return code, capsys.readouterr().err
+
+    out = tmp_path / "preds"
+    code, err = run(str(images), "--out", str(out))
+    assert code == 2 and f"{images / 'broken.png'}: unreadable image" in err
+    assert not out.exists()  # nothing half-written
+
+    code, _ = run(str(images), "--out", str(out), "--skip-bad")
+    assert code == 0
+    written = json.loads((out / "predictions.json").read_text())
+    assert len(written["faces"]) == 3 and written["skipped"][0].startswith(f"{images / 'broken.png'}: unreadable")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    boxes = tmp_path / "boxes.json"
+    for content, message in [
+        (json.dumps({"nobody": [0, 0, 10, 10]}), "1 box(es) for images the folder does not have, e.g. ['nobody']"),
+        (json.dumps({faces[0].key: "0,0,10,10"}), f"{faces[0].key}: expected [x0, y0, x1, y1]"),
+        ("[1, 2]", "expected an object"),
+        ("{", "not a JSON file of face boxes"),
+    ]:
+        boxes.write_text(content)
+        # --skip-bad passes a bad face, not a bad box file.
+        code, err = run(str(images), "--out", str(out), "--boxes", str(boxes), "--skip-bad")
+        assert code == 2 and message in err, (content, err)
+    # Every failed run left the earlier predictions as they were.
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    # A box outside its image is a bad face: named, and skipped with --skip-bad.
+    boxes.write_text(json.dumps({faces[0].key: [500, 500, 600, 600]}))
+    outside = f"{images / faces[0].key}.png: box [500.0, 500.0, 600.0, 600.0] is outside the 120x120 image"
+    code, err = run(str(images), "--out", str(tmp_path / "other"), "--boxes", str(boxes), "--skip-bad")
+    assert code == 0 and outside in json.loads((tmp_path / "other" / "predictions.json").read_text())["skipped"]
+
+    code, err = run(str(images), "--out", str(images))
+    assert code == 2 and "is the image folder" in err
+    annotated = tmp_path / "annotations"
+    annotated.mkdir()
+    write_pts(annotated / f"{faces[0].key}.pts", faces[0].landmarks)
+    code, err = run(str(images), "--out", str(annotated), "--skip-bad")
+    assert code == 2 and "holds landmark files mdland predict did not write" in err
+    assert read_pts(annotated / f"{faces[0].key}.pts") == pytest.approx(faces[0].landmarks, abs=1e-3)
+    code, err = run(str(tmp_path / "nowhere"), "--out", str(out))
+    assert code == 2 and "not a folder of images" in err
