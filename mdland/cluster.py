@@ -29,11 +29,17 @@ def free_port() -> int:
 def init_ray(**kwargs) -> None:
     """`ray.init(**kwargs)` unless Ray is up in this process already, with Serve's HAProxy ingress for a local Ray.
     A replica that stops is drained for 2 s, not Ray's 30: HAProxy on its node, not an outside load balancer, has to
-    stop sending it requests, and retries any it refuses on another replica."""
+    stop sending it requests, and retries any it refuses on another replica. `num_cpus` / `num_gpus` size a local
+    Ray only: a cluster this process joins has its own (and Ray refuses them)."""
     import ray
+    from ray._private.services import canonicalize_bootstrap_address
 
     if ray.is_initialized():
         return
+    address = canonicalize_bootstrap_address(kwargs.get("address"))
+    if address is not None:
+        log.info("joining the Ray cluster at %s", address)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("num_cpus", "num_gpus")}
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     # HAProxy's read-only stats page and Prometheus exporter would listen on fixed ports of every interface, so a

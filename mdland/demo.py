@@ -110,15 +110,15 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
     # A demo starts from scratch: runs of the same name would resume (and skip training), and an earlier synthetic
     # set of another plan would be refused. It deletes only in a folder it has claimed as its own.
     _claim_storage(root)
+    # Several logical CPUs even on a 2-core machine, so training workers never starve Ray Data's tasks. Started
+    # before anything is deleted: a Ray that cannot start leaves the earlier demo's data as it was.
+    init_ray(num_cpus=4)
     for folder in ("runs", "synthetic"):
         storage.delete_folder(data[folder])
 
     def stage(name: str, t: float) -> None:
         timings[name] = round(time.time() - t, 1)
         log.info("%s done in %.1fs", name, timings[name])
-
-    # Several logical CPUs even on a 2-core machine, so training workers never starve Ray Data's tasks.
-    init_ray(num_cpus=4, include_dashboard=False)
 
     log.info("[1/8] ingest: %d + %d procedural faces as ArtFace-style folders -> shards in %s", s.train, s.test, root)
     t = time.time()
@@ -207,9 +207,8 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
 def query_server_once(detector: str, test_data: str) -> dict:
     """Start the Serve app, send it one held-out face over HTTP, and stop it."""
     import requests
-    from ray import serve
 
-    from mdland.serve.app import start_server
+    from mdland.serve.app import start_server, stop_server
 
     table = read_dataset(test_data)
     png, truth = table.column("image")[0].as_py(), landmarks_array(table)[0]
@@ -219,7 +218,7 @@ def query_server_once(detector: str, test_data: str) -> dict:
         reply.raise_for_status()
         body = reply.json()
     finally:
-        serve.shutdown()
+        stop_server()
     return {"status": reply.status_code, "nme": float(nme(np.array(body["landmarks"]), truth)[0]),
             "time_ms": body["time_ms"]}
 
