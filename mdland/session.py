@@ -42,6 +42,10 @@ class RaySession:
         else:
             with ckpt.as_directory() as d:
                 yield d
+                # Ranks on one node share one download, deleted when its last reader leaves: a rank that comes to
+                # it after the others have left finds it gone. No rank leaves before every rank has read it.
+                if torch.distributed.is_initialized():
+                    torch.distributed.barrier()
 
     def epoch(self, batch_size: int, seed: int) -> Iterator[dict]:
         shard = self.train.get_dataset_shard("train")
