@@ -352,6 +352,7 @@ def bench_write(images: str = "faces", count: int = 4000, rows_per_shard: int = 
 
     import numpy as np
 
+    from mdland.data import storage
     from mdland.data.procedural import procedural_faces
     from mdland.data.shards import decode_image
     from mdland.diffusion.models import build_controlnet, build_preset
@@ -360,6 +361,9 @@ def bench_write(images: str = "faces", count: int = 4000, rows_per_shard: int = 
 
     if images not in ("faces", "noise"):
         raise ValueError(f"images: expected faces or noise, got {images!r}")
+    if output and (storage.list_files(output) or storage.list_folders(output)):
+        raise ValueError(f"--output {output}: holds files; the benchmark writes shards of made-up rows there, so it "
+                         "takes an empty folder")
     size = 256
     if images == "noise":
         pool = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
@@ -403,12 +407,12 @@ def bench_detector(arch: str = "star-300w", batch_size: int = 32, repeats: int =
     it) against the eager network."""
     import numpy as np
 
+    from mdland.detector.checkpoint import load_detector
     from mdland.detector.inference import CudaGraphDetector, crop_landmarks
-    from mdland.detector.model import ARCHS, STARNet
 
     device = pick_device(use_gpu=True)  # cuDNN autotuning on for the baseline and mdland alike
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    net = STARNet(ARCHS[arch]).eval().to(device, dtype)
+    net = load_detector(None, arch).eval().to(device, dtype)  # random weights: the same work
     size = net.arch.input_size
     crops = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8)
 
@@ -466,18 +470,18 @@ def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int
 
     from mdland.data.procedural import procedural_faces
     from mdland.data.shards import decode_image
-    from mdland.detector.checkpoint import save_checkpoint
-    from mdland.detector.model import ARCHS, STARNet
-    from mdland.serve.app import start_server
+    from mdland.detector.checkpoint import load_detector, save_checkpoint
+    from mdland.serve.app import APP_NAME, start_server, stop_server
 
     if replicas < 1:
         raise ValueError(f"replicas: {replicas} is not a positive count")
     clients = clients or 2 * max_batch_size * replicas
     device = pick_device(use_gpu=True)  # cuDNN autotuning on for the baseline and mdland alike
-    size = ARCHS[arch].input_size
+    net = load_detector(None, arch)
+    size = net.arch.input_size
     faces = [f.image for f in procedural_faces(max(32, max_batch_size), seed=0, size=size)]
     with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(STARNet(ARCHS[arch]), f"{d}/det.pkl")
+        save_checkpoint(net, f"{d}/det.pkl")
         in_process = _in_process_images_per_s(f"{d}/det.pkl", [decode_image(f) for f in faces], max_batch_size,
                                               device)
         init_ray()
@@ -501,7 +505,7 @@ def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int
 
             for i in range(clients):  # warm the replica
                 post(i)
-            states = serve.status().applications["landmarks"].deployments["LandmarkDetector"].replica_states
+            states = serve.status().applications[APP_NAME].deployments["LandmarkDetector"].replica_states
             running = int(states.get("RUNNING", 0))
             replica_threads = requests.get(f"{url}/v1/model", timeout=60).json()["torch_threads"]
             single = [post(i)[1] for i in range(20)]
@@ -510,7 +514,7 @@ def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int
                 results = list(pool.map(post, range(requests_total)))
             elapsed = time.perf_counter() - t0
         finally:
-            serve.shutdown()
+            stop_server()
     # Only answered requests count: a fast error would otherwise raise the rate and lower the latencies.
     ok = [(ms, batch) for status, ms, batch in results if status == 200]
     errors = requests_total - len(ok)

@@ -40,24 +40,25 @@ def _train_controlnet(a: argparse.Namespace) -> None:
 
 
 def _serve(a: argparse.Namespace) -> None:
+    import signal
     import time
 
-    import ray
-    from ray import serve
-
     from mdland.config import parse_overrides
-    from mdland.serve.app import ServeConfig, start_server
+    from mdland.serve.app import ServeConfig, start_server, stop_server
 
     # ServeConfig fields plus deployment options (num_replicas, ...); build_app checks every key.
     args = {"detector": a.detector, **parse_overrides(a.set, ServeConfig)}
     try:  # Ctrl-C, while Serve starts too
         url = start_server(args, a.host, a.port)
+        # `ray job stop` and `kill` send SIGTERM: the same way out as Ctrl-C, or the app outlives its job. Set once
+        # Ray is up: it installs a SIGTERM handler of its own.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         print(f"serving {a.detector} at {url}/v1/landmarks (docs: {url}/docs); Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        if ray.is_initialized():  # else shutdown would start a Ray only to find no Serve
-            serve.shutdown()
+        stop_server()
+        print("stopped", flush=True)
 
 
 def _generate(a: argparse.Namespace) -> None:
@@ -360,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"mdland {args.stage}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays (every write is atomic); a re-run resumes
+        print(f"mdland {args.stage}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -91,6 +91,16 @@ def test_bench_write_assembles_every_shard(tmp_path):
     assert r["assembler_images_per_s"] > 0 and r["encode_images_per_s_per_core"] > 0
     # Both are rounded from the same unrounded rate, so they may differ in the last digit.
     assert r["h100s_at_32_images_per_s"] == pytest.approx(r["assembler_images_per_s"] / 32, abs=0.06)
+    # A folder that holds anything (a real set, or this run's shards) is refused, and left as it was.
+    before = {f: f.read_bytes() for f in files}
+    assert main(["bench", "write", "--count", "16", "--rows-per-shard", "16", "--batch-size", "16",
+                 "--output", str(shards)]) == 2
+    assert {f: f.read_bytes() for f in sorted(shards.glob("*.parquet"))} == before
+
+
+def test_bench_arch_is_checked(capsys):
+    assert main(["bench", "detector", "--arch", "foo"]) == 2
+    assert "unknown detector architecture 'foo'" in capsys.readouterr().err
 
 
 def test_contenders_are_timed_in_turns():

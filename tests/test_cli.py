@@ -186,8 +186,8 @@ def test_serve_on_a_port_in_use_is_a_one_line_error(tmp_path):
         "(pick another with --port)"]
 
 
-@pytest.mark.parametrize("moment", ["starting", "serving"])
-def test_serve_stops_cleanly_on_ctrl_c(tmp_path, moment, serve_cli):
+@pytest.mark.parametrize("moment,stop", [("starting", "SIGINT"), ("serving", "SIGINT"), ("serving", "SIGTERM")])
+def test_serve_stops_cleanly_on_ctrl_c_or_sigterm(tmp_path, moment, stop, serve_cli):
     import signal
 
     import requests
@@ -203,8 +203,9 @@ def test_serve_stops_cleanly_on_ctrl_c(tmp_path, moment, serve_cli):
     if moment == "serving":
         model = requests.get(f"http://127.0.0.1:{port}/v1/model", timeout=30).json()
         assert model["max_batch_size"] == 2  # both --set options applied
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, stop))  # SIGTERM: `kill`, `ray job stop`
     proc.wait(timeout=120)
     output = "".join(lines)
     assert proc.returncode == 0, output[-3000:]
-    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output and "SIGTERM received" not in output
+    assert "\nstopped\n" in output

@@ -58,11 +58,12 @@ def stop_cluster(temp: str) -> None:
         proc.kill()
 
 
-def submit(cluster, *entrypoint: str) -> subprocess.CompletedProcess:
+def submit(cluster, *entrypoint: str, wait: bool = True) -> subprocess.CompletedProcess:
     address, env = cluster
     for _ in range(12):
         out = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--runtime-env",
-                              str(ROOT / "jobs" / "runtime_env.yaml"), "--", sys.executable, *entrypoint],
+                              str(ROOT / "jobs" / "runtime_env.yaml"), *([] if wait else ["--no-wait"]), "--",
+                              sys.executable, *entrypoint],
                              env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
         if "No available agent to submit job" not in out.stdout + out.stderr:
             return out
@@ -95,8 +96,46 @@ def test_a_training_job_succeeds_and_writes_its_outputs(cluster, tmp_path):
 
 
 def test_a_failing_job_shows_failed_with_its_error(cluster, tmp_path):
-    out = submit(cluster, "jobs/evaluate.py", "--detector", str(tmp_path / "missing.pkl"), "--data", str(tmp_path))
+    out = submit(cluster, "jobs/evaluate.py", "--detector", str(tmp_path / "missing.pkl"), "--data", str(tmp_path),
+                 "--out", str(tmp_path / "report"))
     text = out.stdout + out.stderr
     assert out.returncode != 0
     assert "missing.pkl: detector checkpoint not found" in text
     assert job_status(cluster, text) == "FAILED"
+    # evaluate's default --out is relative: in a job it would land in Ray's copy of the working directory, and go.
+    out = submit(cluster, "jobs/evaluate.py", "--detector", str(tmp_path / "missing.pkl"), "--data", str(tmp_path))
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "eval-report: a relative path in a Ray job is inside the job's copy" in text
+
+
+@pytest.mark.slow
+def test_stopping_a_serve_job_takes_its_app_down(cluster, tmp_path):
+    import requests
+
+    from mdland.detector.checkpoint import save_checkpoint
+    from mdland.detector.model import ARCHS, STARNet
+
+    address, env = cluster
+    save_checkpoint(STARNet(ARCHS["tiny"]), str(tmp_path / "d.pkl"))
+    port = port_above_ray_workers()
+    out = submit(cluster, "jobs/serve.py", "--detector", str(tmp_path / "d.pkl"), "--port", str(port), wait=False)
+    job_id = re.search(r"raysubmit_\w+", out.stdout + out.stderr).group(0)
+
+    def healthy() -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    deadline = time.time() + 300
+    while not healthy():
+        assert time.time() < deadline and job_status(cluster, job_id) in ("PENDING", "RUNNING"), out.stdout[-2000:]
+        time.sleep(2)
+    subprocess.run([RAY, "job", "stop", "--address", address, job_id], env=env, capture_output=True, timeout=120)
+    deadline = time.time() + 60
+    while healthy():  # Serve's controller deletes the app the job's SIGTERM asked it to
+        assert time.time() < deadline, "the app outlived its stopped job"
+        time.sleep(1)
+    logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=env, capture_output=True,
+                          text=True, timeout=120).stdout
+    assert "stopped" in logs.splitlines() and "Traceback" not in logs

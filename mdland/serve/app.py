@@ -61,6 +61,9 @@ class ServeConfig:
     cuda_graphs: bool = True  # on a GPU, replay the forward pass from CUDA graphs captured at start-up
 
 
+APP_NAME = "landmarks"
+
+
 class BadInput(Exception):
     """A request answered with `status` and a one-line message, never a stack trace."""
 
@@ -368,7 +371,7 @@ def build_app(args: dict) -> serve.Application:
 
 
 def start_server(args: dict, host: str = "127.0.0.1", port: int = 8000) -> str:
-    """Deploy the app on the running (or a new local) Ray and return its base URL; `serve.shutdown()` stops it."""
+    """Deploy the app on the running (or a new local) Ray and return its base URL; `stop_server()` stops it."""
     import ray
 
     app = build_app(args)  # bad arguments fail before Ray or Serve starts
@@ -383,5 +386,15 @@ def start_server(args: dict, host: str = "127.0.0.1", port: int = 8000) -> str:
                 raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}{hint}") from None
     init_ray()
     serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name="landmarks", route_prefix="/")
+    serve.run(app, name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
+
+
+def stop_server() -> None:
+    """Take down the app `start_server` began, without waiting for its replicas to stop (`ray job stop` gives a job
+    3 s before it kills it; Serve's controller finishes the work). Other apps on the cluster keep running, and a Ray
+    this process started goes down with it."""
+    import ray
+
+    if ray.is_initialized():  # else Serve would start a Ray only to find no app
+        serve.delete(APP_NAME, _blocking=False)
