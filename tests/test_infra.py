@@ -17,13 +17,18 @@ def test_local_s3_script_starts_a_server_the_storage_layer_uses(monkeypatch):
     out = subprocess.run(["bash", str(ROOT / "infra" / "local-s3.sh"), str(port), "mdland-dev"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    pid = int(re.search(r"pid (\d+)", out.stdout).group(1))
+    pid = int(re.search(r"pid (\d+)", out.stderr).group(1))  # on stderr: shown under `eval "$(...)"`
     try:
+        assert len(out.stdout.splitlines()) == 1  # only what `eval` should run
         exports = dict(kv.split("=", 1) for kv in out.stdout.splitlines()[0].removeprefix("export ").split())
         assert exports["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{port}"
         for k, v in exports.items():
             monkeypatch.setenv(k, v)
         storage.write_bytes("s3://mdland-dev/hello.txt", b"hi")
+        # A second server on the same port is refused (it would report a pid that exited), and `eval` fails.
+        again = subprocess.run(["bash", "-c", f'eval "$(bash {ROOT / "infra" / "local-s3.sh"} {port} other)"'],
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode != 0 and f"port {port} is in use" in again.stderr
         assert storage.read_bytes("s3://mdland-dev/hello.txt") == b"hi"
     finally:
         os.kill(pid, signal.SIGTERM)

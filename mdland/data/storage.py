@@ -296,9 +296,20 @@ def copy_from_local(local_dir: str | os.PathLike, uri: str) -> None:
         write_file(join(uri, *path.relative_to(root).parts), path)
 
 
+def _job_working_dir() -> str | None:
+    """The working directory of the `ray job submit` job this process is the driver of, or None: Ray hands a job's
+    driver its runtime environment in RAY_JOB_CONFIG_JSON_ENV_VAR and runs it in its copy of the working directory."""
+    config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    return (json.loads(config).get("runtime_env") or {}).get("working_dir") if config else None
+
+
 def check_writable(uri: str) -> None:
     """Fail early, before any work, when `uri` (a folder) cannot be written: missing bucket, bad keys. Leaves no
     trace: a local folder the probe made is removed again, so a run that fails next leaves no empty folder."""
+    if not is_s3(uri) and not Path(uri).is_absolute() and _job_working_dir():
+        raise StorageError(f"{uri}: a relative path in a Ray job is inside the job's copy of --working-dir "
+                           f"({Path.cwd()}), which Ray deletes with it (and a re-run gets a new one, so nothing "
+                           "resumes); give an absolute path every node can reach, or s3://")
     made = []  # local folders the probe's write creates, deepest first
     folder = None if is_s3(uri) else Path(uri).absolute()
     while folder is not None and not folder.exists():

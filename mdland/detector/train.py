@@ -127,7 +127,7 @@ def train_func(config: dict) -> None:
             _, client = engine.load_checkpoint(restored)
             history, epoch, best = client["history"], client["epoch"], client["best_nme"]
             history.append({"step": engine.global_steps, "epoch": epoch, "resumed": True})
-            log.info("resumed after epoch %d (best validation NME %.4f)", epoch, best)
+            log.info("resumed after epoch %d (best validation NME %.2f%%)", epoch, 100 * best)
     val = None
     if session.rank == 0 and cfg.val_data:
         table = pa.concat_tables([read_dataset(v).select(COLUMNS) for v in cfg.val_data])
@@ -135,7 +135,7 @@ def train_func(config: dict) -> None:
                                      targets=False)
         if not history:
             history.append({"step": 0, "epoch": 0, "val_nme": validation_nme(engine.module, val, device, dtype)})
-            log.info("validation NME before training: %.4f", history[-1]["val_nme"])
+            log.info("validation NME before training: %.2f%%", 100 * history[-1]["val_nme"])
     while epoch < cfg.epochs:
         losses, seen, t0 = [], 0, time.time()
         for batch in session.epoch(cfg.batch_size, cfg.seed + epoch):
@@ -177,7 +177,7 @@ def _checkpoint(engine, session, cfg: DetectorTrainConfig, history: list, epoch:
                 save_checkpoint(engine.module, storage.join(cfg.storage_path, cfg.name, "best", "detector.pkl"),
                                 weights, epoch=epoch, **({"val_nme": last["val_nme"]} if validated else {}))
             log.info("epoch %d: loss %.4f, validation NME %s%s", epoch, last["loss"],
-                     f"{last['val_nme']:.4f}" if validated else "n/a", " (best)" if improved and validated else "")
+                     f"{100 * last['val_nme']:.2f}%" if validated else "n/a", " (best)" if improved and validated else "")
         session.report(last | {"best_val_nme": best}, d, engine.global_steps)
 
 
