@@ -129,6 +129,7 @@ def png_of(shape) -> bytes:
     ("huge box", 400, "over 8x the 96x96 image's longer side"),
     ("overflowing box", 400, "boxes[0]: expected four numbers"),
     ("binary box file", 400, "box: expected four numbers x0,y0,x1,y1, got"),
+    ("two boxes", 400, "box: given both in the query string and as a multipart field"),
 ])
 def test_bad_input_gets_a_one_line_4xx_and_the_replica_lives(server, case, status, needle):
     url, _, faces = server
@@ -172,6 +173,8 @@ def test_bad_input_gets_a_one_line_4xx_and_the_replica_lives(server, case, statu
         # Four bytes that, read as numbers, would have made the box (0, 0, 100, 100).
         "binary box file": lambda: requests.post(f"{url}/v1/landmarks", files={
             "image": ("a.png", face, "image/png"), "box": ("box.bin", b"\x00\x00dd", "application/octet-stream")}),
+        "two boxes": lambda: requests.post(f"{url}/v1/landmarks", params={"box": "0,0,96,96"}, files={
+            "image": ("a.png", face, "image/png"), "box": (None, "10,10,50,50")}),
         "no image field": lambda: requests.post(f"{url}/v1/landmarks", files={"picture": ("a.png", face, "image/png")}),
     }[case]
     r = send()

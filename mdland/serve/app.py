@@ -273,6 +273,8 @@ class LandmarkService:
             if not uploads or isinstance(uploads[0], str):
                 raise BadInput(400, "multipart: no `image` file field")
             data = uploads[0]
+            if "box" in form and box is not None:  # two boxes for one face: neither wins silently
+                raise BadInput(400, "box: given both in the query string and as a multipart field; send one")
             box = form.get("box", [box])[0]
         else:
             raise BadInput(415, f"content type {kind or 'missing'!r}: send image bytes (image/*) or multipart/form-data")
