@@ -454,7 +454,7 @@ def _in_process_images_per_s(detector: str, images: list, batch_size: int, devic
 
 
 def bench_serve(arch: str = "star-300w", requests_total: int = 200, clients: int | None = None,
-                max_batch_size: int = 16, replicas: int = 1, port: int = 18765) -> dict:
+                max_batch_size: int = 16, replicas: int = 1, port: int | None = None) -> dict:
     """`clients` defaults to twice `max_batch_size` per replica: a batch can only fill while the batch before it
     runs if that many requests are in flight. `replicas` share the device and the CPUs (each a fraction of the GPU and
     of Ray's CPUs, whose whole part sets its torch threads, so together they have the baseline's): a replica is one

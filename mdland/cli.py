@@ -48,15 +48,15 @@ def _serve(a: argparse.Namespace) -> None:
 
     # ServeConfig fields plus deployment options (num_replicas, ...); build_app checks every key.
     args = {"detector": a.detector, **parse_overrides(a.set, ServeConfig)}
+    # `ray job stop` and `kill` send SIGTERM: the same way out as Ctrl-C, or the app outlives its job.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:  # Ctrl-C, while Serve starts too
         url = start_server(args, a.host, a.port)
-        # `ray job stop` and `kill` send SIGTERM: the same way out as Ctrl-C, or the app outlives its job. Set once
-        # Ray is up: it installs a SIGTERM handler of its own.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # again: Ray's start set one of its own
         print(f"serving {a.detector} at {url}/v1/landmarks (docs: {url}/docs); Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's own SIGTERM handler, while Ray starts
         stop_server()
         print("stopped", flush=True)
 

@@ -26,17 +26,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cluster_address(address: str | None = None) -> str | None:
+    """The Ray cluster `ray.init(address)` would join (RAY_ADDRESS, or one `ray start` began on this machine), or
+    None where it would start a local one."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and "://" in address:  # ray://host:10001: Ray Client
+        return address
+    return canonicalize_bootstrap_address(address)
+
+
 def init_ray(**kwargs) -> None:
     """`ray.init(**kwargs)` unless Ray is up in this process already, with Serve's HAProxy ingress for a local Ray.
     A replica that stops is drained for 2 s, not Ray's 30: HAProxy on its node, not an outside load balancer, has to
     stop sending it requests, and retries any it refuses on another replica. `num_cpus` / `num_gpus` size a local
     Ray only: a cluster this process joins has its own (and Ray refuses them)."""
     import ray
-    from ray._private.services import canonicalize_bootstrap_address
 
     if ray.is_initialized():
         return
-    address = canonicalize_bootstrap_address(kwargs.get("address"))
+    address = cluster_address(kwargs.get("address"))
     if address is not None:
         log.info("joining the Ray cluster at %s", address)
         kwargs = {k: v for k, v in kwargs.items() if k not in ("num_cpus", "num_gpus")}

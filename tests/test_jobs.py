@@ -105,7 +105,13 @@ def test_a_failing_job_shows_failed_with_its_error(cluster, tmp_path):
     # evaluate's default --out is relative: in a job it would land in Ray's copy of the working directory, and go.
     out = submit(cluster, "jobs/evaluate.py", "--detector", str(tmp_path / "missing.pkl"), "--data", str(tmp_path))
     text = out.stdout + out.stderr
-    assert out.returncode != 0 and "eval-report: a relative path in a Ray job is inside the job's copy" in text
+    assert out.returncode != 0 and "eval-report: a path in a Ray job's copy of --working-dir" in text
+    # Training makes its storage_path absolute first: still inside the job's copy.
+    write_faces(str(tmp_path / "train"), 16, seed=0, size=64)
+    out = submit(cluster, "jobs/train_detector.py", "--config", "tiny", "--set", "storage_path=runs",
+                 f"data=[{tmp_path / 'train'}]", "val_data=[]", "num_workers=1")
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and re.search(r"/runs/tiny-detector: a path in a Ray job's copy of --working-dir", text)
 
 
 @pytest.mark.slow

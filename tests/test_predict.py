@@ -7,6 +7,7 @@ from PIL import Image
 
 from mdland.cli import main
 from mdland.data import storage
+from mdland.data.ingest import load_image
 from mdland.data.procedural import procedural_faces
 from mdland.data.shards import decode_image
 from mdland.detector.checkpoint import load_detector, save_checkpoint
@@ -74,13 +75,15 @@ def test_predictions_are_the_detectors_and_score_with_evaluate_preds(folder, whe
 def test_exif_turned_photo_is_read_upright(folder, tmp_path):
     root, _ = folder
     (tmp_path / "photos").mkdir()
+    stored = np.random.default_rng(0).integers(0, 256, (50, 80, 3), dtype=np.uint8)
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: viewers turn it 90 degrees clockwise
-    Image.new("RGB", (80, 50), (200, 150, 100)).save(tmp_path / "photos" / "phone.jpg", exif=exif)
+    Image.fromarray(stored).save(tmp_path / "photos" / "phone.png", exif=exif)
+    np.testing.assert_array_equal(load_image(tmp_path / "photos" / "phone.png"), np.rot90(stored, k=-1))
     assert main(["predict", "--detector", str(root / "det.pkl"), str(tmp_path / "photos"),
                  "--out", str(tmp_path / "preds")]) == 0
     written = json.loads((tmp_path / "preds" / "predictions.json").read_text())
-    assert written["faces"]["phone"]["box"] == [0, 0, 50, 80]
+    assert written["faces"]["phone"]["box"] == [0, 0, 50, 80] and written["complete"]
 
 
 def test_bad_images_boxes_and_outputs_are_named_and_nothing_is_lost(folder, tmp_path, capsys):
@@ -121,19 +124,29 @@ def test_bad_images_boxes_and_outputs_are_named_and_nothing_is_lost(folder, tmp_
     # Every failed run left the earlier predictions as they were.
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
-    # A box outside its image is a bad face: named, and skipped with --skip-bad.
-    boxes.write_text(json.dumps({faces[0].key: [500, 500, 600, 600]}))
-    outside = f"{images / faces[0].key}.png: box [500.0, 500.0, 600.0, 600.0] is outside the 120x120 image"
-    code, err = run(str(images), "--out", str(tmp_path / "other"), "--boxes", str(boxes), "--skip-bad")
-    assert code == 0 and outside in json.loads((tmp_path / "other" / "predictions.json").read_text())["skipped"]
+    # Boxes outside their image, or too large for a float, are bad faces: named, and skipped with --skip-bad. The
+    # earlier run's files for the faces this run has not are removed: evaluate-preds would score them.
+    huge = "1" + "0" * 400  # valid JSON, and no float
+    boxes.write_text(f'{{"{faces[0].key}": [500, 500, 600, 600], "{faces[1].key}": [0, 0, {huge}, 10]}}')
+    code, err = run(str(images), "--out", str(out), "--boxes", str(boxes), "--skip-bad")
+    written = json.loads((out / "predictions.json").read_text())
+    assert code == 0 and written["complete"] and sorted(written["faces"]) == [faces[2].key]
+    assert f"{images / faces[0].key}.png: box [500.0, 500.0, 600.0, 600.0] is outside the 120x120 image" in \
+        written["skipped"]
+    assert any(m.startswith(f"{images / faces[1].key}.png: expected four finite numbers") for m in written["skipped"])
+    assert sorted(p.name for p in out.glob("*.pts")) == [f"{faces[2].key}.pts"]
 
-    code, err = run(str(images), "--out", str(images))
-    assert code == 2 and "is the image folder" in err
+    for inside in (images, images / "preds", tmp_path):  # the next run would read its own outputs as images
+        code, err = run(str(images), "--out", str(inside))
+        assert code == 2 and "is, or is inside, or holds the image folder" in err
     annotated = tmp_path / "annotations"
     annotated.mkdir()
     write_pts(annotated / f"{faces[0].key}.pts", faces[0].landmarks)
+    (annotated / "README.txt").write_text("notes")
     code, err = run(str(images), "--out", str(annotated), "--skip-bad")
-    assert code == 2 and "holds landmark files mdland predict did not write" in err
+    assert code == 2 and "holds .pts files mdland predict did not write" in err
     assert read_pts(annotated / f"{faces[0].key}.pts") == pytest.approx(faces[0].landmarks, abs=1e-3)
+    (annotated / f"{faces[0].key}.pts").unlink()
+    assert run(str(images), "--out", str(annotated), "--skip-bad")[0] == 0  # other files are no concern
     code, err = run(str(tmp_path / "nowhere"), "--out", str(out))
     assert code == 2 and "not a folder of images" in err

@@ -466,3 +466,15 @@ def test_uploads_are_read_in_the_orientation_viewers_show():
     shown = decode_upload(buf.getvalue(), ServeConfig(detector="unused"))
     assert shown.shape == (40, 20, 3)
     assert shown[:15].mean() > 200 and shown[25:].mean() < 50  # the white half now on top
+
+
+def test_a_second_start_serves_where_serve_listens(server):
+    from mdland.serve.app import start_server
+
+    url, _, faces = server
+    # Serve has one HTTP address per cluster: another port would be ignored and the app not where it was said.
+    args = {"detector": requests.get(f"{url}/v1/model", timeout=30).json()["model"], "max_batch_size": 8, **LIMITS}
+    with pytest.raises(ValueError, match=f"Serve already runs on this Ray cluster at {url.removeprefix('http://')}"):
+        start_server(args, port=free_port())
+    assert start_server(args) == url  # no port asked for: where Serve listens
+    assert post_image(url, faces[0]).status_code == 200

@@ -306,10 +306,11 @@ def _job_working_dir() -> str | None:
 def check_writable(uri: str) -> None:
     """Fail early, before any work, when `uri` (a folder) cannot be written: missing bucket, bad keys. Leaves no
     trace: a local folder the probe made is removed again, so a run that fails next leaves no empty folder."""
-    if not is_s3(uri) and not Path(uri).is_absolute() and _job_working_dir():
-        raise StorageError(f"{uri}: a relative path in a Ray job is inside the job's copy of --working-dir "
-                           f"({Path.cwd()}), which Ray deletes with it (and a re-run gets a new one, so nothing "
-                           "resumes); give an absolute path every node can reach, or s3://")
+    # Callers may have made a relative path absolute already: what matters is where it lands.
+    if not is_s3(uri) and _job_working_dir() and Path(uri).absolute().is_relative_to(Path.cwd()):
+        raise StorageError(f"{uri}: a path in a Ray job's copy of --working-dir ({Path.cwd()}), which Ray deletes "
+                           "with the job (and a re-run gets a new one, so nothing resumes); give an absolute path "
+                           "outside it that every node can reach, or s3://")
     made = []  # local folders the probe's write creates, deepest first
     folder = None if is_s3(uri) else Path(uri).absolute()
     while folder is not None and not folder.exists():

@@ -165,15 +165,20 @@ def overlay_grid(faces: list[EvalFace], pred: np.ndarray, errors: np.ndarray, co
     """The worst predictions on the top row, the best on the bottom (prediction green, truth red), each tile the
     face's evaluation crop and a margin around it, undistorted. A set of fewer than 2 * `count` faces shows each face
     once."""
-    from mdland.landmarks.align import crop_matrix, transform_points, warp_image
-
     order = np.argsort(errors)
     worst = min(count, (len(faces) + 1) // 2)
     picks = list(order[::-1][:worst]) + list(order[: min(count, len(faces) - worst)])
-    tiles = []
-    for i in picks:
-        centre, scale = eval_crop(faces[i])
-        matrix = crop_matrix(centre, scale * OVERLAY_MARGIN, size)
-        tiles.append(draw_landmarks(warp_image(faces[i].image, matrix, size), transform_points(pred[i], matrix),
-                                    (0, 255, 0), transform_points(faces[i].landmarks, matrix), (255, 0, 0)))
+    tiles = [overlay_tile(faces[i].image, eval_crop(faces[i]), pred[i], faces[i].landmarks, size) for i in picks]
     return image_grid(tiles, columns=worst)
+
+
+def overlay_tile(image: np.ndarray, crop: tuple[tuple[float, float], float], points: np.ndarray,
+                 truth: np.ndarray | None = None, size: int = 192) -> np.ndarray:
+    """A face's crop (centre, scale) and a margin around it, undistorted, the predicted points green over it and
+    the truth, when given, red."""
+    from mdland.landmarks.align import crop_matrix, transform_points, warp_image
+
+    centre, scale = crop
+    matrix = crop_matrix(centre, scale * OVERLAY_MARGIN, size)
+    return draw_landmarks(warp_image(image, matrix, size), transform_points(points, matrix), (0, 255, 0),
+                          None if truth is None else transform_points(truth, matrix), (255, 0, 0))

@@ -13,15 +13,15 @@ from tqdm import tqdm
 from mdland.config import check_count
 from mdland.data import storage
 from mdland.data.ingest import IMAGE_SUFFIXES, load_image, skip_or_raise
-from mdland.landmarks.align import box_crop_matrix, check_face_box, transform_points, warp_image
-from mdland.landmarks.io import LANDMARK_SUFFIXES, files_by_stem, write_pts
-from mdland.landmarks.render import draw_landmarks, image_grid
+from mdland.detector.evaluate import overlay_tile
+from mdland.landmarks.align import check_face_box, crop_from_edge_box, crop_matrix, warp_image
+from mdland.landmarks.io import files_by_stem, write_pts
+from mdland.landmarks.render import image_grid
 from mdland.log import get_logger
 
 log = get_logger(__name__)
 PREDICTIONS = "predictions.json"
 OVERLAY_FACES = 16
-OVERLAY_MARGIN = 1.2  # an overlay tile's side / the face box's: points that stray outside the box still show
 
 
 def read_boxes(path: str, stems: set[str]) -> dict[str, list[float]]:
@@ -52,15 +52,23 @@ def read_face(path: Path, box: list[float] | None) -> tuple[np.ndarray, tuple[fl
         raise ValueError(f"{path}: {e}") from None
 
 
-def check_output(out: str, src: Path) -> None:
-    """Refuse an output folder whose landmark files `predict` did not write: the images' own annotations."""
-    if not storage.is_s3(out) and Path(out).resolve() == src.resolve():
-        raise ValueError(f"--out {out}: is the image folder; predictions go to a folder of their own")
-    if storage.exists(storage.join(out, PREDICTIONS)):
-        return  # an earlier prediction's: its files are replaced
-    if any(storage.list_files(out, suffix) for suffix in LANDMARK_SUFFIXES):
-        raise ValueError(f"--out {out}: holds landmark files mdland predict did not write (no {PREDICTIONS}); "
-                         "give another folder")
+def earlier_faces(out: str, src: Path) -> list[str]:
+    """The faces an earlier `predict` wrote to `out` (its files are replaced), after refusing an output that would
+    mix with the images or overwrite landmark files `predict` did not write (the images' own annotations)."""
+    if not storage.is_s3(out):
+        here, images = Path(out).resolve(), src.resolve()
+        if here.is_relative_to(images) or images.is_relative_to(here):  # the next run would read the outputs
+            raise ValueError(f"--out {out}: is, or is inside, or holds the image folder {src}; give one apart")
+    listing = storage.join(out, PREDICTIONS)
+    if storage.exists(listing):
+        try:
+            return list(json.loads(storage.read_bytes(listing))["faces"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{listing}: not a listing mdland predict wrote; give another --out") from None
+    if storage.list_files(out, ".pts"):
+        raise ValueError(f"--out {out}: holds .pts files mdland predict did not write (no {PREDICTIONS}); give "
+                         "another folder")
+    return []
 
 
 def predict_folder(detector: str, src: str, out: str, boxes: str | None = None, batch_size: int = 32,
@@ -80,13 +88,12 @@ def predict_folder(detector: str, src: str, out: str, boxes: str | None = None, 
         raise ValueError(f"{src}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     face_boxes = read_boxes(boxes, set(images)) if boxes else {}
     storage.check_writable(out)  # a missing bucket found now, not after the inference
-    check_output(out, root)
+    earlier = earlier_faces(out, root)
     net = load_detector(detector, device=pick_device(use_gpu=True)).eval()  # fp32 as `evaluate`, on a GPU if any
     size = net.arch.input_size
     faces, skipped, tiles = {}, [], []
     stems = sorted(images)
-    # Written beside, then copied over with predictions.json last: a run that fails leaves `out` as it was, and a
-    # folder with predictions.json is complete.
+    # Written beside first: a run that fails before its last image leaves `out` as it was.
     with tempfile.TemporaryDirectory() as staging:
         for start in tqdm(range(0, len(stems), batch_size), desc="predict", unit="batch", mininterval=2):
             batch = []
@@ -96,7 +103,7 @@ def predict_folder(detector: str, src: str, out: str, boxes: str | None = None, 
                 except ValueError as e:
                     skip_or_raise(str(e), skip_bad, skipped)
                     continue
-                matrix = box_crop_matrix(box, size)
+                matrix = crop_matrix(*crop_from_edge_box(box), size)
                 batch.append((stem, image, box, warp_image(image, matrix, size), matrix))
             if not batch:
                 continue
@@ -106,22 +113,23 @@ def predict_folder(detector: str, src: str, out: str, boxes: str | None = None, 
                 faces[stem] = {"file": str(images[stem].relative_to(root)), "box": list(box),
                                "landmarks": np.round(p.astype(np.float64), 3).tolist()}
                 if len(tiles) < OVERLAY_FACES:
-                    tiles.append(overlay_tile(image, box, p))
+                    tiles.append(overlay_tile(image, crop_from_edge_box(box), p))
         if not faces:
             raise ValueError(f"{src}: no image could be read")
         Image.fromarray(image_grid(tiles, columns=int(np.ceil(np.sqrt(len(tiles)))))).save(
             Path(staging) / "overlays.png")
+        # Marked incomplete while files change, listing every face that may have a file, so a copy cut short is
+        # known for one and the next run into `out` clears what it leaves.
+        listing = storage.join(out, PREDICTIONS)
+        storage.write_bytes(listing, _listing(detector, dict.fromkeys({*earlier, *faces}), skipped, complete=False))
         storage.copy_from_local(staging, out)
-    storage.write_bytes(storage.join(out, PREDICTIONS), json.dumps(
-        {"detector": detector, "faces": faces, "skipped": skipped}, indent=1).encode())
+    for stem in set(earlier) - faces.keys():  # an earlier run's faces this one has not (evaluate-preds would read them)
+        storage.delete(storage.join(out, f"{stem}.pts"))
+    storage.write_bytes(listing, _listing(detector, faces, skipped, complete=True))
     log.info("%d face(s) predicted into %s (%d skipped)", len(faces), out, len(skipped))
     return {"count": len(faces), "skipped": len(skipped)}
 
 
-def overlay_tile(image: np.ndarray, box: tuple[float, float, float, float], points: np.ndarray,
-                 size: int = 192) -> np.ndarray:
-    """The face box and a margin around it, with the predicted points drawn."""
-    x0, y0, x1, y1 = box
-    cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) * OVERLAY_MARGIN / 2
-    matrix = box_crop_matrix((cx - half, cy - half, cx + half, cy + half), size)
-    return draw_landmarks(warp_image(image, matrix, size), transform_points(points, matrix))
+def _listing(detector: str, faces: dict, skipped: list[str], complete: bool) -> bytes:
+    return json.dumps({"detector": detector, "complete": complete, "faces": faces, "skipped": skipped},
+                      indent=1).encode()

@@ -26,15 +26,22 @@ def crop_from_box(box: tuple[float, float, float, float], margin: float = 1.0) -
     return ((x0 + x1) / 2, (y0 + y1) / 2), max(x1 - x0, y1 - y0) * margin / SCALE_UNIT
 
 
+MAX_BOX_RATIO = 8.0  # a face box's longer side at most this many times the image's
+
+
 def check_face_box(values: list[float] | tuple[float, ...], width: int, height: int,
-                   max_ratio: float = 8.0) -> tuple[float, float, float, float]:
+                   max_ratio: float = MAX_BOX_RATIO) -> tuple[float, float, float, float]:
     """A face box (x0, y0, x1, y1) in pixel-edge coordinates (the whole image is 0, 0, W, H) checked against a
     `width` x `height` image: four finite numbers, sides of 2 pixels or more, overlapping the image, its longer side
     at most `max_ratio` times the image's (the crop of an absurdly large box is one blurred pixel, and past ~1e11 the
     resampling arithmetic overflows). It may reach past the image's edges."""
-    if len(values) != 4 or not all(np.isfinite(values)):
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer too large for a float (JSON has them)
+        numbers = []
+    if len(numbers) != 4 or not all(np.isfinite(numbers)):
         raise ValueError(f"expected four finite numbers x0,y0,x1,y1, got {list(values)!r:.80}")
-    x0, y0, x1, y1 = (float(v) for v in values)
+    x0, y0, x1, y1 = numbers
     if x1 - x0 < 2 or y1 - y0 < 2:
         raise ValueError(f"degenerate box {[x0, y0, x1, y1]} (each side at least 2 pixels needed)")
     if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
@@ -44,12 +51,12 @@ def check_face_box(values: list[float] | tuple[float, ...], width: int, height: 
     return (x0, y0, x1, y1)
 
 
-def box_crop_matrix(box: tuple[float, float, float, float], size: int = 256) -> np.ndarray:
-    """Source->crop matrix of the square crop a face box in pixel-edge coordinates asks for: its longer side,
-    centred, as face detectors' boxes are taken."""
+def crop_from_edge_box(box: tuple[float, float, float, float]) -> tuple[tuple[float, float], float]:
+    """(centre, scale) of the square crop a face box in pixel-edge coordinates asks for (the whole image is
+    0, 0, W, H, as face detectors give boxes): its longer side, centred."""
     (cx, cy), scale = crop_from_box(box)
     # Box edges -> the pixel-centre coordinates points and crops use (pixel i spans [i - 0.5, i + 0.5]).
-    return crop_matrix((cx - 0.5, cy - 0.5), scale, size)
+    return (cx - 0.5, cy - 0.5), scale
 
 
 def crop_matrix(centre: tuple[float, float], scale: float, size: int = 256) -> np.ndarray:

@@ -21,7 +21,6 @@ import binascii
 import errno
 import io
 import json
-import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,13 +33,13 @@ from fastapi.responses import JSONResponse
 from PIL import Image, ImageOps, UnidentifiedImageError
 from ray import serve
 
-from mdland.cluster import init_ray
+from mdland.cluster import cluster_address, free_port, init_ray
 from mdland.config import check_counts, from_dict
 from mdland.data import storage
 from mdland.data.shards import rgb_array
 from mdland.detector.checkpoint import load_detector
 from mdland.detector.inference import CudaGraphDetector, predict_crops, serving_detector
-from mdland.landmarks.align import box_crop_matrix, check_face_box, warp_image
+from mdland.landmarks.align import MAX_BOX_RATIO, check_face_box, crop_from_edge_box, crop_matrix, warp_image
 from mdland.session import pick_device
 
 
@@ -55,7 +54,7 @@ class ServeConfig:
     max_bytes: int = 10 * 2**20  # per request body
     max_pixels: int = 25_000_000  # per image
     max_images: int = 32  # per batch request
-    max_box_ratio: float = 8.0  # a box's side at most this many times the image's longer side
+    max_box_ratio: float = MAX_BOX_RATIO  # a box's side at most this many times the image's longer side
     decode_threads: int = 4  # images decoded and cropped at once per replica (each may take max_pixels x 3 bytes)
     use_gpu: bool = False  # fp16 on a GPU; fp32 on CPU
     cuda_graphs: bool = True  # on a GPU, replay the forward pass from CUDA graphs captured at start-up
@@ -231,7 +230,7 @@ class LandmarkService:
         box = parse_box(box, image.shape[1], image.shape[0], "box" if index is None else f"boxes[{index}]",
                         self.cfg.max_box_ratio)
         size = self.net.arch.input_size
-        matrix = box_crop_matrix(box, size)
+        matrix = crop_matrix(*crop_from_edge_box(box), size)
         return (image.shape[1], image.shape[0]), box, warp_image(image, matrix, size), matrix
 
     async def prepare(self, data: bytes, box, index: int | None = None) -> tuple:
@@ -372,12 +371,14 @@ def build_app(args: dict) -> serve.Application:
     return LandmarkService.options(**options).bind(asdict(cfg))
 
 
-def start_server(args: dict, host: str = "127.0.0.1", port: int = 8000) -> str:
-    """Deploy the app on the running (or a new local) Ray and return its base URL; `stop_server()` stops it."""
+def start_server(args: dict, host: str = "127.0.0.1", port: int | None = None) -> str:
+    """Deploy the app on the running (or a new local) Ray and return its base URL; `stop_server()` stops it. Serve
+    has one HTTP address per cluster: where it runs already, `port` None takes its address and another is refused;
+    on a Serve this starts, None is a free port."""
     import ray
 
     app = build_app(args)  # bad arguments fail before Ray or Serve starts
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+    if not ray.is_initialized() and cluster_address() is None and port is not None:
         # This machine's HAProxy would fail to listen deep inside Serve's start, in pages of Ray's log.
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closing server's TIME_WAIT is no owner
@@ -387,7 +388,17 @@ def start_server(args: dict, host: str = "127.0.0.1", port: int = 8000) -> str:
                 hint = "; another server has it (pick another with --port)" if e.errno == errno.EADDRINUSE else ""
                 raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}{hint}") from None
     init_ray()
-    serve.start(http_options={"host": host, "port": port})
+    running = serve.context._get_global_client(raise_if_no_controller_running=False)
+    if running is None:
+        port = port or free_port()
+        serve.start(http_options={"host": host, "port": port})
+    else:  # Serve.start would ignore another address, and the app would not be where we said
+        have = running.http_config
+        if port is not None and (have.host, have.port) != (host, port):
+            raise ValueError(f"Serve already runs on this Ray cluster at {have.host}:{have.port}, its one HTTP "
+                             f"address: serve there (--host {have.host} --port {have.port}), or stop it first "
+                             "(serve shutdown)")
+        host, port = have.host, have.port
     serve.run(app, name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
 
@@ -398,5 +409,7 @@ def stop_server() -> None:
     this process started goes down with it."""
     import ray
 
-    if ray.is_initialized():  # else Serve would start a Ray only to find no app
+    if not ray.is_initialized():  # else Serve would start a Ray only to find no app
+        return
+    if serve.context._get_global_client(raise_if_no_controller_running=False) is not None:  # Serve had started
         serve.delete(APP_NAME, _blocking=False)
