@@ -63,6 +63,14 @@ def init_ray(**kwargs) -> None:
         ray.data.DataContext.get_current().use_ray_tqdm = False
 
 
+def ray_started_here() -> bool:
+    """Whether this process started the Ray it is connected to (a local one), rather than joined a cluster."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # the node this driver started, or joined
+    return node is not None and node.is_head()
+
+
 def check_gpus(needed: int, field: str) -> None:
     """Refuse work that asks for `needed` GPUs when the Ray this process started has fewer: it can never get them,
     and Ray Train and Ray Data would wait for them for ever. A cluster this process joined may add GPU nodes (an
@@ -73,7 +81,6 @@ def check_gpus(needed: int, field: str) -> None:
     if have >= needed:
         return
     message = f"{field}: the run needs {needed} GPU(s) and the Ray cluster has {have:g}"
-    node = getattr(ray._private.worker, "_global_node", None)  # the node this driver started, or joined
-    if node is not None and node.is_head():
+    if ray_started_here():
         raise ValueError(f"{message} (a local Ray on this machine); set use_gpu=false to run on the CPU")
     log.warning("%s: waiting for the cluster to add them", message)

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image, ImageOps, UnidentifiedImageError
 from ray import serve
 
-from mdland.cluster import cluster_address, free_port, init_ray
+from mdland.cluster import cluster_address, free_port, init_ray, ray_started_here
 from mdland.config import check_counts, from_dict
 from mdland.data import storage
 from mdland.data.shards import rgb_array
@@ -404,12 +404,14 @@ def start_server(args: dict, host: str = "127.0.0.1", port: int | None = None) -
 
 
 def stop_server() -> None:
-    """Take down the app `start_server` began, without waiting for its replicas to stop (`ray job stop` gives a job
-    3 s before it kills it; Serve's controller finishes the work). Other apps on the cluster keep running, and a Ray
-    this process started goes down with it."""
+    """Take down the app `start_server` began. On a Ray this process started, Serve goes with it (its port freed for
+    the next start). On a cluster it joined only the app goes, other apps keep running, and without waiting for its
+    replicas to stop: `ray job stop` kills a job 3 s after its SIGTERM, and Serve's controller finishes the work."""
     import ray
 
     if not ray.is_initialized():  # else Serve would start a Ray only to find no app
         return
-    if serve.context._get_global_client(raise_if_no_controller_running=False) is not None:  # Serve had started
+    if ray_started_here():
+        serve.shutdown()
+    elif serve.context._get_global_client(raise_if_no_controller_running=False) is not None:  # Serve had started
         serve.delete(APP_NAME, _blocking=False)
