@@ -164,7 +164,8 @@ def run_demo(out: str = "demo-report", storage_root: str = "demo-data", sizes: D
     detector = train_detector(DetectorTrainConfig(
         arch="tiny", data=[data["synthetic"], data["real-train"]], val_data=[data["real-test"]], epochs=s.detector_epochs,
         texture=False, batch_size=max(1, min(8, (s.train + generated["count"]) // 2)), learning_rate=1e-3,
-        num_workers=2, cpus_per_worker=0.5, storage_path=data["runs"], name="detector", seed=s.seed, log_every=10))
+        num_workers=2, cpus_per_worker=0.5, storage_path=data["runs"], name="detector", seed=s.seed, log_every=10,
+        ema_half_life=s.train + generated["count"]))  # an epoch of faces: STAR's 10,000 outlast the demo's epochs
     stage("fine-tune detector", t)
 
     log.info("[6/8] evaluate on the held-out faces")

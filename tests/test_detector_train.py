@@ -1,17 +1,21 @@
+import dataclasses
 import io
 import json
 import os
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from mdland.cluster import init_ray
 from mdland.data import storage
-from mdland.data.procedural import write_faces
+from mdland.data.procedural import procedural_faces, write_faces
+from mdland.data.shards import ShardWriter
 from mdland.detector.checkpoint import load_detector, save_checkpoint
 from mdland.detector.model import ARCHS, STARNet
-from mdland.detector.train import DetectorTrainConfig, check_config, run_training
+from mdland.detector.train import (DetectorTrainConfig, check_config, moving_average, run_training,
+                                   update_moving_average)
 
 TINY = dict(arch="tiny", batch_size=8, learning_rate=1e-3, log_every=4)
 
@@ -28,6 +32,33 @@ def history(checkpoint: str) -> list[dict]:
     return json.loads(storage.read_bytes(storage.join(checkpoint, "history.json")))
 
 
+def read_blob(uri: str) -> dict:
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), weights_only=True)
+
+
+def distance(a: dict, b: dict) -> float:
+    return sum(float((a[k] - b[k]).norm()) for k in a if a[k].is_floating_point())
+
+
+def test_the_moving_average_follows_stars_update():
+    torch.manual_seed(0)
+    net = STARNet(ARCHS["tiny"])
+    ema = moving_average(net)
+    assert not any(p.requires_grad for p in ema.parameters()) and not ema.training
+    start = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for v in net.state_dict().values():
+            v.add_(2.0) if v.is_floating_point() else v.fill_(7)
+    update_moving_average(ema, net, decay=0.75)
+    for k, v in ema.state_dict().items():
+        if v.is_floating_point():  # 0.75 * old + 0.25 * (old + 2): weights and BatchNorm statistics alike
+            torch.testing.assert_close(v, start[k] + 0.5, msg=k)
+        else:  # BatchNorm's step counters are not averaged
+            assert torch.equal(v, start[k]), k
+    restored = moving_average(net, ema.state_dict())
+    assert all(torch.equal(v, ema.state_dict()[k]) for k, v in restored.state_dict().items())
+
+
 def test_bad_configs_fail_fast(faces, tmp_path):
     def check(**kw):
         base = dict(TINY, data=[str(faces / "train")], storage_path=str(tmp_path))
@@ -42,11 +73,11 @@ def test_bad_configs_fail_fast(faces, tmp_path):
         check(batch_size=40, num_workers=2)
     with pytest.raises(ValueError, match="unknown detector architecture"):
         check(arch="resnet")
+    with pytest.raises(ValueError, match="ema_half_life: a number of faces, 0 for no average, got -1"):
+        check(ema_half_life=-1)
     for field in ("epochs", "batch_size", "keep_checkpoints"):
         with pytest.raises(ValueError, match=f"{field}: must be at least 1, got 0"):
             check(**{field: 0})
-    from mdland.data.shards import ShardWriter
-
     ShardWriter(str(tmp_path / "empty")).close()
     assert check(val_data=[str(faces / "val"), str(faces / "val")]) == (64, 64)  # one held-out set per domain
     with pytest.raises(ValueError, match=r"data: .*empty is an empty dataset"):  # a wrong path among several
@@ -75,14 +106,52 @@ def test_plain_process_learns_keeps_the_best_and_resumes(faces, tmp_path):
     assert nmes[-1] < nmes[0] - 0.1, nmes  # validation NME falls measurably from the random start
     best = load_detector(second["best"])
     assert best.arch == ARCHS["tiny"]
-    blob = torch.load(io.BytesIO(storage.read_bytes(second["best"])), weights_only=True)
-    assert blob["val_nme"] == pytest.approx(min(nmes[1:])) and first["epoch"] == 3
+    # Each epoch validates the weights and their moving average; the best of all is kept, saying which it is.
+    scores = {(r["epoch"], k): r[key] for r in hist[1:] for k, key in (("net", "val_nme"), ("ema", "val_nme_ema"))}
+    (epoch, kind), lowest = min(scores.items(), key=lambda kv: kv[1])
+    blob = read_blob(second["best"])
+    assert (blob["epoch"], blob["averaged"], blob["val_nme"]) == (epoch, kind == "ema", pytest.approx(lowest))
+    assert first["epoch"] == 3
+    # The resumed run went on from the average it had saved (not a new one from the weights): 8 steps at decay
+    # 0.5^(8/10000) move it 0.4% of the way to the weights.
+    before = read_blob(first["checkpoint"] + "/detector.pkl")
+    after = read_blob(second["checkpoint"] + "/detector.pkl")
+    assert distance(after["net_ema"], before["net_ema"]) < 0.02 * distance(before["net"], before["net_ema"])
     # `mdland evaluate` finds the same NME: it predicts on whole images and maps the points back to their pixels,
     # where validation compares in crop pixels (NME does not change with the crop's scale and shift).
     from mdland.detector.evaluate import evaluate_detector
 
     rows = evaluate_detector(second["best"], [("val", str(faces / "val"), None)], str(tmp_path / "eval"))
     assert rows[0]["nme"] == pytest.approx(blob["val_nme"], rel=1e-4)
+
+
+def test_the_average_is_kept_when_it_validates_better(faces, tmp_path):
+    base = DetectorTrainConfig(**TINY, data=[str(faces / "train")], val_data=[str(faces / "val")], epochs=3,
+                               storage_path=str(tmp_path), name="base", ema_half_life=0)
+    trained = run_training(base, local=True)
+    assert "net_ema" not in read_blob(trained["best"])  # no average kept
+    start = history(trained["checkpoint"])[-1]["val_nme"]
+    # Fine-tuning on mirrored labels (left and right swapped) spoils the weights within two epochs; their average
+    # (half-life 10,000 faces) stays near the start.
+    writer = ShardWriter(str(tmp_path / "mirrored"), 64)
+    for face in procedural_faces(64, seed=0, size=96):
+        x = face.landmarks[:, 0]
+        writer.add(dataclasses.replace(face, landmarks=np.stack([2 * x.mean() - x, face.landmarks[:, 1]], axis=1)))
+    writer.close()
+    tuned = run_training(replace(base, data=[str(tmp_path / "mirrored")], init=trained["best"], name="tuned",
+                                 epochs=2, ema_half_life=10_000), local=True)
+    records = history(tuned["checkpoint"])[1:]
+    assert records[-1]["val_nme"] > start + 0.05, (start, records)
+    assert all(r["val_nme_ema"] < start + 0.01 for r in records), (start, records)
+    best = min(records, key=lambda r: r["val_nme_ema"])
+    blob = read_blob(tuned["best"])
+    assert (blob["averaged"], blob["epoch"], blob["val_nme"]) == (True, best["epoch"], pytest.approx(best["val_nme_ema"]))
+    saved = read_blob(str(tmp_path / "tuned" / f"checkpoint_{best['step']:06d}" / "detector.pkl"))
+    assert all(torch.equal(v, saved["net_ema"][k]) for k, v in blob["net"].items())
+    from mdland.detector.evaluate import evaluate_detector
+
+    rows = evaluate_detector(tuned["best"], [("val", str(faces / "val"), None)], str(tmp_path / "eval"))
+    assert rows[0]["nme"] == pytest.approx(best["val_nme_ema"], rel=1e-4)
 
 
 def test_fine_tuning_a_finished_checkpoint_starts_at_epoch_zero(faces, tmp_path):
@@ -104,7 +173,7 @@ def test_bf16_training_keeps_fp32_weights_and_batchnorm_statistics(faces, tmp_pa
     cfg = DetectorTrainConfig(**TINY, precision="bf16", data=[str(faces / "train")], val_data=[str(faces / "val")],
                               epochs=1, storage_path=str(tmp_path), name="bf16")
     result = run_training(cfg, local=True)
-    blob = torch.load(io.BytesIO(storage.read_bytes(result["best"])), weights_only=True)
+    blob = read_blob(result["best"])
     weights = blob["net"]
     assert all(v.dtype == torch.float32 for k, v in weights.items() if not k.endswith("num_batches_tracked"))
     # fp32 weights, not a bf16 working copy: values bf16 cannot hold.

@@ -49,12 +49,18 @@ def infer_arch(state: dict, where: str) -> DetectorArch:
     return DetectorArch(input_size=256, nstack=nstack, nlevels=nlevels - 1, channels=channels)
 
 
-def save_checkpoint(net: STARNet, path: str, weights: dict[str, torch.Tensor] | None = None, **extra) -> None:
-    """`net`'s architecture and weights (`weights` when given, e.g. a trainer's fp32 master copy) as fp32 `.pkl`."""
-    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
-             for k, v in (weights if weights is not None else net.state_dict()).items()}
+def save_checkpoint(net: STARNet, path: str, weights: dict[str, torch.Tensor] | None = None,
+                    ema: dict[str, torch.Tensor] | None = None, **extra) -> None:
+    """`net`'s architecture and weights (`weights` when given, e.g. a trainer's fp32 master copy) as fp32 `.pkl`;
+    `ema`, a moving average of the weights, goes under `net_ema`, where STAR's trainer keeps its own."""
+    def fp32_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items()}
+
+    blob = {"net": fp32_cpu(weights if weights is not None else net.state_dict()), "arch": asdict(net.arch), **extra}
+    if ema is not None:
+        blob["net_ema"] = fp32_cpu(ema)
     buf = io.BytesIO()
-    torch.save({"net": state, "arch": asdict(net.arch), **extra}, buf)
+    torch.save(blob, buf)
     storage.write_bytes(path, buf.getvalue())
 
 
