@@ -26,7 +26,7 @@ def _render(a: argparse.Namespace) -> None:
 def _evaluate_preds(a: argparse.Namespace) -> None:
     from mdland.detector.evaluate import evaluate_predictions, metrics_table
 
-    result = evaluate_predictions(a.pred, a.gt, a.out, a.norm, a.threshold, a.name)
+    result = evaluate_predictions(a.pred, a.gt, a.out, a.norm, a.threshold, a.name, a.format)
     print(metrics_table([result]), end="")
 
 
@@ -227,8 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate-preds", parents=[metric_options],
                        help="NME / FR / AUC and a CED plot from prediction and truth files")
-    p.add_argument("pred", help="folder of .pts/.txt, an (N,68,2) .npy, or a shard dataset")
-    p.add_argument("gt", help="same kinds as PRED; faces are paired by key (file stem, row index, `key` column)")
+    p.add_argument("pred", help="folder of .pts/.txt (searched recursively), an (N,68,2) .npy, or a shard dataset")
+    p.add_argument("gt", help="same kinds as PRED; faces are paired by key (file stem, row index, `key` column). A "
+                              "shard dataset's landmarks are in its stored crops' pixels: score predictions on those")
+    p.add_argument("--format", choices=FORMATS, help="read GT as an annotated image folder of this ingest format "
+                                                     "(keys: its images', as `mdland predict` names its files)")
     p.add_argument("--out", help="folder for metrics.json, metrics.md and ced.png")
     p.add_argument("--name", default="predictions")
     p.set_defaults(run=_evaluate_preds)

@@ -113,8 +113,10 @@ def test_bad_faces_fail_by_name_or_are_skipped(setup, tmp_path):
     assert main(["evaluate", "--detector", str(root / "det.pkl"), "--data", f"good={root / 'art'}", "--data",
                  str(src), "--format", "artface", "--out", str(tmp_path / "r")]) == 2
     assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == before
+    write_pts(src / "far.pts", faces[3].landmarks + 5000)  # another image's annotation, or other units
+    (src / "far.png").write_bytes(faces[3].image)
     for name, message in ((faces[0].key, "image without a landmark file"), (faces[1].key, "expected 68 points"),
-                          (faces[2].key, "unreadable image")):
+                          (faces[2].key, "unreadable image"), ("far", "68 of the 68 landmarks lie off the")):
         only = tmp_path / name  # one good face beside the bad one: the error names the bad one
         only.mkdir()
         (only / f"{faces[3].key}.png").write_bytes(faces[3].image)

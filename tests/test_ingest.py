@@ -252,3 +252,37 @@ def test_16_bit_grey_images_keep_their_tones(tmp_path):
     image = load_image(tmp_path / "scan.png")
     assert image.shape == (8, 32, 3) and image.dtype == np.uint8
     np.testing.assert_allclose(image[0, :, 1], ramp[0] / 257, atol=1)  # not clipped to white
+
+
+def test_300w_layout_ingests_in_one_go_and_off_image_or_huge_faces_are_bad(tmp_path, monkeypatch):
+    # 300W's splits reuse image names: each image pairs with the annotation beside it, keyed by its path.
+    src = tmp_path / "300W"
+    faces = make_faces(4)
+    names = ["lfpw/trainset/image_0001", "lfpw/testset/image_0001", "afw/face", "helen/far"]
+    for name, (_, image, points) in zip(names, faces):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(src / f"{name}.png")
+        write_pts(src / f"{name}.pts", points)
+    write_pts(src / "helen/far.pts", faces[3][2] + 5000)  # another image's annotation, or other units
+    with pytest.raises(ValueError, match=r"helen/far.png: 68 of the 68 landmarks lie off the 320x260 image"):
+        ingest("artface", src, str(tmp_path / "out"))
+    manifest = ingest("artface", src, str(tmp_path / "out"), size=128, skip_bad=True)
+    assert manifest["skipped"] == [f"{src / 'helen/far.png'}: 68 of the 68 landmarks lie off the 320x260 image"]
+    table = read_dataset(str(tmp_path / "out"))
+    assert sorted(table.column("key").to_pylist()) == ["face", "lfpw/testset/image_0001", "lfpw/trainset/image_0001"]
+    check_marker(manifest, str(tmp_path / "out"), 128, 3)
+    # A face cut by the image's edge keeps most of its points: not refused.
+    cut = faces[3][2].copy()
+    cut[:20] -= [400, 0]
+    write_pts(src / "helen/far.pts", cut)
+    assert ingest("artface", src, str(tmp_path / "out"), overwrite=True)["count"] == 4
+    # Two files of one name in one folder cannot pair.
+    Image.fromarray(faces[0][1]).save(src / "afw/face.jpg")
+    with pytest.raises(ValueError, match=r"afw/face.png: name clashes with .*afw/face.jpg"):
+        ingest("artface", src, str(tmp_path / "out"), overwrite=True)
+    (src / "afw/face.jpg").unlink()
+    # Over PIL's decompression-bomb limit (a 20000 x 20000 scan under the default one): named, and skippable.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30_000)
+    with pytest.raises(ValueError, match=r"afw/face.png: image too large to read \(Image size \(83200 pixels\) "
+                                         r"exceeds limit of 60000 pixels\); downscale it"):
+        ingest("artface", src, str(tmp_path / "out"), overwrite=True)

@@ -1,4 +1,6 @@
+import contextlib
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from mdland.detector.inference import predict
 from mdland.detector.metrics import nme
 from mdland.detector.model import ARCHS, STARNet
 from mdland.landmarks.align import crop_from_landmarks
-from mdland.landmarks.io import read_pts, write_pts
+from mdland.landmarks.io import read_landmark_file, read_pts, write_pts, write_txt
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,17 @@ def folder(tmp_path_factory):
     return root, faces
 
 
+@contextlib.contextmanager
+def logged(caplog):
+    """mdland's log records into `caplog` (mdland's logger does not propagate to the root, where caplog listens)."""
+    logger = logging.getLogger("mdland")
+    logger.addHandler(caplog.handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
 def edge_box(centre: tuple[float, float], scale: float) -> list[float]:
     """The square box, in a face detector's pixel-edge coordinates, of a (pixel-centre centre, scale) crop."""
     half = scale * 200 / 2
@@ -40,14 +53,17 @@ def edge_box(centre: tuple[float, float], scale: float) -> list[float]:
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_predictions_are_the_detectors_and_score_with_evaluate_preds(folder, where, request, tmp_path):
+def test_predictions_are_the_detectors_and_score_with_evaluate_preds(folder, where, request, tmp_path, caplog):
     root, faces = folder
     out = str(tmp_path / "preds") if where == "local" else request.getfixturevalue("s3_bucket") + "/preds"
-    # Boxes for three faces: the evaluation crops around their landmarks; the other two are taken whole.
+    # Boxes for three faces: the evaluation crops around their landmarks; the other two are taken whole, and it is
+    # said.
     crops = {f.key: crop_from_landmarks(f.landmarks, CROP_MARGIN) for f in faces[:3]}
     (tmp_path / "boxes.json").write_text(json.dumps({k: edge_box(*c) for k, c in crops.items()}))
-    assert main(["predict", "--detector", str(root / "det.pkl"), str(root / "images"), "--out", out,
-                 "--boxes", str(tmp_path / "boxes.json"), "--batch-size", "2"]) == 0
+    with logged(caplog):
+        assert main(["predict", "--detector", str(root / "det.pkl"), str(root / "images"), "--out", out,
+                     "--boxes", str(tmp_path / "boxes.json"), "--batch-size", "2"]) == 0
+    assert f"2 image(s) have no box in {tmp_path / 'boxes.json'} and are taken whole" in caplog.text
 
     net = load_detector(str(root / "det.pkl")).eval()
     # The whole 120 px image: centre at pixel 59.5, 120 px across.
@@ -141,12 +157,60 @@ def test_bad_images_boxes_and_outputs_are_named_and_nothing_is_lost(folder, tmp_
         assert code == 2 and "is, or is inside, or holds the image folder" in err
     annotated = tmp_path / "annotations"
     annotated.mkdir()
-    write_pts(annotated / f"{faces[0].key}.pts", faces[0].landmarks)
-    (annotated / "README.txt").write_text("notes")
-    code, err = run(str(images), "--out", str(annotated), "--skip-bad")
-    assert code == 2 and "holds .pts files mdland predict did not write" in err
-    assert read_pts(annotated / f"{faces[0].key}.pts") == pytest.approx(faces[0].landmarks, abs=1e-3)
-    (annotated / f"{faces[0].key}.pts").unlink()
+    for write in (write_pts, write_txt):  # iBUG and CariFace annotations
+        write(annotated / f"{faces[0].key}.{write.__name__[-3:]}", faces[0].landmarks)
+        code, err = run(str(images), "--out", str(annotated), "--skip-bad")
+        assert code == 2 and "holds landmark files mdland predict did not write" in err
+        assert read_landmark_file(annotated / f"{faces[0].key}.{write.__name__[-3:]}") == pytest.approx(
+            faces[0].landmarks, abs=1e-3)
+        (annotated / f"{faces[0].key}.{write.__name__[-3:]}").unlink()
+    (annotated / "notes.md").write_text("notes")
     assert run(str(images), "--out", str(annotated), "--skip-bad")[0] == 0  # other files are no concern
+
+
     code, err = run(str(tmp_path / "nowhere"), "--out", str(out))
     assert code == 2 and "not a folder of images" in err
+
+
+def test_300w_layout_folders_reusing_names_pair_by_path(folder, tmp_path, caplog):
+    # 300W's splits reuse image names (lfpw/trainset/image_0001 and lfpw/testset/image_0001): predictions keep the
+    # folders, and evaluate-preds pairs them with the annotations beside each image.
+    root, faces = folder
+    images = tmp_path / "300W"
+    layout = ["lfpw/trainset/image_0001", "lfpw/testset/image_0001", "afw/face"]
+    for name, f in zip(layout, faces):
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        (images / f"{name}.png").write_bytes(f.image)
+        write_pts(images / f"{name}.pts", f.landmarks)
+    (images / "unannotated.png").write_bytes(faces[3].image)
+    out = tmp_path / "preds"
+    assert main(["predict", "--detector", str(root / "det.pkl"), str(images), "--out", str(out)]) == 0
+    written = json.loads((out / "predictions.json").read_text())
+    assert sorted(written["faces"]) == ["face", "lfpw/testset/image_0001", "lfpw/trainset/image_0001", "unannotated"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.pts")) == [
+        "face.pts", "lfpw/testset/image_0001.pts", "lfpw/trainset/image_0001.pts", "unannotated.pts"]
+    net = load_detector(str(root / "det.pkl")).eval()
+    whole = [((59.5, 59.5), 120 / 200)] * 4  # each 120 px image taken whole
+    expected = predict(net, [decode_image(f.image) for f in faces[:4]], whole)
+    truth = np.stack([f.landmarks for f in faces[:4]])
+    with logged(caplog):
+        assert main(["evaluate-preds", str(out), str(images), "--out", str(tmp_path / "scores")]) == 0
+    # Predictions on more faces than are annotated are scored on the annotated ones, and it is said.
+    assert f"1 prediction(s) without ground truth in {images} are not scored, e.g. ['unannotated']" in caplog.text
+    scores = json.loads((tmp_path / "scores" / "metrics.json").read_text())
+    assert scores["count"] == 3 and scores["nme"] == pytest.approx(nme(expected[:3], truth[:3]).mean(), abs=1e-4)
+
+    # CariFace keeps images and landmark files in folders of their own: --format reads the annotations as ingest
+    # does, keyed by image, so predictions on its images pair with them.
+    cari = tmp_path / "cariface"
+    (cari / "images").mkdir(parents=True)
+    (cari / "landmarks").mkdir()
+    for f in faces[:4]:
+        (cari / "images" / f"{f.key}.png").write_bytes(f.image)
+        write_txt(cari / "landmarks" / f"{f.key}.txt", f.landmarks)
+    assert main(["predict", "--detector", str(root / "det.pkl"), str(cari / "images"), "--out",
+                 str(tmp_path / "cp")]) == 0
+    assert main(["evaluate-preds", str(tmp_path / "cp"), str(cari), "--format", "cariface", "--out",
+                 str(tmp_path / "cs")]) == 0
+    scores = json.loads((tmp_path / "cs" / "metrics.json").read_text())
+    assert scores["count"] == 4 and scores["nme"] == pytest.approx(nme(expected, truth).mean(), abs=1e-4)

@@ -22,8 +22,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mdland.data import storage
 from mdland.data.shards import MANIFEST, SWAPPING, Face, ShardWriter, encode_image, rgb_array
-from mdland.landmarks.align import crop_face, crop_from_landmarks
-from mdland.landmarks.io import files_by_stem, read_ffhq_json, read_pts, read_star_tsv, read_txt
+from mdland.landmarks.align import check_on_image, crop_face, crop_from_landmarks
+from mdland.landmarks.io import files_by_key, read_ffhq_json, read_pts, read_star_tsv, read_txt
 from mdland.log import get_logger
 
 log = get_logger(__name__)
@@ -63,8 +63,8 @@ def iter_samples(fmt: str, src: str | Path, skip_bad: bool = False, ffhq_variant
 
     if fmt in _SIDECAR_READERS:
         readers = _SIDECAR_READERS[fmt]
-        images = files_by_stem(src, IMAGE_SUFFIXES)
-        marks = files_by_stem(src, set(readers))
+        images = files_by_key(src, IMAGE_SUFFIXES)
+        marks = files_by_key(src, set(readers))
         for stem in sorted(marks.keys() - images.keys()):
             try:
                 readers[marks[stem].suffix.lower()](marks[stem])
@@ -109,6 +109,8 @@ def load_image(path: Path) -> np.ndarray:
             return rgb_array(ImageOps.exif_transpose(im))
     except FileNotFoundError:
         raise ValueError(f"{path}: image file not found") from None
+    except Image.DecompressionBombError as e:  # PIL's guard against decompression bombs (~179 megapixels)
+        raise ValueError(f"{path}: image too large to read ({str(e).split(',')[0]}); downscale it") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"{path}: unreadable image ({e})") from None
 
@@ -177,6 +179,7 @@ def ingest(fmt: str, src: str | Path, dest: str, size: int = 256, margin: float 
         for sample, (centre, scale) in tqdm(samples, desc=f"ingest {fmt}", unit="face", mininterval=2):
             try:
                 image = load_image(sample.image_path)
+                check_on_image(sample.landmarks, image.shape, sample.image_path)
             except ValueError as e:
                 skip_or_raise(str(e), skip_bad, skipped)
                 continue

@@ -243,8 +243,9 @@ def shard_uris(root: str) -> list[str]:
     if not uris and not storage.list_files(root) and not storage.list_folders(root):
         raise ShardError(f"{root}: not found (no shard dataset there)")
     if not uris:
-        raise ShardError(f"{root}: no shards (no manifest.json and no .parquet files); a folder of annotated images "
-                         "is read with --format, or made a dataset by `mdland ingest`")
+        raise ShardError(f"{root}: no shards (no manifest.json and no .parquet files); `mdland ingest` makes a "
+                         "dataset of a folder of annotated images (evaluate, evaluate-preds and render read one as "
+                         "it is, with --format)")
     log.warning("%s: no manifest.json, reading its %d .parquet file(s); a set mdland wrote without one is incomplete",
                 root, len(uris))
     return uris

@@ -11,9 +11,10 @@ from tqdm import tqdm
 from mdland.config import check_count
 from mdland.data import storage
 from mdland.data.ingest import iter_samples, load_image, skip_or_raise
-from mdland.data.shards import decode_image, landmarks_array, read_dataset
+from mdland.data.shards import MANIFEST, decode_image, landmarks_array, read_dataset
 from mdland.detector.metrics import check_threshold, nme, normalising_distance, plot_ced, summarise
-from mdland.landmarks.io import LANDMARK_SUFFIXES, files_by_stem, read_landmark_file
+from mdland.landmarks.align import check_on_image
+from mdland.landmarks.io import LANDMARK_SUFFIXES, files_by_key, read_landmark_file
 from mdland.landmarks.render import draw_landmarks, image_grid
 from mdland.landmarks.scheme import check_shape
 from mdland.log import get_logger
@@ -22,9 +23,13 @@ log = get_logger(__name__)
 OVERLAY_MARGIN = 1.2  # an overlay tile's side / the evaluation crop's: predictions that stray outside it still show
 
 
-def read_landmark_set(path: str) -> dict[str, np.ndarray]:
-    """Key -> (68, 2) landmarks from a folder of `.pts`/`.txt` files (key: file stem), an `.npy` array of shape
-    (N, 68, 2) (key: row index), or a shard dataset (key: the `key` column)."""
+def read_landmark_set(path: str, fmt: str | None = None) -> dict[str, np.ndarray]:
+    """Key -> (68, 2) landmarks from a folder of `.pts`/`.txt` files, searched recursively (key: `files_by_key`'s,
+    as `predict` names its files), an annotated folder in ingest format `fmt` (key: its images', so `predict`'s
+    output of that folder pairs with it), an `.npy` array of shape (N, 68, 2) (key: row index), or a shard dataset
+    (key: the `key` column)."""
+    if fmt is not None:
+        return {s.key: s.landmarks for s in iter_samples(fmt, path)}
     p = Path(path)
     if p.suffix == ".npy":
         try:
@@ -34,20 +39,27 @@ def read_landmark_set(path: str) -> dict[str, np.ndarray]:
         if arr.ndim != 3 or arr.shape[1:] != (68, 2):
             raise ValueError(f"{p}: expected an (N, 68, 2) array, got shape {arr.shape}")
         return {str(i): check_shape(a, f"{p}: row {i}") for i, a in enumerate(arr)}
-    if p.is_dir() and any(f.suffix.lower() in LANDMARK_SUFFIXES for f in p.iterdir()):
-        files = files_by_stem(p, set(LANDMARK_SUFFIXES), recursive=False)
-        return {stem: read_landmark_file(f) for stem, f in files.items()}
+    if p.is_dir() and not (p / MANIFEST).exists() and not any(p.glob("*.parquet")):
+        files = files_by_key(p, set(LANDMARK_SUFFIXES))
+        if not files:
+            raise ValueError(f"{p}: no landmark files ({', '.join(LANDMARK_SUFFIXES)}) and no shard dataset")
+        return {key: read_landmark_file(f) for key, f in files.items()}
     table = read_dataset(path)
     return dict(zip(table.column("key").to_pylist(), landmarks_array(table)))
 
 
 def evaluate_predictions(pred: str, gt: str, out: str | None = None, norm: str = "inter_ocular",
-                         threshold: float = 0.10, name: str = "predictions") -> dict:
-    """Pair predictions with ground truth by key and score them; with `out`, write metrics.json/.md and ced.png."""
-    predicted, truth = read_landmark_set(pred), read_landmark_set(gt)
+                         threshold: float = 0.10, name: str = "predictions", fmt: str | None = None) -> dict:
+    """Pair predictions with ground truth (read in ingest format `fmt` if given) by key and score them; with `out`,
+    write metrics.json/.md and ced.png."""
+    predicted, truth = read_landmark_set(pred), read_landmark_set(gt, fmt)
     missing = sorted(truth.keys() - predicted.keys())
     if missing:
         raise ValueError(f"{pred}: no prediction for {len(missing)} ground-truth face(s), e.g. {missing[:3]}")
+    unscored = sorted(predicted.keys() - truth.keys())
+    if unscored:  # predictions on more faces than are annotated are fine, but the count should not surprise
+        log.warning("%d prediction(s) without ground truth in %s are not scored, e.g. %s", len(unscored), gt,
+                    unscored[:3])
     keys = sorted(truth)
     p = np.stack([predicted[k] for k in keys])
     g = np.stack([truth[k] for k in keys])
@@ -98,7 +110,9 @@ def eval_faces(src: str, fmt: str | None = None, skip_bad: bool = False, skipped
         where = {}
         for sample in iter_samples(fmt, src, skip_bad=skip_bad, skipped=skipped):
             try:
-                faces.append(EvalFace(sample.key, load_image(sample.image_path), sample.landmarks, sample.crop))
+                image = load_image(sample.image_path)
+                check_on_image(sample.landmarks, image.shape, sample.image_path)
+                faces.append(EvalFace(sample.key, image, sample.landmarks, sample.crop))
                 where[sample.key] = str(sample.image_path)
             except ValueError as e:
                 skip_or_raise(str(e), skip_bad, skipped)

@@ -1,5 +1,6 @@
-"""`mdland predict`: a detector over a folder of images. Each face's landmarks go to `<stem>.pts` (what
-`mdland evaluate-preds` and annotation tools read), all of them with their boxes to `predictions.json`, and the first
+"""`mdland predict`: a detector over a folder of images. Each face's landmarks go to `<key>.pts` (what
+`mdland evaluate-preds` and annotation tools read; the key is the image's name stem, or its path under the folder where
+names repeat across folders: `files_by_key`), all of them with their boxes to `predictions.json`, and the first
 faces with their points drawn to `overlays.png`."""
 
 import json
@@ -15,7 +16,7 @@ from mdland.data import storage
 from mdland.data.ingest import IMAGE_SUFFIXES, load_image, skip_or_raise
 from mdland.detector.evaluate import overlay_tile
 from mdland.landmarks.align import check_face_box, crop_from_edge_box, crop_matrix, warp_image
-from mdland.landmarks.io import files_by_stem, write_pts
+from mdland.landmarks.io import LANDMARK_SUFFIXES, files_by_key, write_pts
 from mdland.landmarks.render import image_grid
 from mdland.log import get_logger
 
@@ -24,21 +25,21 @@ PREDICTIONS = "predictions.json"
 OVERLAY_FACES = 16
 
 
-def read_boxes(path: str, stems: set[str]) -> dict[str, list[float]]:
-    """Face boxes from a JSON file {image stem: [x0, y0, x1, y1]} (pixel-edge coordinates, as face detectors give
+def read_boxes(path: str, keys: set[str]) -> dict[str, list[float]]:
+    """Face boxes from a JSON file {image key: [x0, y0, x1, y1]} (pixel-edge coordinates, as face detectors give
     them), each naming an image of the folder."""
     try:
         boxes = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a JSON file of face boxes ({str(e).splitlines()[0]})") from None
     if not isinstance(boxes, dict):
-        raise ValueError(f"{path}: expected an object {{image stem: [x0, y0, x1, y1]}}, got a {type(boxes).__name__}")
-    unknown = sorted(boxes.keys() - stems)
+        raise ValueError(f"{path}: expected an object {{image key: [x0, y0, x1, y1]}}, got a {type(boxes).__name__}")
+    unknown = sorted(boxes.keys() - keys)
     if unknown:
         raise ValueError(f"{path}: {len(unknown)} box(es) for images the folder does not have, e.g. {unknown[:3]}")
-    for stem, box in boxes.items():
+    for key, box in boxes.items():
         if not isinstance(box, list) or not all(isinstance(v, (int, float)) for v in box):
-            raise ValueError(f"{path}: {stem}: expected [x0, y0, x1, y1], got {box!r:.80}")
+            raise ValueError(f"{path}: {key}: expected [x0, y0, x1, y1], got {box!r:.80}")
     return boxes
 
 
@@ -65,8 +66,8 @@ def earlier_faces(out: str, src: Path) -> list[str]:
             return list(json.loads(storage.read_bytes(listing))["faces"])
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{listing}: not a listing mdland predict wrote; give another --out") from None
-    if storage.list_files(out, ".pts"):
-        raise ValueError(f"--out {out}: holds .pts files mdland predict did not write (no {PREDICTIONS}); give "
+    if any(storage.list_files(out, suffix) for suffix in LANDMARK_SUFFIXES):
+        raise ValueError(f"--out {out}: holds landmark files mdland predict did not write (no {PREDICTIONS}); give "
                          "another folder")
     return []
 
@@ -83,34 +84,38 @@ def predict_folder(detector: str, src: str, out: str, boxes: str | None = None, 
     root = Path(src)
     if not root.is_dir():
         raise ValueError(f"{src}: not a folder of images")
-    images = files_by_stem(root, IMAGE_SUFFIXES)
+    images = files_by_key(root, IMAGE_SUFFIXES)
     if not images:
         raise ValueError(f"{src}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     face_boxes = read_boxes(boxes, set(images)) if boxes else {}
+    whole = sorted(images.keys() - face_boxes.keys()) if boxes else []
+    if whole:  # allowed (faces already cropped beside detected ones), but not silently
+        log.warning("%d image(s) have no box in %s and are taken whole, e.g. %s", len(whole), boxes, whole[:3])
     storage.check_writable(out)  # a missing bucket found now, not after the inference
     earlier = earlier_faces(out, root)
     net = load_detector(detector, device=pick_device(use_gpu=True)).eval()  # fp32 as `evaluate`, on a GPU if any
     size = net.arch.input_size
     faces, skipped, tiles = {}, [], []
-    stems = sorted(images)
+    keys = sorted(images)
     # Written beside first: a run that fails before its last image leaves `out` as it was.
     with tempfile.TemporaryDirectory() as staging:
-        for start in tqdm(range(0, len(stems), batch_size), desc="predict", unit="batch", mininterval=2):
+        for start in tqdm(range(0, len(keys), batch_size), desc="predict", unit="batch", mininterval=2):
             batch = []
-            for stem in stems[start : start + batch_size]:
+            for key in keys[start : start + batch_size]:
                 try:
-                    image, box = read_face(images[stem], face_boxes.get(stem))
+                    image, box = read_face(images[key], face_boxes.get(key))
                 except ValueError as e:
                     skip_or_raise(str(e), skip_bad, skipped)
                     continue
                 matrix = crop_matrix(*crop_from_edge_box(box), size)
-                batch.append((stem, image, box, warp_image(image, matrix, size), matrix))
+                batch.append((key, image, box, warp_image(image, matrix, size), matrix))
             if not batch:
                 continue
             points = predict_crops(net, [b[3] for b in batch], [b[4] for b in batch])
-            for (stem, image, box, _, _), p in zip(batch, points):
-                write_pts(Path(staging) / f"{stem}.pts", p)
-                faces[stem] = {"file": str(images[stem].relative_to(root)), "box": list(box),
+            for (key, image, box, _, _), p in zip(batch, points):
+                (Path(staging) / key).parent.mkdir(parents=True, exist_ok=True)  # a key with folders (files_by_key)
+                write_pts(Path(staging) / f"{key}.pts", p)
+                faces[key] = {"file": str(images[key].relative_to(root)), "box": list(box),
                                "landmarks": np.round(p.astype(np.float64), 3).tolist()}
                 if len(tiles) < OVERLAY_FACES:
                     tiles.append(overlay_tile(image, crop_from_edge_box(box), p))
@@ -123,8 +128,8 @@ def predict_folder(detector: str, src: str, out: str, boxes: str | None = None, 
         listing = storage.join(out, PREDICTIONS)
         storage.write_bytes(listing, _listing(detector, dict.fromkeys({*earlier, *faces}), skipped, complete=False))
         storage.copy_from_local(staging, out)
-    for stem in set(earlier) - faces.keys():  # an earlier run's faces this one has not (evaluate-preds would read them)
-        storage.delete(storage.join(out, f"{stem}.pts"))
+    for key in set(earlier) - faces.keys():  # an earlier run's faces this one has not (evaluate-preds would read them)
+        storage.delete(storage.join(out, f"{key}.pts"))
     storage.write_bytes(listing, _listing(detector, faces, skipped, complete=True))
     log.info("%d face(s) predicted into %s (%d skipped)", len(faces), out, len(skipped))
     return {"count": len(faces), "skipped": len(skipped)}

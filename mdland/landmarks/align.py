@@ -29,6 +29,15 @@ def crop_from_box(box: tuple[float, float, float, float], margin: float = 1.0) -
 MAX_BOX_RATIO = 8.0  # a face box's longer side at most this many times the image's
 
 
+def check_on_image(points: np.ndarray, shape: tuple[int, ...], where: object) -> None:
+    """Refuse landmarks of which half or more lie off the (H, W, ...) image: an annotation of another image, or in
+    other units. A face cut by the image's edge keeps most of its points on it."""
+    height, width = shape[:2]
+    off = int((~((points >= -0.5) & (points <= [width - 0.5, height - 0.5])).all(axis=1)).sum())
+    if off >= len(points) / 2:
+        raise ValueError(f"{where}: {off} of the {len(points)} landmarks lie off the {width}x{height} image")
+
+
 def check_face_box(values: list[float] | tuple[float, ...], width: int, height: int,
                    max_ratio: float = MAX_BOX_RATIO) -> tuple[float, float, float, float]:
     """A face box (x0, y0, x1, y1) in pixel-edge coordinates (the whole image is 0, 0, W, H) checked against a

@@ -11,6 +11,7 @@ bad entry to a callback instead, and go on.
 
 import json
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,15 +233,19 @@ def write_star_tsv(path: str | Path, rows: list[StarRow]) -> None:
 LANDMARK_SUFFIXES = {".pts": read_pts, ".txt": read_txt}
 
 
-def files_by_stem(root: Path, suffixes: set[str], recursive: bool = True) -> dict[str, Path]:
-    """Stem -> file for the files under `root` (or in it alone) with one of `suffixes`; images and landmark files
-    pair by stem, so two files with one stem fail, naming both."""
+def files_by_key(root: Path, suffixes: set[str]) -> dict[str, Path]:
+    """Key -> file for the files under `root` with one of `suffixes`; images and landmark files pair by key. A key is
+    the file's name stem, or where files in several folders share a stem (300W's splits reuse image names), its path
+    under `root` without the suffix (`lfpw/testset/image_0001`). Two files in one folder with one stem fail, naming
+    both."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+    shared = Counter(p.stem for p in files)
     found: dict[str, Path] = {}
-    for path in sorted(root.rglob("*") if recursive else root.iterdir()):
-        if path.suffix.lower() in suffixes and path.is_file():
-            if path.stem in found:
-                raise ValueError(f"{path}: name clashes with {found[path.stem]} (files pair by name stem)")
-            found[path.stem] = path
+    for path in files:
+        key = path.stem if shared[path.stem] == 1 else path.relative_to(root).with_suffix("").as_posix()
+        if key in found:
+            raise ValueError(f"{path}: name clashes with {found[key]} (files pair by name stem)")
+        found[key] = path
     return found
 
 
