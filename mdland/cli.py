@@ -19,7 +19,7 @@ def _ingest(a: argparse.Namespace) -> None:
 def _render(a: argparse.Namespace) -> None:
     from mdland.data.preview import write_preview
 
-    n = write_preview(a.src, a.out, a.count, a.columns, a.format, a.condition)
+    n = write_preview(a.src, a.out, a.count, a.columns, a.format, a.condition, a.image_dir)
     print(f"drew {n} faces into {a.out}")
 
 
@@ -114,7 +114,7 @@ def _evaluate(a: argparse.Namespace) -> None:
 
     from mdland.detector.evaluate import evaluate_detector, metrics_table
 
-    formats = a.format or [None]
+    formats = [None if f == "shards" else f for f in a.format or [None]]
     if len(formats) not in (1, len(a.data)):
         raise ValueError("give one --format for all sets or one per --data")
     sets = []
@@ -127,7 +127,7 @@ def _evaluate(a: argparse.Namespace) -> None:
     if len(set(names)) < len(names):
         raise ValueError(f"--data: two sets named {sorted({n for n in names if names.count(n) > 1})}; "
                          "name them with NAME=PATH")
-    rows = evaluate_detector(a.detector, sets, a.out, a.skip_bad, a.batch_size, a.threshold, a.norm)
+    rows = evaluate_detector(a.detector, sets, a.out, a.skip_bad, a.batch_size, a.threshold, a.norm, a.image_dir)
     print(metrics_table(rows), end="")
 
 
@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="shard dataset, one .parquet shard, or a raw folder with --format")
     p.add_argument("out", help="output PNG")
     p.add_argument("--format", choices=FORMATS, help="read SRC as a raw annotated folder of this format")
+    p.add_argument("--image-dir", help="star-tsv: folder the TSV's image paths are relative to (default: its own)")
     p.add_argument("--count", type=count, default=16)
     p.add_argument("--columns", type=count, default=4)
     p.add_argument("--condition", action="store_true", help="also show each face's condition image")
@@ -255,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", required=True, help="detector checkpoint (.pkl: STAR's or mdland's), local or s3://")
     p.add_argument("--data", required=True, action="append", metavar="[NAME=]PATH",
                    help="an evaluation set: shard dataset, or a raw folder with --format (repeatable)")
-    p.add_argument("--format", action="append", choices=FORMATS, help="raw folder format, one for all or per set")
+    p.add_argument("--format", action="append", choices=(*FORMATS, "shards"),
+                   help="raw folder format (shards: a shard dataset), one for all or one per set")
+    p.add_argument("--image-dir", help="star-tsv: folder the TSVs' image paths are relative to (default: each TSV's)")
     p.add_argument("--out", default="eval-report")
     p.add_argument("--skip-bad", action="store_true", help="log and skip bad faces instead of failing")
     p.add_argument("--batch-size", type=count, default=32)
@@ -265,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a detector's landmarks for a folder of images: .pts files, predictions.json, overlays")
     p.add_argument("--detector", required=True, help="detector checkpoint (.pkl: STAR's or mdland's), local or s3://")
     p.add_argument("src", help="local folder of images (searched recursively; each image one face)")
-    p.add_argument("--out", required=True, help="folder for <stem>.pts, predictions.json, overlays.png; or s3://")
-    p.add_argument("--boxes", help="JSON {image stem: [x0, y0, x1, y1]}: face boxes (default: the whole image)")
+    p.add_argument("--out", required=True, help="folder for <key>.pts, predictions.json, overlays.png; or s3://")
+    p.add_argument("--boxes", help="JSON {image key: [x0, y0, x1, y1]}: face boxes (default: the whole image)")
     p.add_argument("--skip-bad", action="store_true", help="log and skip unreadable images or bad boxes")
     p.add_argument("--batch-size", type=count, default=32)
     p.set_defaults(run=_predict)

@@ -9,7 +9,7 @@ from PIL import Image
 from mdland.cli import main
 from mdland.data.procedural import procedural_faces
 from mdland.data.shards import ShardWriter
-from mdland.landmarks.io import write_pts, write_txt
+from mdland.landmarks.io import StarRow, write_pts, write_star_tsv, write_txt
 
 
 def run_cli(*args):
@@ -48,6 +48,16 @@ def test_ingest_and_render_from_the_command_line(tmp_path):
         assert im.size == (2 * 162 + 2, 162 + 2)
     assert exit_code("render", str(tmp_path / "ds"), str(tmp_path / "none.png"), "--count", "0") == 2
     assert not (tmp_path / "none.png").exists()
+    # A STAR TSV kept apart from its images (STAR's layout) reads them from --image-dir.
+    (tmp_path / "anno").mkdir()
+    write_star_tsv(tmp_path / "anno" / "test.tsv", [StarRow(f"{f.key}.png", f.landmarks, 1.0, (80.0, 80.0))
+                                                    for f in procedural_faces(3, seed=2, size=160)])
+    assert exit_code("render", str(tmp_path / "anno" / "test.tsv"), str(tmp_path / "tsv.png"), "--format",
+                     "star-tsv") == 2
+    assert main(["render", str(tmp_path / "anno" / "test.tsv"), str(tmp_path / "tsv.png"), "--format", "star-tsv",
+                 "--image-dir", str(src), "--count", "2"]) == 0
+    with Image.open(tmp_path / "tsv.png") as im, Image.open(tmp_path / "raw.png") as raw:
+        assert np.array_equal(np.asarray(im), np.asarray(raw))  # the same faces and points as the .pts folder
 
 
 def test_evaluate_preds_hand_computed(tmp_path, capsys):

@@ -73,6 +73,20 @@ def test_every_reader_format_gives_the_same_scores(setup):
                  "--out", str(root / "r3")]) == 0
     by_box = json.loads((root / "r3" / "metrics.json").read_text())[0]
     assert by_box["norm"] == "box" and by_box["nme"] == pytest.approx(nme(pred, gt, "box").mean(), rel=1e-4)
+    # STAR's layout: annotations apart from the images (--image-dir), beside a shard set (--format shards). The
+    # report replaces the earlier one's overlays of sets this run has not.
+    (root / "anno").mkdir()
+    (root / "tsv" / "test.tsv").rename(root / "anno" / "test.tsv")
+    try:
+        assert main(["evaluate", "--detector", str(root / "det.pkl"), "--data", f"tsv={root / 'anno' / 'test.tsv'}",
+                     "--data", str(root / "shards"), "--format", "star-tsv", "--format", "shards", "--image-dir",
+                     str(root / "tsv"), "--out", str(out)]) == 0
+    finally:
+        (root / "anno" / "test.tsv").rename(root / "tsv" / "test.tsv")
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [(r["name"], r["count"]) for r in rows] == [("tsv", 5), ("shards", 5)]
+    assert rows[0]["nme"] == pytest.approx(expected_tsv, rel=1e-4)
+    assert sorted(p.name for p in out.glob("overlays-*")) == ["overlays-shards.png", "overlays-tsv.png"]
     # A path holding "=" (hive-style prefixes) is a path, not NAME=PATH.
     hive = root / "year=2024"
     hive.symlink_to(root / "shards")

@@ -13,12 +13,14 @@ from mdland.landmarks.align import resize_points
 from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
 
 
-def preview_pairs(src: str, count: int = 16, fmt: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Up to `count` (image, landmarks) pairs from a shard dataset, one shard file, or a raw folder in `fmt`."""
+def preview_pairs(src: str, count: int = 16, fmt: str | None = None,
+                  image_dir: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Up to `count` (image, landmarks) pairs from a shard dataset, one shard file, or a raw folder in `fmt`
+    (`image_dir`: a STAR TSV's image folder, when not the TSV's own)."""
     check_count("count", count)
     pairs: list[tuple[np.ndarray, np.ndarray]] = []
     if fmt:
-        for sample in iter_samples(fmt, src):
+        for sample in iter_samples(fmt, src, image_dir=image_dir):
             pairs.append((load_image(sample.image_path), sample.landmarks))
             if len(pairs) == count:
                 break
@@ -34,11 +36,11 @@ def preview_pairs(src: str, count: int = 16, fmt: str | None = None) -> list[tup
 
 
 def write_preview(src: str, out: str | Path, count: int = 16, columns: int = 4, fmt: str | None = None,
-                  condition: bool = False) -> int:
+                  condition: bool = False, image_dir: str | None = None) -> int:
     """Write a PNG grid of images with their landmarks (and, with `condition`, the rendered condition beside each).
 
     Returns the number of faces drawn."""
-    pairs = preview_pairs(src, count, fmt)
+    pairs = preview_pairs(src, count, fmt, image_dir)
     if not pairs:
         raise ValueError(f"{src}: no faces to draw")
     tiles = []

@@ -96,8 +96,9 @@ class EvalFace:
 
 
 def eval_faces(src: str, fmt: str | None = None, skip_bad: bool = False, skipped: list[str] | None = None,
-               norm: str = "inter_ocular") -> list[EvalFace]:
-    """Faces of an evaluation set: a shard dataset, or a raw folder in an ingest format (artface, cariface, ...).
+               norm: str = "inter_ocular", image_dir: str | None = None) -> list[EvalFace]:
+    """Faces of an evaluation set: a shard dataset, or a raw folder in an ingest format (artface, cariface, ...;
+    `image_dir`: the folder a STAR TSV's image paths are relative to, when not the TSV's own).
     Bad faces (no landmarks, wrong point count, unreadable image, landmarks whose `norm` distance is zero) fail
     naming the file or key, or are logged, added to `skipped` and left out, before any inference."""
     faces = []
@@ -108,7 +109,7 @@ def eval_faces(src: str, fmt: str | None = None, skip_bad: bool = False, skipped
         where = {f.key: f"{src}: {f.key}" for f in faces}
     else:
         where = {}
-        for sample in iter_samples(fmt, src, skip_bad=skip_bad, skipped=skipped):
+        for sample in iter_samples(fmt, src, skip_bad=skip_bad, image_dir=image_dir, skipped=skipped):
             try:
                 image = load_image(sample.image_path)
                 check_on_image(sample.landmarks, image.shape, sample.image_path)
@@ -127,9 +128,11 @@ def eval_faces(src: str, fmt: str | None = None, skip_bad: bool = False, skipped
 
 
 def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], out: str, skip_bad: bool = False,
-                      batch_size: int = 32, threshold: float = 0.10, norm: str = "inter_ocular") -> list[dict]:
+                      batch_size: int = 32, threshold: float = 0.10, norm: str = "inter_ocular",
+                      image_dir: str | None = None) -> list[dict]:
     """Run the detector over each (name, source, format) set; write metrics.json/.md, ced.png, overlays and
-    per-face.json ({set: [{"key", "nme"}, ...]}: the faces behind the numbers, to find the bad ones or compare runs)."""
+    per-face.json ({set: [{"key", "nme"}, ...]}: the faces behind the numbers, to find the bad ones or compare runs).
+    An earlier report's overlays of sets this run has not are removed."""
     from mdland.detector.checkpoint import load_detector
     from mdland.detector.inference import predict
     from mdland.session import pick_device
@@ -142,7 +145,7 @@ def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], ou
     loaded = []
     for name, src, fmt in sets:
         skipped: list[str] = []
-        loaded.append((name, eval_faces(src, fmt, skip_bad, skipped, norm), skipped))
+        loaded.append((name, eval_faces(src, fmt, skip_bad, skipped, norm, image_dir), skipped))
     rows, curves, per_face, overlays = [], {}, {}, {}
     for name, faces, skipped in loaded:
         preds = []
@@ -162,6 +165,11 @@ def evaluate_detector(detector: str, sets: list[tuple[str, str, str | None]], ou
         (out_dir / "metrics.md").write_text(metrics_table(rows))
         (out_dir / "per-face.json").write_text(json.dumps(per_face, indent=1))
         plot_ced(curves, out_dir / "ced.png", threshold)
+    written = {f"overlays-{name}.png" for name in overlays}
+    for uri in storage.list_files(out, ".png"):
+        file = uri.rsplit("/", 1)[-1]
+        if file.startswith("overlays-") and file not in written:
+            storage.delete(uri)
     return rows
 
 
