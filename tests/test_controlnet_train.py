@@ -62,7 +62,7 @@ def test_bad_configs_fail_fast(tmp_path, faces_dir):
         check(data=[str(tmp_path / "nothing-here")])
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "face.png").write_bytes(b"an image, not a shard")
-    with pytest.raises(ValueError, match="raw: no shards .*read with --format, or made a dataset by `mdland ingest`"):
+    with pytest.raises(ValueError, match="raw: no shards .*`mdland ingest` makes a dataset of a folder"):
         check(data=[str(tmp_path / "raw")])
     with pytest.raises(ValueError, match=r"all be local or all in S3.*s3://bucket/faces \(s3\)"):
         check(data=[faces_dir, "s3://bucket/faces"])  # before any storage is read

@@ -65,19 +65,19 @@ def iter_samples(fmt: str, src: str | Path, skip_bad: bool = False, ffhq_variant
         readers = _SIDECAR_READERS[fmt]
         images = files_by_key(src, IMAGE_SUFFIXES)
         marks = files_by_key(src, set(readers))
-        for stem in sorted(marks.keys() - images.keys()):
+        for key in sorted(marks.keys() - images.keys()):
             try:
-                readers[marks[stem].suffix.lower()](marks[stem])
+                readers[marks[key].suffix.lower()](marks[key])
             except ValueError as e:
                 log.info("ignored (no image, not a landmark file): %s", e)
                 continue
-            skip_or_raise(f"{marks[stem]}: landmark file without an image", skip_bad, skipped)
-        for stem, image in images.items():
-            if stem not in marks:
+            skip_or_raise(f"{marks[key]}: landmark file without an image", skip_bad, skipped)
+        for key, image in images.items():
+            if key not in marks:
                 skip_or_raise(f"{image}: image without a landmark file ({' or '.join(readers)})", skip_bad, skipped)
                 continue
             try:
-                yield Sample(stem, image, readers[marks[stem].suffix.lower()](marks[stem]))
+                yield Sample(key, image, readers[marks[key].suffix.lower()](marks[key]))
             except ValueError as e:
                 skip_or_raise(str(e), skip_bad, skipped)
     elif fmt == "ffhq":
