@@ -184,7 +184,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mdland.data.ingest import FORMATS
+    from mdland.data.ingest import FORMATS, SIDECAR_FORMATS
     from mdland.detector.metrics import NORMALISATIONS
     from mdland.generation.plan import COMPILE_MODES
 
@@ -229,10 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate-preds", parents=[metric_options],
                        help="NME / FR / AUC and a CED plot from prediction and truth files")
     p.add_argument("pred", help="folder of .pts/.txt (searched recursively), an (N,68,2) .npy, or a shard dataset")
-    p.add_argument("gt", help="same kinds as PRED; faces are paired by key (file stem, row index, `key` column). A "
-                              "shard dataset's landmarks are in its stored crops' pixels: score predictions on those")
-    p.add_argument("--format", choices=FORMATS, help="read GT as an annotated image folder of this ingest format "
-                                                     "(keys: its images', as `mdland predict` names its files)")
+    p.add_argument("gt", help="same kinds as PRED; faces are paired by key (file stem, or path where names repeat "
+                              "across folders; row index; `key` column). A shard dataset's landmarks are in its "
+                              "stored crops' pixels: score predictions on those")
+    p.add_argument("--format", choices=SIDECAR_FORMATS, help="read GT as an annotated image folder of this ingest "
+                                                             "format (keys: its images', as `mdland predict` names "
+                                                             "its files)")
     p.add_argument("--out", help="folder for metrics.json, metrics.md and ced.png")
     p.add_argument("--name", default="predictions")
     p.set_defaults(run=_evaluate_preds)

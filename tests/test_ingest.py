@@ -276,6 +276,11 @@ def test_300w_layout_ingests_in_one_go_and_off_image_or_huge_faces_are_bad(tmp_p
     cut[:20] -= [400, 0]
     write_pts(src / "helen/far.pts", cut)
     assert ingest("artface", src, str(tmp_path / "out"), overwrite=True)["count"] == 4
+    # An image whose name other folders' images share pairs only with the annotation beside it.
+    Image.fromarray(faces[0][1]).save(src / "afw/image_0001.png")
+    with pytest.raises(ValueError, match=r"afw/image_0001.png: image without a landmark file"):
+        ingest("artface", src, str(tmp_path / "out"), overwrite=True)
+    (src / "afw/image_0001.png").unlink()
     # Two files of one name in one folder cannot pair.
     Image.fromarray(faces[0][1]).save(src / "afw/face.jpg")
     with pytest.raises(ValueError, match=r"afw/face.png: name clashes with .*afw/face.jpg"):

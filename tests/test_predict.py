@@ -17,6 +17,7 @@ from mdland.detector.data import CROP_MARGIN
 from mdland.detector.inference import predict
 from mdland.detector.metrics import nme
 from mdland.detector.model import ARCHS, STARNet
+from mdland.detector.predict import predict_folder
 from mdland.landmarks.align import crop_from_landmarks
 from mdland.landmarks.io import read_landmark_file, read_pts, write_pts, write_txt
 
@@ -199,6 +200,18 @@ def test_300w_layout_folders_reusing_names_pair_by_path(folder, tmp_path, caplog
     assert f"1 prediction(s) without ground truth in {images} are not scored, e.g. ['unannotated']" in caplog.text
     scores = json.loads((tmp_path / "scores" / "metrics.json").read_text())
     assert scores["count"] == 3 and scores["nme"] == pytest.approx(nme(expected[:3], truth[:3]).mean(), abs=1e-4)
+    # Datasets ship split lists and READMEs as .txt beside the annotations: not landmarks, not in the way.
+    (images / "lfpw" / "testset" / "README.txt").write_text("LFPW test split\n")
+    assert main(["evaluate-preds", str(out), str(images)]) == 0
+    # The annotations lie in subfolders, where predictions of nested keys would go: an --out holding them is refused.
+    before = (images / "lfpw/testset/image_0001.pts").read_bytes()
+    for p in (images / "lfpw").rglob("*"):
+        if p.is_file():
+            (tmp_path / "annotated" / p.relative_to(images)).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "annotated" / p.relative_to(images)).write_bytes(p.read_bytes())
+    with pytest.raises(ValueError, match=r"holds landmark files mdland predict did not write, e.g. .*lfpw/"):
+        predict_folder(str(root / "det.pkl"), str(images), str(tmp_path / "annotated"))
+    assert (tmp_path / "annotated/lfpw/testset/image_0001.pts").read_bytes() == before
 
     # CariFace keeps images and landmark files in folders of their own: --format reads the annotations as ingest
     # does, keyed by image, so predictions on its images pair with them.

@@ -27,7 +27,11 @@ def test_write_list_read_overwrite(storage_root):
     with pytest.raises(StorageError, match="not found"):
         storage.read_bytes(a)
     storage.check_writable(storage.join(storage_root, "y"))
-    storage.write_bytes(storage.join(storage_root, "x", "sub", "c.bin"), b"c")
+    c = storage.join(storage_root, "x", "sub", "c.bin")
+    storage.write_bytes(c, b"c")
+    storage.write_bytes(storage.join(storage_root, "x", ".staging", "d.bin"), b"d")  # a hidden folder's: not listed
+    assert storage.list_files(storage.join(storage_root, "x")) == [b]
+    assert storage.list_files(storage.join(storage_root, "x"), recursive=True) == [b, c]
     storage.delete_folder(storage.join(storage_root, "x"))
     assert storage.list_files(storage.join(storage_root, "x")) == []
     assert not storage.exists(storage.join(storage_root, "x", "sub", "c.bin"))

@@ -32,6 +32,7 @@ FORMATS = ("artface", "cariface", "folder", "ffhq", "star-tsv")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 _SIDECAR_READERS = {"artface": {".pts": read_pts}, "cariface": {".txt": read_txt},
                     "folder": {".pts": read_pts, ".txt": read_txt}}
+SIDECAR_FORMATS = tuple(_SIDECAR_READERS)  # an annotation file beside each image: keyed as `predict` keys images
 
 
 @dataclass
@@ -64,20 +65,33 @@ def iter_samples(fmt: str, src: str | Path, skip_bad: bool = False, ffhq_variant
     if fmt in _SIDECAR_READERS:
         readers = _SIDECAR_READERS[fmt]
         images = files_by_key(src, IMAGE_SUFFIXES)
-        marks = files_by_key(src, set(readers))
-        for key in sorted(marks.keys() - images.keys()):
+        marks = list(files_by_key(src, set(readers)).values())
+        beside = {m.with_suffix(""): m for m in marks}
+        by_stem: dict[str, list[Path]] = {}
+        for m in marks:
+            by_stem.setdefault(m.stem, []).append(m)
+
+        def landmark_file(key: str, image: Path) -> Path | None:
+            """The one beside the image (300W), else the only one of its name anywhere (CariFace keeps them in a
+            folder of their own), unless images in several folders share the name (then it is keyed by path)."""
+            near = beside.get(image.with_suffix(""))
+            named = by_stem.get(image.stem, [])
+            return near or (named[0] if key == image.stem and len(named) == 1 else None)
+
+        pairs = {key: landmark_file(key, image) for key, image in images.items()}
+        for mark in sorted(set(marks) - set(pairs.values())):
             try:
-                readers[marks[key].suffix.lower()](marks[key])
+                readers[mark.suffix.lower()](mark)
             except ValueError as e:
                 log.info("ignored (no image, not a landmark file): %s", e)
                 continue
-            skip_or_raise(f"{marks[key]}: landmark file without an image", skip_bad, skipped)
+            skip_or_raise(f"{mark}: landmark file without an image", skip_bad, skipped)
         for key, image in images.items():
-            if key not in marks:
+            if pairs[key] is None:
                 skip_or_raise(f"{image}: image without a landmark file ({' or '.join(readers)})", skip_bad, skipped)
                 continue
             try:
-                yield Sample(key, image, readers[marks[key].suffix.lower()](marks[key]))
+                yield Sample(key, image, readers[pairs[key].suffix.lower()](pairs[key]))
             except ValueError as e:
                 skip_or_raise(str(e), skip_bad, skipped)
     elif fmt == "ffhq":

@@ -183,29 +183,28 @@ def exists(uri: str) -> bool:
         raise _fail(uri, "look up", e) from e
 
 
-def _entries(uri: str, kind: pafs.FileType, suffix: str) -> list[str]:
+def _entries(uri: str, kind: pafs.FileType, suffix: str, recursive: bool = False) -> list[str]:
     fs, path = filesystem(uri)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
         if not infos and is_s3(uri) and fs.get_file_info(path.split("/")[0]).type == pafs.FileType.NotFound:
             raise StorageError(f"cannot list {uri} (the bucket does not exist)")
     except StorageError:
         raise
     except OSError as e:
         raise _fail(uri, "list", e) from e
-    names = sorted(
-        posixpath.basename(i.path) for i in infos
-        if i.type == kind and i.path.endswith(suffix) and not posixpath.basename(i.path).startswith(".")
-    )
-    return [join(uri, n) for n in names]
+    names = (posixpath.relpath(i.path, path) for i in infos if i.type == kind and i.path.endswith(suffix))
+    return [join(uri, n) for n in sorted(n for n in names if not any(p.startswith(".") for p in n.split("/")))]
 
 
-def list_files(uri: str, suffix: str = "") -> list[str]:
-    """Sorted URIs of the files directly under `uri` (a folder or prefix) ending in `suffix`.
+def list_files(uri: str, suffix: str = "", recursive: bool = False) -> list[str]:
+    """Sorted URIs of the files directly under `uri` (a folder or prefix; with `recursive`, anywhere under it)
+    ending in `suffix`.
 
-    Hidden files (temp files of unfinished local writes) are not listed. A missing folder lists as empty.
+    Hidden files (temp files of unfinished local writes) and hidden folders' files are not listed. A missing folder
+    lists as empty.
     """
-    return _entries(uri, pafs.FileType.File, suffix)
+    return _entries(uri, pafs.FileType.File, suffix, recursive)
 
 
 def list_folders(uri: str) -> list[str]:

@@ -43,7 +43,15 @@ def read_landmark_set(path: str, fmt: str | None = None) -> dict[str, np.ndarray
         files = files_by_key(p, set(LANDMARK_SUFFIXES))
         if not files:
             raise ValueError(f"{p}: no landmark files ({', '.join(LANDMARK_SUFFIXES)}) and no shard dataset")
-        return {key: read_landmark_file(f) for key, f in files.items()}
+        found = {}
+        for key, f in files.items():
+            try:
+                found[key] = read_landmark_file(f)
+            except ValueError as e:
+                if f.suffix.lower() != ".txt":
+                    raise
+                log.info("ignored (not a landmark file): %s", e)  # datasets ship split lists and READMEs as .txt
+        return found
     table = read_dataset(path)
     return dict(zip(table.column("key").to_pylist(), landmarks_array(table)))
 

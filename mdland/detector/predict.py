@@ -61,15 +61,19 @@ def earlier_faces(out: str, src: Path) -> list[str]:
         if here.is_relative_to(images) or images.is_relative_to(here):  # the next run would read the outputs
             raise ValueError(f"--out {out}: is, or is inside, or holds the image folder {src}; give one apart")
     listing = storage.join(out, PREDICTIONS)
+    earlier = []
     if storage.exists(listing):
         try:
-            return list(json.loads(storage.read_bytes(listing))["faces"])
+            earlier = list(json.loads(storage.read_bytes(listing))["faces"])
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{listing}: not a listing mdland predict wrote; give another --out") from None
-    if any(storage.list_files(out, suffix) for suffix in LANDMARK_SUFFIXES):
-        raise ValueError(f"--out {out}: holds landmark files mdland predict did not write (no {PREDICTIONS}); give "
+    ours = {storage.join(out, f"{key}.pts") for key in earlier}
+    foreign = [uri for suffix in LANDMARK_SUFFIXES for uri in storage.list_files(out, suffix, recursive=True)
+               if uri not in ours]
+    if foreign:  # nested keys (files_by_key) reach into subfolders: so does the check
+        raise ValueError(f"--out {out}: holds landmark files mdland predict did not write, e.g. {foreign[0]}; give "
                          "another folder")
-    return []
+    return earlier
 
 
 def predict_folder(detector: str, src: str, out: str, boxes: str | None = None, batch_size: int = 32,

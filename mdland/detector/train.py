@@ -105,7 +105,8 @@ def validation_nme(net, batch: dict, device, dtype) -> float:
 
 
 def moving_average(net: STARNet, state: dict[str, torch.Tensor] | None = None) -> STARNet:
-    """A frozen copy of `net` to average its weights into, starting from `state` (a restored average) if given."""
+    """A frozen copy of `net` to average its weights into, starting from `state` (a restored average) if given.
+    Built on rank 0 only: its random initialisation, overwritten at once, draws from rank 0's generator alone."""
     ema = STARNet(net.arch).to(next(net.parameters()).device)
     ema.load_state_dict(state if state is not None else net.state_dict())
     return ema.eval().requires_grad_(False)
@@ -114,9 +115,13 @@ def moving_average(net: STARNet, state: dict[str, torch.Tensor] | None = None) -
 @torch.no_grad()
 def update_moving_average(ema: STARNet, net: torch.nn.Module, decay: float) -> None:
     """ema = decay * ema + (1 - decay) * net, over the weights and the floating-point buffers (BatchNorm's running
-    statistics), as STAR's trainer averages them."""
-    pairs = [(a, b) for a, b in zip(ema.state_dict().values(), net.state_dict().values()) if a.is_floating_point()]
-    torch._foreach_lerp_([a for a, _ in pairs], [b for _, b in pairs], 1.0 - decay)
+    statistics), as STAR's trainer averages them; integer buffers (BatchNorm's step counts) are copied, as it does."""
+    pairs = list(zip(ema.state_dict().values(), net.state_dict().values()))
+    floats = [(a, b) for a, b in pairs if a.is_floating_point()]
+    torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1.0 - decay)
+    for a, b in pairs:
+        if not a.is_floating_point():
+            a.copy_(b)
 
 
 def training_batches(cfg: DetectorTrainConfig, size: int) -> partial:
