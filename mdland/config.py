@@ -78,6 +78,12 @@ def check_counts(cfg, names: tuple[str, ...]) -> None:
         check_count(name, getattr(cfg, name))
 
 
+def check_learning_rate(value: float) -> None:
+    """A learning rate the optimizer takes (its own message names no field)."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"learning_rate: a positive number, got {value}")
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """`cls` from a YAML file (optional) with `key=value` overrides (values parsed as YAML scalars)."""
     data: dict = {}

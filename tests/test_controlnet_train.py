@@ -68,8 +68,24 @@ def test_bad_configs_fail_fast(tmp_path, faces_dir):
         check(data=[faces_dir, "s3://bucket/faces"])  # before any storage is read
     with pytest.raises(ValueError, match="not a ControlNet export"):
         check(controlnet=str(tmp_path))
+    # A ControlNet made from another UNet (its residuals would not fit): refused before any worker starts.
+    from diffusers import ControlNetModel
+
+    from mdland.diffusion.models import build_preset
+
+    other = build_preset("tiny").unet.config
+    ControlNetModel.from_unet(build_preset("tiny").unet).save_config(tmp_path / "fits")
+    assert check(controlnet=str(tmp_path / "fits")) == 8
+    wider = json.loads((tmp_path / "fits" / "config.json").read_text()) | {"cross_attention_dim": 48}
+    (tmp_path / "wider").mkdir()
+    (tmp_path / "wider" / "config.json").write_text(json.dumps(wider))
+    with pytest.raises(ValueError, match=rf"wider was made from another UNet than model tiny's \(cross_attention_dim "
+                                         rf"48 against {other.cross_attention_dim}\)"):
+        check(controlnet=str(tmp_path / "wider"))
     with pytest.raises(ValueError, match="resolution: must be a multiple of 64"):
         check(resolution=100)
+    with pytest.raises(ValueError, match="learning_rate: a positive number, got -1"):
+        check(learning_rate=-1.0)
     with pytest.raises(ValueError, match="bf16 training needs ZeRO stage 1 or 2"):
         check(precision="bf16", zero_stage=0)
     with pytest.raises(ValueError, match="zero_stage: 3 is not supported"):

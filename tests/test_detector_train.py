@@ -75,6 +75,9 @@ def test_bad_configs_fail_fast(faces, tmp_path):
         check(arch="resnet")
     with pytest.raises(ValueError, match="ema_half_life: a number of faces, 0 for no average, got -1"):
         check(ema_half_life=-1)
+    for rate in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="learning_rate: a positive number, got"):
+            check(learning_rate=rate)
     for field in ("epochs", "batch_size", "keep_checkpoints"):
         with pytest.raises(ValueError, match=f"{field}: must be at least 1, got 0"):
             check(**{field: 0})

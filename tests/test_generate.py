@@ -292,7 +292,10 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
                               ({"guidance_scale": -2.0}, "guidance_scale: must be a finite number"),
                               ({"dtype": "float8"}, "dtype: expected float16 or bfloat16"),
                               ({"compile_mode": "max-autotune"}, "compile_mode: 'max-autotune' is for compiled runs"),
-                              ({"compile": True, "compile_mode": "fast"}, "compile_mode: one of default, ")]:
+                              ({"compile": True, "compile_mode": "fast"}, "compile_mode: one of default, "),
+                              ({"max_shards": -1}, r"max_shards: at least 1 \(or null for every shard\), got -1"),
+                              ({"model": "sd15"}, r"controlnet: .* was made from another UNet than model sd15's "
+                                                  r"\(block_out_channels \[32, 64\] against \(320, 640, 1280, 1280\)\)")]:
         with pytest.raises(ValueError, match=message):
             run_generation(config(inputs, str(tmp_path / "o"), **settings))
     assert not (tmp_path / "o").exists()  # each failed before writing anything
@@ -361,7 +364,9 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
         _check_plan(replace(half, dtype="bfloat16"))
 
 
-def test_alignment_scores_and_filter(inputs, tmp_path):
+def test_alignment_scores_and_filter(inputs, tmp_path, caplog):
+    import logging
+
     import ray
 
     from mdland.detector.checkpoint import save_checkpoint
@@ -378,10 +383,16 @@ def test_alignment_scores_and_filter(inputs, tmp_path):
         threshold = float(np.quantile(scores, 0.25))  # about 6 of 24 kept: fewer than a full preview
         filtered = config(inputs, str(tmp_path / "filtered"), detector=str(tmp_path / "det.pkl"),
                           min_alignment=threshold)
-        result = run_generation(filtered)
-        # A threshold no pair meets: a complete, empty set, and no preview of nothing (the run does not fail on it).
-        empty = run_generation(config(inputs, str(tmp_path / "empty"), detector=str(tmp_path / "det.pkl"),
-                                      min_alignment=0.0))
+        caplog.set_level(logging.INFO, logger="mdland")
+        logging.getLogger("mdland").addHandler(caplog.handler)  # mdland's logger does not propagate to caplog's
+        try:
+            result = run_generation(filtered)
+            # A threshold no pair meets: a complete, empty set, and no preview of nothing (the run does not fail on
+            # it), with a warning saying why.
+            empty = run_generation(config(inputs, str(tmp_path / "empty"), detector=str(tmp_path / "det.pkl"),
+                                          min_alignment=0.0))
+        finally:
+            logging.getLogger("mdland").removeHandler(caplog.handler)
         # GPU actors on this machine's GPU-less Ray: refused at once (Ray Data would wait for them for ever).
         with pytest.raises(ValueError, match=r"use_gpu: the run needs 2 GPU\(s\) and the Ray cluster has 0 "
                                              r"\(a local Ray on this machine\)"):
@@ -390,6 +401,13 @@ def test_alignment_scores_and_filter(inputs, tmp_path):
         ray.shutdown()
     assert (empty["complete"], empty["count"]) == (True, 0) and not (tmp_path / "empty" / "preview.png").exists()
     kept = read_dataset(filtered.output)
+    said = {(r.levelname, r.getMessage()) for r in caplog.records if "dropped" in r.getMessage()}
+    assert said == {("INFO", f"min_alignment {threshold:g} dropped {24 - kept.num_rows} of the 24 samples (the "
+                             "`alignment` column of an unfiltered run shows the scores)"),
+                    ("WARNING", "min_alignment 0 dropped 24 of the 24 samples (the `alignment` column of an "
+                                "unfiltered run shows the scores)")}
+    assert any(f"samples of this run ({kept.num_rows} images kept by min_alignment)" in r.getMessage()
+               for r in caplog.records)
     by_key = dict(zip(read_dataset(scored.output).column("key").to_pylist(), scores))
     assert 0 < kept.num_rows < 24 and result["count"] == kept.num_rows
     assert read_manifest(filtered.output)["planned"] == 24

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mdland.config import check_counts, from_dict
+from mdland.config import check_counts, check_learning_rate, from_dict
 from mdland.data import storage
 from mdland.data.datasets import check_training_data, count_rows, local_epoch, read_shards
 from mdland.data.shards import read_dataset
@@ -69,6 +69,7 @@ class DetectorTrainConfig:
 def check_config(cfg: DetectorTrainConfig) -> tuple[int, int]:
     """Fail before any worker starts; returns the number of training faces and the network's input size."""
     check_counts(cfg, ("epochs", "batch_size", "num_workers", "log_every", "keep_checkpoints"))
+    check_learning_rate(cfg.learning_rate)
     check_precision(cfg.precision, cfg.zero_stage, cfg.use_gpu, bf16_weights=False)
     if not cfg.ema_half_life >= 0:
         raise ValueError(f"ema_half_life: a number of faces, 0 for no average, got {cfg.ema_half_life}")

@@ -267,6 +267,26 @@ def check_model_dir(uri: str) -> None:
                          f"Diffusion directory (no {', '.join(missing)})")
 
 
+# What a ControlNet copies from its UNet (`ControlNetModel.from_unet`): its residuals fit no UNet that differs here.
+UNET_SHAPE_KEYS = ("in_channels", "block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim",
+                   "attention_head_dim")
+
+
+def check_controlnet_fits(controlnet: str, model: str) -> None:
+    """Fail before any worker starts when the ControlNet export `controlnet` was not made from a UNet shaped like
+    `model`'s (a preset or a diffusers-format directory): the forward pass would fail on a tensor size."""
+    try:
+        made = json.loads(storage.read_bytes(storage.join(controlnet, "config.json")))
+    except ValueError as e:
+        raise ValueError(f"controlnet: {controlnet}/config.json is not JSON ({e})") from None
+    unet = ({"in_channels": 4, **_ARCH[model]["unet"]} if model in PRESETS
+            else json.loads(storage.read_bytes(storage.join(model, "unet", "config.json"))))
+    for key in UNET_SHAPE_KEYS:
+        if key in made and key in unet and json.loads(json.dumps(made[key])) != json.loads(json.dumps(unet[key])):
+            raise ValueError(f"controlnet: {controlnet} was made from another UNet than model {model}'s ({key} "
+                             f"{made[key]} against {unet[key]}); use one trained from this model")
+
+
 def load_components(model: str, seed: int = 0) -> SDComponents:
     """SD components from a preset name or a diffusers-format directory (local or s3://)."""
     if model in PRESETS:

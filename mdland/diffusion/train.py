@@ -25,13 +25,14 @@ from diffusers import ControlNetModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
-from mdland.config import check_counts, from_dict
+from mdland.config import check_counts, check_learning_rate, from_dict
 from mdland.data import storage
 from mdland.data.shards import decode_image, landmarks_array, read_columns, read_shard, shard_uris
 from mdland.data.datasets import check_training_data, local_epoch
 from mdland.diffusion.data import COLUMNS, prepare_batch, ray_dataset
-from mdland.diffusion.models import (PRESETS, PromptEmbeddings, SDComponents, build_controlnet, check_model_dir,
-                                     ddim_scheduler, latent_distribution, load_components)
+from mdland.diffusion.models import (PRESETS, PromptEmbeddings, SDComponents, build_controlnet,
+                                     check_controlnet_fits, check_model_dir, ddim_scheduler, latent_distribution,
+                                     load_components)
 from mdland.landmarks.align import resize_points
 from mdland.landmarks.edits import fit_in_frame, sample_edits
 from mdland.landmarks.render import draw_landmarks, image_grid, render_landmarks
@@ -86,11 +87,14 @@ def check_config(cfg: ControlNetTrainConfig) -> int:
     check_model_dir(cfg.model)
     if cfg.controlnet and not storage.exists(storage.join(cfg.controlnet, "config.json")):
         raise ValueError(f"controlnet: {cfg.controlnet} is not a ControlNet export (no config.json)")
+    if cfg.controlnet:
+        check_controlnet_fits(cfg.controlnet, cfg.model)
     check_precision(cfg.precision, cfg.zero_stage, cfg.use_gpu)
     if cfg.resolution % 64:
         raise ValueError(f"resolution: must be a multiple of 64, got {cfg.resolution}")
     check_counts(cfg, ("batch_size", "gradient_accumulation", "max_steps", "checkpoint_every", "log_every",
                        "num_workers", "num_validation", "validation_steps", "keep_checkpoints"))
+    check_learning_rate(cfg.learning_rate)
     if cfg.validation_steps > 1000:
         raise ValueError(f"validation_steps: at most SD's 1000 training timesteps, got {cfg.validation_steps}")
     if not 0 <= cfg.empty_prompt_share <= 1:

@@ -20,7 +20,7 @@ from mdland.data import storage
 from mdland.data.preview import style_preview
 from mdland.data.shards import (MANIFEST, Face, encode_image, landmarks_from_rows, shard_name, summarise_table,
                                  write_manifest, write_shard)
-from mdland.diffusion.models import PRESETS, check_model_dir
+from mdland.diffusion.models import PRESETS, check_controlnet_fits, check_model_dir
 from mdland.generation.plan import (COMPILE_MODES, GenerateConfig, load_styles, render_conditions, shard_rows,
                                     source_landmarks)
 from mdland.landmarks.edits import EDITS
@@ -240,9 +240,11 @@ def check_generation_settings(cfg: GenerateConfig) -> None:
                          f"{cfg.edits_per_sample}")
     if cfg.seed < 0:
         raise ValueError(f"seed: must not be negative, got {cfg.seed}")
+    if cfg.max_shards is not None and cfg.max_shards < 1:
+        raise ValueError(f"max_shards: at least 1 (or null for every shard), got {cfg.max_shards}")
     if cfg.resolution < 64 or cfg.resolution % 64:
-        raise ValueError(f"resolution: must be a multiple of 64 (the UNet halves the latent three times), got "
-                         f"{cfg.resolution}")
+        raise ValueError(f"resolution: must be a multiple of 64 (SD 1.x's VAE and UNet halve it six times in "
+                         f"all), got {cfg.resolution}")
     for name in ("guidance_scale", "eta", "edit_strength"):
         value = getattr(cfg, name)
         if not np.isfinite(value) or value < 0:
@@ -272,6 +274,7 @@ def run_generation(cfg: GenerateConfig) -> dict:
     if not cfg.controlnet or not storage.exists(storage.join(cfg.controlnet, "config.json")):
         raise ValueError(f"controlnet: {cfg.controlnet!r} is not a ControlNet export (no config.json)")
     check_model_dir(cfg.model)
+    check_controlnet_fits(cfg.controlnet, cfg.model)
     styles = load_styles(cfg.styles_file, cfg.styles)
     if cfg.min_alignment is not None and not cfg.detector:
         raise ValueError("min_alignment: needs a detector to score the images with")
@@ -285,7 +288,7 @@ def run_generation(cfg: GenerateConfig) -> dict:
     plan = _check_plan(cfg)
     pending = pending_shards(cfg)
     if cfg.max_shards is not None:
-        pending = pending[: cfg.max_shards]
+        pending = pending[: cfg.max_shards]  # checked to be at least 1
     log.info("plan: %d styles x %d = %d samples in %d shards; %d to generate", len(styles), cfg.images_per_style,
              cfg.total, cfg.num_shards, len(pending))
     rates = (_run_pipeline(cfg, pending, styles, landmarks, plan["weights"]) if pending
@@ -298,6 +301,11 @@ def run_generation(cfg: GenerateConfig) -> dict:
     manifest = write_manifest(cfg.output, shards, asdict(cfg), complete=True, model=cfg.model,
                               controlnet=cfg.controlnet, weights=plan["weights"], planned=cfg.total)
     log.info("complete: %d images, %s", manifest["count"], manifest["styles"])
+    if cfg.min_alignment is not None:
+        dropped = cfg.total - manifest["count"]
+        (log.warning if dropped == cfg.total else log.info)(
+            "min_alignment %g dropped %d of the %d samples (the `alignment` column of an unfiltered run shows the "
+            "scores)", cfg.min_alignment, dropped, cfg.total)
     preview = storage.join(cfg.output, PREVIEW)
     try:  # a look at the set: the set is complete without it
         storage.write_bytes(preview, encode_image(style_preview(cfg.output, [s["name"] for s in styles])))
@@ -346,7 +354,7 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], l
         log.warning("generation actors and assemblers take %.2f of the cluster's %g CPUs, leaving no room for the "
                     "0.5 CPU that planning and rendering tasks need: the run waits until the cluster grows "
                     "(lower num_actors or cpus_per_actor)", reserved, cpus)
-    t0, images, marks = time.time(), 0, []
+    t0, images, done, marks = time.time(), 0, 0, []
     expected = sum(min(cfg.rows_per_shard, total - k * cfg.rows_per_shard) for k in pending)
     assemblers = []
     try:
@@ -359,11 +367,13 @@ def _run_pipeline(cfg: GenerateConfig, pending: list[int], styles: list[dict], l
         ds = ds.map_batches(deliver_rows, fn_kwargs={"assemblers": assemblers, "encode": cfg.use_gpu},
                             batch_format="numpy", batch_size=None, num_cpus=0.5 if cfg.use_gpu else 0.25)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for summary in batch["summary"]:
+            for shard, summary in zip(batch["shard"], batch["summary"]):
                 images += json.loads(summary)["rows"]
+                done += min(cfg.rows_per_shard, total - int(shard) * cfg.rows_per_shard)
                 marks.append((time.time(), images))
-                log.info("wrote %s: %d/%d images of this run, %.2f images/s overall", json.loads(summary)["name"],
-                         images, expected, images / (time.time() - t0))
+                kept = f" ({images} images kept by min_alignment)" if cfg.min_alignment is not None else ""
+                log.info("wrote %s: %d/%d samples of this run%s, %.2f images/s overall", json.loads(summary)["name"],
+                         done, expected, kept, images / (time.time() - t0))
     finally:
         for assembler in assemblers:
             ray.kill(assembler)
