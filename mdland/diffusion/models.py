@@ -272,11 +272,13 @@ UNET_SHAPE_KEYS = ("in_channels", "block_out_channels", "layers_per_block", "dow
                    "attention_head_dim")
 
 
-def check_controlnet_fits(controlnet: str, model: str) -> None:
-    """Fail before any worker starts when the ControlNet export `controlnet` was not made from a UNet shaped like
-    `model`'s (a preset or a diffusers-format directory): the forward pass would fail on a tensor size."""
+def check_controlnet(controlnet: str, model: str) -> None:
+    """Fail before any worker starts when `controlnet` is not a ControlNet export, or one made from a UNet shaped
+    unlike `model`'s (a preset or a diffusers-format directory): the forward pass would fail on a tensor size."""
     try:
         made = json.loads(storage.read_bytes(storage.join(controlnet, "config.json")))
+    except storage.NotFound:
+        raise ValueError(f"controlnet: {controlnet!r} is not a ControlNet export (no config.json)") from None
     except ValueError as e:
         raise ValueError(f"controlnet: {controlnet}/config.json is not JSON ({e})") from None
     unet = ({"in_channels": 4, **_ARCH[model]["unet"]} if model in PRESETS

@@ -31,7 +31,7 @@ from mdland.data.shards import decode_image, landmarks_array, read_columns, read
 from mdland.data.datasets import check_training_data, local_epoch
 from mdland.diffusion.data import COLUMNS, prepare_batch, ray_dataset
 from mdland.diffusion.models import (PRESETS, PromptEmbeddings, SDComponents, build_controlnet,
-                                     check_controlnet_fits, check_model_dir, ddim_scheduler, latent_distribution,
+                                     check_controlnet, check_model_dir, ddim_scheduler, latent_distribution,
                                      load_components)
 from mdland.landmarks.align import resize_points
 from mdland.landmarks.edits import fit_in_frame, sample_edits
@@ -85,10 +85,8 @@ def check_config(cfg: ControlNetTrainConfig) -> int:
     if cfg.model not in PRESETS and "/" not in cfg.model and not Path(cfg.model).exists():
         raise ValueError(f"model: unknown preset {cfg.model!r}; choose one of {PRESETS} or give a model directory")
     check_model_dir(cfg.model)
-    if cfg.controlnet and not storage.exists(storage.join(cfg.controlnet, "config.json")):
-        raise ValueError(f"controlnet: {cfg.controlnet} is not a ControlNet export (no config.json)")
     if cfg.controlnet:
-        check_controlnet_fits(cfg.controlnet, cfg.model)
+        check_controlnet(cfg.controlnet, cfg.model)
     check_precision(cfg.precision, cfg.zero_stage, cfg.use_gpu)
     if cfg.resolution % 64:
         raise ValueError(f"resolution: must be a multiple of 64, got {cfg.resolution}")

@@ -20,7 +20,7 @@ from mdland.data import storage
 from mdland.data.preview import style_preview
 from mdland.data.shards import (MANIFEST, Face, encode_image, landmarks_from_rows, shard_name, summarise_table,
                                  write_manifest, write_shard)
-from mdland.diffusion.models import PRESETS, check_controlnet_fits, check_model_dir
+from mdland.diffusion.models import PRESETS, check_controlnet, check_model_dir
 from mdland.generation.plan import (COMPILE_MODES, GenerateConfig, load_styles, render_conditions, shard_rows,
                                     source_landmarks)
 from mdland.landmarks.edits import EDITS
@@ -271,10 +271,10 @@ def run_generation(cfg: GenerateConfig) -> dict:
         raise ValueError(f"source: no source dataset given (got {cfg.source})")
     if not cfg.output:
         raise ValueError("output: no output location given")
-    if not cfg.controlnet or not storage.exists(storage.join(cfg.controlnet, "config.json")):
-        raise ValueError(f"controlnet: {cfg.controlnet!r} is not a ControlNet export (no config.json)")
+    if not cfg.controlnet:
+        raise ValueError("controlnet: no ControlNet export given")
     check_model_dir(cfg.model)
-    check_controlnet_fits(cfg.controlnet, cfg.model)
+    check_controlnet(cfg.controlnet, cfg.model)
     styles = load_styles(cfg.styles_file, cfg.styles)
     if cfg.min_alignment is not None and not cfg.detector:
         raise ValueError("min_alignment: needs a detector to score the images with")
