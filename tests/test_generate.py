@@ -293,7 +293,7 @@ def test_bad_inputs_fail_clearly_and_damage_nothing(inputs, tmp_path, s3_bucket)
                               ({"dtype": "float8"}, "dtype: expected float16 or bfloat16"),
                               ({"compile_mode": "max-autotune"}, "compile_mode: 'max-autotune' is for compiled runs"),
                               ({"compile": True, "compile_mode": "fast"}, "compile_mode: one of default, "),
-                              ({"max_shards": -1}, r"max_shards: at least 1 \(or null for every shard\), got -1"),
+                              ({"max_shards": -1}, "max_shards: must be at least 1, got -1"),
                               ({"model": "sd15"}, r"controlnet: .* was made from another UNet than model sd15's "
                                                   r"\(block_out_channels \[32, 64\] against \(320, 640, 1280, 1280\)\)")]:
         with pytest.raises(ValueError, match=message):

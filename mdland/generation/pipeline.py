@@ -234,14 +234,12 @@ def check_generation_settings(cfg: GenerateConfig) -> None:
     """The sampling and editing settings, checked on the driver: in a task or an actor they fail later and without
     the field's name."""
     check_counts(cfg, ("images_per_style", "rows_per_shard", "batch_size", "num_actors", "num_assemblers",
-                       "num_inference_steps", "vae_batch_size"))
+                       "num_inference_steps", "vae_batch_size", "max_shards"))
     if not 1 <= cfg.edits_per_sample <= len(EDITS):
         raise ValueError(f"edits_per_sample: between 1 and {len(EDITS)} (the distinct edits), got "
                          f"{cfg.edits_per_sample}")
     if cfg.seed < 0:
         raise ValueError(f"seed: must not be negative, got {cfg.seed}")
-    if cfg.max_shards is not None and cfg.max_shards < 1:
-        raise ValueError(f"max_shards: at least 1 (or null for every shard), got {cfg.max_shards}")
     if cfg.resolution < 64 or cfg.resolution % 64:
         raise ValueError(f"resolution: must be a multiple of 64 (SD 1.x's VAE and UNet halve it six times in "
                          f"all), got {cfg.resolution}")
